@@ -1,0 +1,381 @@
+"""Tunnel frames between a backend (client) and a host agent.
+
+Every frame is a 24-byte header followed by ``length`` bytes of payload::
+
+    magic u32 "VPCI" | version u8 | type u8 | flags u16 | session u32 |
+    seq u64 | length u32
+
+``length`` is capped per frame type (codes.MAX_PAYLOAD); a frame over its cap,
+with a bad magic, version or type is a ProtocolError and the connection is
+closed. Payload formats are the construct Structs below; the hot ones are
+decoded by FastStructs derived from them.
+
+``FrameReader`` is the sans-IO decoder. It plugs into a blocking loop
+(``sock.recv_into(r.get_buffer())``) and into ``asyncio.BufferedProtocol``
+alike, and lets the caller receive DATA payloads straight into their final
+buffer (``sink``): no intermediate copy of bulk data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import construct as c
+
+from vpcie.errors import ProtocolError
+from vpcie.protocol.codes import (
+    FRAME_MAGIC,
+    MAX_PAYLOAD,
+    NO_INDEX,
+    PROTOCOL_VERSION,
+    FrameFlag,
+    FrameType,
+)
+from vpcie.protocol.fastcodec import FastStruct
+
+u8, u16, u32, u64 = c.Int8ul, c.Int16ul, c.Int32ul, c.Int64ul
+
+HEADER = c.Struct(
+    "magic" / u32,
+    "version" / u8,
+    "type" / u8,
+    "flags" / u16,
+    "session" / u32,
+    "seq" / u64,
+    "length" / u32,
+)
+NONCE_SIZE = 32
+MAC_SIZE = 32
+
+HELLO = c.Struct(  # client -> agent
+    "proto_min" / u16,
+    "proto_max" / u16,
+    "auth" / u8,
+    "nonce" / c.Bytes(NONCE_SIZE),
+    "name" / c.PascalString(u8, "utf8"),
+)
+HELLO_REPLY = c.Struct(  # agent -> client; proof = HMAC(psk, "agent"|cn|sn) in PSK mode
+    "version" / u16,
+    "auth" / u8,
+    "nonce" / c.Bytes(NONCE_SIZE),
+    "proof" / c.Bytes(MAC_SIZE),
+    "agent" / c.PascalString(u8, "utf8"),
+)
+AUTH = c.Struct("mac" / c.Bytes(MAC_SIZE))  # HMAC(psk, "client"|cn|sn)
+AUTH_REPLY = c.Struct("status" / u32)
+OPEN = c.Struct(
+    "device" / c.PascalString(u8, "utf8"),  # GPU/MIG UUID, or "" for any
+    "mem_quota" / u64,  # 0: the agent's default
+    "max_inflight" / u32,  # 0: the agent's default
+    "client" / c.PascalString(u8, "utf8"),  # who asks (vGPU / domain name)
+)
+OPEN_REPLY = c.Struct(
+    "status" / u32,
+    "session" / u32,
+    "message" / c.PascalString(u16, "utf8"),
+    "info" / c.Prefixed(u32, c.GreedyBytes),  # a QUERY_INFO, empty on error
+)
+CLOSE = c.Struct("reason" / u32)
+ERROR = c.Struct("code" / u32, "fatal" / u8, "message" / c.PascalString(u16, "utf8"))
+PING = c.Struct("stamp" / u64)
+DATA_HEADER = c.Struct("offset" / u64)  # offset into the command's copy stream
+RESULT = c.Struct("index" / u32, "value" / u64)
+COMPLETION = c.Struct(
+    "status" / u32,  # ErrorCode
+    "failed_index" / u32,  # record that failed, NO_INDEX if none
+    "message" / c.PascalString(u16, "utf8"),
+    "nresults" / u16,
+    "results" / c.Array(c.this.nresults, RESULT),
+    "blob" / c.Prefixed(u32, c.GreedyBytes),  # QUERY_INFO for QUERY, else empty
+)
+QUERY_INFO = c.Struct(
+    "proto_version" / u16,
+    "executor" / u8,  # ExecutorKind
+    "flags" / u8,
+    "mem_total" / u64,
+    "mem_free" / u64,
+    "mem_quota" / u64,
+    "mem_used" / u64,
+    "max_inflight" / u32,
+    "max_batch_bytes" / u32,
+    "max_streams" / u32,
+    "sm_count" / u32,
+    "cc_major" / u8,
+    "cc_minor" / u8,
+    "name" / c.PascalString(u8, "utf8"),
+    "uuid" / c.PascalString(u8, "utf8"),
+    "agent" / c.PascalString(u8, "utf8"),
+)
+
+PAYLOADS: dict[str, c.Struct] = {
+    "HELLO": HELLO,
+    "HELLO_REPLY": HELLO_REPLY,
+    "AUTH": AUTH,
+    "AUTH_REPLY": AUTH_REPLY,
+    "OPEN": OPEN,
+    "OPEN_REPLY": OPEN_REPLY,
+    "CLOSE": CLOSE,
+    "ERROR": ERROR,
+    "PING": PING,
+    "DATA_HEADER": DATA_HEADER,
+    "COMPLETION": COMPLETION,
+    "QUERY_INFO": QUERY_INFO,
+}
+FAST: dict[str, FastStruct] = {name: FastStruct(st) for name, st in PAYLOADS.items()}
+
+_HDR = FastStruct(HEADER).fixed_struct()
+HEADER_SIZE = _HDR.size
+_DATA_HDR = struct.Struct("<Q")
+_TYPES = frozenset(int(t) for t in FrameType)
+
+
+class Frame(NamedTuple):
+    type: int
+    flags: int
+    session: int
+    seq: int
+    payload: bytes | memoryview  # for a sunk DATA frame: empty
+    data_offset: int = 0  # DATA only
+    data_len: int = 0  # DATA only: payload bytes (sunk or in ``payload``)
+
+
+def encode_header(
+    ftype: int, length: int, *, session: int = 0, seq: int = 0, flags: int = 0
+) -> bytes:
+    cap = MAX_PAYLOAD.get(ftype)
+    if cap is None or length > cap:
+        raise ProtocolError(f"frame type {ftype} with {length} bytes is not sendable")
+    return _HDR.pack(FRAME_MAGIC, PROTOCOL_VERSION, ftype, flags, session, seq, length)
+
+
+def encode_frame(
+    ftype: int, payload: bytes = b"", *, session: int = 0, seq: int = 0, flags: int = 0
+) -> bytes:
+    return encode_header(ftype, len(payload), session=session, seq=seq, flags=flags) + payload
+
+
+def encode_payload(name: str, *values: Any) -> bytes:
+    return FAST[name].encode(values)
+
+
+def decode_payload(name: str, payload: bytes | memoryview) -> tuple[Any, ...]:
+    """Decode a whole payload; trailing bytes are a ProtocolError."""
+    values, end = FAST[name].decode(payload, 0)
+    if end != len(payload):
+        raise ProtocolError(f"{name}: {len(payload) - end} trailing bytes")
+    return values
+
+
+def data_frame_header(session: int, seq: int, offset: int, n: int, *, last: bool) -> bytes:
+    """Header + DATA_HEADER for a DATA frame carrying ``n`` payload bytes."""
+    flags = FrameFlag.LAST if last else 0
+    return encode_header(
+        FrameType.DATA, 8 + n, session=session, seq=seq, flags=flags
+    ) + _DATA_HDR.pack(offset)
+
+
+def encode_completion(
+    status: int,
+    *,
+    failed_index: int = NO_INDEX,
+    message: str = "",
+    results: list[tuple[int, int]] | None = None,
+    blob: bytes = b"",
+) -> bytes:
+    res = results or []
+    return FAST["COMPLETION"].encode((status, failed_index, message, len(res), res, blob))
+
+
+# -- authentication (PSK mode) ----------------------------------------------
+def psk_mac(key: bytes, role: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """HMAC-SHA256 over role|client nonce|server nonce; role is b"client"/b"agent"."""
+    return hmac.new(
+        key, b"vpcie-psk-v1|" + role + b"|" + client_nonce + server_nonce, hashlib.sha256
+    ).digest()
+
+
+def macs_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+# -- sans-IO decoder -----------------------------------------------------------
+Sink = Callable[[int, int, int, int], "list[memoryview] | None"]
+"""sink(session, seq, offset, length) -> writable views (a scatter list) of
+exactly ``length`` bytes in all where the DATA payload must land, or None to
+receive it as bytes in Frame.payload."""
+
+_RX_BUF = 256 * 1024
+
+
+class FrameReader:
+    """Turns a byte stream into Frames; DATA payloads can go straight to a sink.
+
+    Use: ``buf = r.get_buffer(); n = recv_into(buf); frames = r.buffer_updated(n)``.
+    Raises ProtocolError on a malformed header; after that the stream is dead.
+    """
+
+    def __init__(self, sink: Sink | None = None, *, buffer_size: int = _RX_BUF) -> None:
+        self.sink = sink
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first unparsed byte in _buf
+        self._end = 0  # end of valid bytes in _buf
+        # A payload being received straight into its own buffer or a sink's
+        # scatter list: _segs[_seg] is filled from _seg_pos on.
+        self._segs: list[memoryview] = []
+        self._seg = 0
+        self._seg_pos = 0
+        self._big_frame: Frame | None = None
+        self._big_owned: bytearray | None = None
+        self.dead = False
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self._segs:
+            return self._segs[self._seg][self._seg_pos :]
+        if self._end == len(self._buf):
+            self._compact()
+        return self._view[self._end :]
+
+    def _compact(self) -> None:
+        n = self._end - self._start
+        if self._start:
+            self._buf[:n] = self._buf[self._start : self._end]
+        self._start, self._end = 0, n
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        if self.dead:
+            raise ProtocolError("frame stream already failed")
+        out: list[Frame] = []
+        if self._segs:
+            self._seg_pos += nbytes
+            if self._seg_pos >= len(self._segs[self._seg]):
+                self._seg += 1
+                self._seg_pos = 0
+                self._skip_empty()
+            if self._segs and self._seg < len(self._segs):
+                return out
+            out.append(self._finish_big())
+        else:
+            self._end += nbytes
+        try:
+            self._parse(out)
+        except ProtocolError:
+            self.dead = True
+            raise
+        return out
+
+    def _finish_big(self) -> Frame:
+        frame = self._big_frame
+        assert frame is not None
+        if self._big_owned is not None:
+            owned = self._big_owned
+            frame = frame._replace(
+                payload=memoryview(owned) if frame.type == FrameType.DATA else bytes(owned)
+            )
+        self._segs = []
+        self._seg = self._seg_pos = 0
+        self._big_frame = None
+        self._big_owned = None
+        return frame
+
+    def _skip_empty(self) -> None:
+        while self._seg < len(self._segs) and len(self._segs[self._seg]) == 0:
+            self._seg += 1
+
+    def _parse(self, out: list[Frame]) -> None:
+        buf, view = self._buf, self._view
+        while not self._segs:
+            avail = self._end - self._start
+            if avail < HEADER_SIZE:
+                break
+            magic, version, ftype, flags, session, seq, length = _HDR.unpack_from(buf, self._start)
+            if magic != FRAME_MAGIC:
+                raise ProtocolError(f"bad frame magic {magic:#010x}")
+            if version != PROTOCOL_VERSION:
+                raise ProtocolError(f"frame version {version} not supported")
+            if ftype not in _TYPES:
+                raise ProtocolError(f"unknown frame type {ftype}")
+            if length > MAX_PAYLOAD[ftype]:
+                raise ProtocolError(f"{FrameType(ftype).name} frame of {length} bytes over cap")
+            pstart = self._start + HEADER_SIZE
+            if ftype == FrameType.DATA:
+                if length < 8:
+                    raise ProtocolError("DATA frame shorter than its offset field")
+                if avail < HEADER_SIZE + 8:
+                    break
+                (offset,) = _DATA_HDR.unpack_from(buf, pstart)
+                n = length - 8
+                dstart = pstart + 8
+                dest = self.sink(session, seq, offset, n) if self.sink is not None else None
+                have = min(self._end - dstart, n)
+                if dest is not None:
+                    frame = Frame(ftype, flags, session, seq, b"", offset, n)
+                    self._start = dstart + have
+                    if self._start_big(dest, view[dstart : dstart + have], frame, None):
+                        out.append(frame)
+                        continue
+                    break
+                if have == n:
+                    out.append(
+                        Frame(
+                            ftype, flags, session, seq, bytes(view[dstart : dstart + n]), offset, n
+                        )
+                    )
+                    self._start = dstart + n
+                    continue
+                owned = bytearray(n)
+                self._start = dstart + have
+                frame = Frame(ftype, flags, session, seq, b"", offset, n)
+                self._start_big([memoryview(owned)], view[dstart : dstart + have], frame, owned)
+                break
+            if avail >= HEADER_SIZE + length:
+                out.append(Frame(ftype, flags, session, seq, bytes(view[pstart : pstart + length])))
+                self._start = pstart + length
+                continue
+            if length > len(buf) - HEADER_SIZE:
+                owned = bytearray(length)
+                head = view[pstart : self._end]
+                self._start = self._end
+                frame = Frame(ftype, flags, session, seq, b"")
+                self._start_big([memoryview(owned)], head, frame, owned)
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _start_big(
+        self, segs: list[memoryview], head: memoryview, frame: Frame, owned: bytearray | None
+    ) -> bool:
+        """Copy the already-buffered ``head`` into ``segs``; if bytes remain,
+        receive the rest straight into them. True when the payload is complete."""
+        total = sum(len(v) for v in segs)
+        expect = frame.data_len if frame.type == FrameType.DATA else total
+        if total != expect:
+            raise ProtocolError(f"sink gave {total} bytes for a {expect}-byte payload")
+        self._segs = [v.cast("B") if v.format != "B" else v for v in segs]
+        self._seg = self._seg_pos = 0
+        pos = 0
+        while pos < len(head):
+            seg = self._segs[self._seg]
+            k = min(len(seg) - self._seg_pos, len(head) - pos)
+            seg[self._seg_pos : self._seg_pos + k] = head[pos : pos + k]
+            pos += k
+            self._seg_pos += k
+            if self._seg_pos == len(seg):
+                self._seg += 1
+                self._seg_pos = 0
+        self._skip_empty()
+        self._big_frame = frame
+        self._big_owned = owned
+        if self._start == self._end:
+            self._start = self._end = 0
+        if self._seg >= len(self._segs):
+            self._segs = []
+            self._seg = self._seg_pos = 0
+            self._big_frame = None
+            self._big_owned = None
+            return True
+        return False
