@@ -82,6 +82,8 @@ REDUCE_SUM = c.Struct(  # out[0] = sum(x[:n]) in dtype; also returned as the rec
     "dtype" / u8, "x" / u32, "out" / u32, "n" / u64, "x_offset" / u64, "out_offset" / u64
 )
 EVENT = c.Struct("event" / u32)
+FENCE_PAGE_SET = c.Struct("resource" / u32, "offset" / u64)
+SIGNAL = c.Struct("seq" / u64)
 
 BODIES: dict[Opcode, c.Struct] = {
     Opcode.NOP: EMPTY,
@@ -101,6 +103,8 @@ BODIES: dict[Opcode, c.Struct] = {
     Opcode.EVENT_RECORD: EVENT,
     Opcode.EVENT_WAIT: EVENT,
     Opcode.SYNC: EMPTY,
+    Opcode.FENCE_PAGE_SET: FENCE_PAGE_SET,
+    Opcode.SIGNAL: SIGNAL,
 }
 
 RECORD = c.Struct(

@@ -12,6 +12,7 @@ from vpcie.errors import ErrorCode
 
 __all__ = [
     "ALL_STREAMS",
+    "BACKEND_LOCAL_OPCODES",
     "BATCH_MAGIC",
     "BATCH_VERSION",
     "FRAME_MAGIC",
@@ -114,6 +115,13 @@ class Opcode(IntEnum):
     EVENT_RECORD = 14
     EVENT_WAIT = 15
     SYNC = 16
+    # Backend-local records: the vpcie-backend acts on them itself and never
+    # forwards them to an agent (an agent answers them with NOT_SUPPORTED).
+    FENCE_PAGE_SET = 32  # this context's fence page: resource + byte offset
+    SIGNAL = 33  # when the batch's earlier records are done, publish seq on the fence page
+
+
+BACKEND_LOCAL_OPCODES = frozenset({Opcode.FENCE_PAGE_SET, Opcode.SIGNAL})
 
 
 class DType(IntEnum):
