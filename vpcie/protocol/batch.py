@@ -83,7 +83,11 @@ REDUCE_SUM = c.Struct(  # out[0] = sum(x[:n]) in dtype; also returned as the rec
 )
 EVENT = c.Struct("event" / u32)
 FENCE_PAGE_SET = c.Struct("resource" / u32, "offset" / u64)
-SIGNAL = c.Struct("seq" / u64)
+# When the batch's earlier records are done: write the COMPLETION payload
+# (frames.COMPLETION) into ``size`` bytes of guest resource ``resource`` at
+# ``offset`` (resource 0: no reply), then publish ``seq`` in the fence page slot
+# of the record's stream.
+SIGNAL = c.Struct("seq" / u64, "resource" / u32, "offset" / u64, "size" / u32)
 
 BODIES: dict[Opcode, c.Struct] = {
     Opcode.NOP: EMPTY,

@@ -1,0 +1,320 @@
+"""The Executor interface every session talks to (STYLE.md habit 5).
+
+An executor owns one session's device memory, modules, streams and events.
+Handles are u32 ids of this session (never raw pointers); every handle, offset
+and size a guest or client names is checked here, once, before an executor
+touches memory: ``buffer()`` / ``check_range()`` are the one checked way into
+a session's device memory, like GuestMemory is into guest RAM.
+
+Subclasses implement the storage primitives (``_alloc``/``_free``) and the
+operations they support; everything else answers NOT_SUPPORTED. The batch
+runner (host_agent/runner.py) decodes records and calls these methods; it does
+the executor-neutral parts (event gate, per-stream order, data streams).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from vpcie.errors import ErrorCode, VgpuError
+from vpcie.protocol.codes import (
+    MAX_BATCH_BYTES,
+    MAX_EVENTS,
+    MAX_STREAMS,
+    PROTOCOL_VERSION,
+    DType,
+    ExecutorKind,
+)
+from vpcie.protocol.frames import encode_payload
+
+MAX_HANDLES = 1 << 16  # live allocations + modules per session (habit 6)
+
+
+@dataclass
+class Buffer:
+    """One device allocation: ``mem`` is the executor's object for it."""
+
+    handle: int
+    size: int
+    mem: Any
+
+
+class Region(NamedTuple):
+    """A checked byte range inside one buffer."""
+
+    buf: Buffer
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    mem_quota: int
+    max_inflight: int
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """What QUERY_INFO says about the device this session is bound to."""
+
+    name: str = ""
+    uuid: str = ""
+    agent: str = ""
+    sm_count: int = 0
+    cc_major: int = 0
+    cc_minor: int = 0
+
+
+class Landing(ABC):
+    """Where the H2D bytes of one command land as DATA frames arrive.
+
+    ``views(offset, n)`` gives the writable buffers for the next DATA payload
+    (offsets arrive in order); ``chunk_done`` is called after those bytes are
+    in; ``finish`` after the last one (a GPU landing waits for its copies)."""
+
+    total: int
+
+    @abstractmethod
+    def views(self, offset: int, n: int) -> list[memoryview]: ...
+
+    def chunk_done(self, offset: int, n: int) -> None:  # noqa: B027 - optional hook
+        """Bytes [offset, offset+n) have landed."""
+
+    def finish(self) -> None:  # noqa: B027 - optional hook
+        """All bytes have landed; make them visible to later work."""
+
+
+def slice_segments(segs: Sequence[memoryview], offset: int, n: int) -> list[memoryview]:
+    """The scatter list covering bytes [offset, offset+n) of concatenated segs."""
+    out: list[memoryview] = []
+    pos = 0
+    end = offset + n
+    for seg in segs:
+        seg_end = pos + len(seg)
+        if seg_end > offset and pos < end:
+            lo = max(offset, pos) - pos
+            hi = min(end, seg_end) - pos
+            out.append(seg[lo:hi])
+        pos = seg_end
+        if pos >= end:
+            break
+    return out
+
+
+class HostLanding(Landing):
+    """Bytes land in host buffers (direct views of device memory for the CPU
+    executor, or one staging buffer copied at execution time)."""
+
+    def __init__(self, segments: list[memoryview]) -> None:
+        self.segments = segments
+        self.total = sum(len(s) for s in segments)
+
+    def views(self, offset: int, n: int) -> list[memoryview]:
+        return slice_segments(self.segments, offset, n)
+
+
+class Executor(ABC):
+    """One session's device. Methods raise VgpuError; defaults are NOT_SUPPORTED."""
+
+    kind: ExecutorKind = ExecutorKind.NONE
+    name = "none"
+    dtypes: frozenset[DType] = frozenset({DType.F32, DType.F16, DType.F64})
+
+    def __init__(self, limits: SessionLimits, identity: DeviceIdentity) -> None:
+        self.limits = limits
+        self.identity = identity
+        self.buffers: dict[int, Buffer] = {}
+        self.modules: dict[int, Any] = {}
+        self.mem_used = 0
+        self._next_handle = 1
+
+    # -- identity ------------------------------------------------------------
+    @abstractmethod
+    def mem_info(self) -> tuple[int, int]:
+        """(total, free) bytes of the device."""
+
+    def query_info(self) -> bytes:
+        """QUERY_INFO payload (docs/PROTOCOL.md "QUERY_INFO")."""
+        total, free = self.mem_info()
+        ident = self.identity
+        return encode_payload(
+            "QUERY_INFO",
+            PROTOCOL_VERSION,
+            int(self.kind),
+            0,
+            total,
+            free,
+            self.limits.mem_quota,
+            self.mem_used,
+            self.limits.max_inflight,
+            MAX_BATCH_BYTES,
+            MAX_STREAMS,
+            ident.sm_count,
+            ident.cc_major,
+            ident.cc_minor,
+            (ident.name or self.name)[:255],
+            ident.uuid[:255],
+            ident.agent[:255],
+        )
+
+    # -- handles and checked ranges -------------------------------------------
+    def _new_handle(self) -> int:
+        if len(self.buffers) + len(self.modules) >= MAX_HANDLES:
+            raise VgpuError(ErrorCode.QUOTA_EXCEEDED, f"more than {MAX_HANDLES} live handles")
+        h = self._next_handle
+        self._next_handle = h + 1 if h < 0xFFFFFFFF else 1
+        while h in self.buffers or h in self.modules:  # only after wrap-around
+            h = self._next_handle
+            self._next_handle += 1
+        return h
+
+    def buffer(self, handle: int) -> Buffer:
+        buf = self.buffers.get(handle)
+        if buf is None:
+            raise VgpuError(ErrorCode.INVALID_HANDLE, f"no allocation {handle}")
+        return buf
+
+    def check_range(self, handle: int, offset: int, size: int, align: int = 1) -> Region:
+        buf = self.buffer(handle)
+        if offset > buf.size or size > buf.size - offset:
+            raise VgpuError(
+                ErrorCode.OUT_OF_RANGE,
+                f"[{offset}, +{size}) outside allocation {handle} of {buf.size} bytes",
+            )
+        if align > 1 and offset % align:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"offset {offset} not {align}-aligned")
+        return Region(buf, offset, size)
+
+    # -- memory -----------------------------------------------------------------
+    @abstractmethod
+    def _alloc(self, size: int) -> Any:
+        """Allocate ``size`` bytes; raise VgpuError(OUT_OF_MEMORY) if impossible."""
+
+    def _free(self, mem: Any) -> None:  # noqa: B027 - dropping the reference frees
+        """Release ``mem`` (default: drop the reference)."""
+
+    def mem_alloc(self, size: int, flags: int = 0) -> int:
+        if size > self.limits.mem_quota - self.mem_used:
+            raise VgpuError(
+                ErrorCode.QUOTA_EXCEEDED,
+                f"{size} bytes over the session quota ({self.mem_used} of "
+                f"{self.limits.mem_quota} used)",
+            )
+        handle = self._new_handle()
+        mem = self._alloc(size)
+        self.buffers[handle] = Buffer(handle, size, mem)
+        self.mem_used += size
+        return handle
+
+    def mem_free(self, handle: int) -> None:
+        buf = self.buffer(handle)
+        del self.buffers[handle]
+        self.mem_used -= buf.size
+        self._free(buf.mem)
+
+    # -- copies -------------------------------------------------------------------
+    def direct_landing(self, regions: list[Region], stream: int) -> Landing | None:
+        """A landing straight into device memory, or None to stage."""
+        return None
+
+    def staging(self, total: int) -> Landing:
+        """A host staging buffer for H2D bytes copied at execution time."""
+        return HostLanding([memoryview(bytearray(total))] if total else [])
+
+    @abstractmethod
+    def copy_h2d(self, dst: Region, src: memoryview, stream: int) -> None: ...
+
+    @abstractmethod
+    def d2h_chunks(self, src: Region, chunk: int, stream: int) -> Iterator[memoryview]:
+        """Yield the bytes of ``src`` in views of at most ``chunk`` bytes; a view
+        is valid until the next one is asked for."""
+
+    def copy_d2d(self, dst: Region, src: Region, stream: int) -> None:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"{self.name}: COPY_D2D")
+
+    def memset(self, dst: Region, value: int, stream: int) -> None:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"{self.name}: MEMSET")
+
+    # -- built-in kernels -----------------------------------------------------------
+    def gemm(
+        self,
+        dtype: DType,
+        trans_a: bool,
+        trans_b: bool,
+        m: int,
+        n: int,
+        k: int,
+        alpha: float,
+        beta: float,
+        a: Region,
+        b: Region,
+        c: Region,
+        stream: int,
+    ) -> None:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"{self.name}: GEMM")
+
+    def axpy(self, dtype: DType, alpha: float, x: Region, y: Region, stream: int) -> None:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"{self.name}: AXPY")
+
+    def reduce_sum(self, dtype: DType, x: Region, out: Region | None, stream: int) -> float:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"{self.name}: REDUCE_SUM")
+
+    # -- modules --------------------------------------------------------------------
+    def module_load(self, kind: int, name: str, code: bytes) -> int:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"{self.name} runs no kernels (MODULE_LOAD)")
+
+    def module_free(self, handle: int) -> None:
+        if self.modules.pop(handle, None) is None:
+            raise VgpuError(ErrorCode.INVALID_HANDLE, f"no module {handle}")
+
+    def launch(
+        self,
+        module: int,
+        kernel: str,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        shared_mem: int,
+        args: list[tuple[int, int, Region | None]],
+        stream: int,
+    ) -> None:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"{self.name} runs no kernels (LAUNCH)")
+
+    # -- streams and events -----------------------------------------------------------
+    def event_record(self, event: int, stream: int) -> None:
+        """Record ``event`` on ``stream`` (default: execution is synchronous)."""
+        if event >= MAX_EVENTS:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"event {event} >= {MAX_EVENTS}")
+
+    def event_wait(self, event: int, stream: int) -> None:
+        """Make ``stream`` wait for the last record of ``event`` (already submitted)."""
+
+    def sync(self, stream: int | None) -> None:
+        """Wait for ``stream`` (None: all streams) to finish its device work."""
+
+    def close(self) -> None:
+        for h in list(self.buffers):
+            self.mem_free(h)
+        self.modules.clear()
+
+
+class NullExecutor(Executor):
+    """No device: memory bookkeeping only, every operation NOT_SUPPORTED.
+    Used where a session has no device bound, and as the interface's floor."""
+
+    kind = ExecutorKind.NONE
+    name = "none"
+
+    def mem_info(self) -> tuple[int, int]:
+        return 0, 0
+
+    def _alloc(self, size: int) -> Any:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, "no device bound")
+
+    def copy_h2d(self, dst: Region, src: memoryview, stream: int) -> None:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, "no device bound")
+
+    def d2h_chunks(self, src: Region, chunk: int, stream: int) -> Iterator[memoryview]:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, "no device bound")

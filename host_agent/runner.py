@@ -1,0 +1,344 @@
+"""Runs one vGPU batch on an executor: the executor-neutral half of a session.
+
+Records run in order; the first failing record stops the batch and names
+itself in the completion (docs/PROTOCOL.md "Commands"). This module checks
+every field a client controls (opcode, stream, dtype, sizes, alignment)
+before calling the executor, which checks handles and ranges.
+
+The EVENT_WAIT gate lives here (``EventGates``): a wait on an event that no
+EVENT_RECORD has reached yet holds its stream, host side, until one does or
+``event_wait_timeout`` passes (TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from host_agent.executors.base import Executor, Landing, Region
+from vpcie.errors import ErrorCode, VgpuError
+from vpcie.protocol.batch import Record
+from vpcie.protocol.codes import (
+    ALL_STREAMS,
+    DTYPE_SIZE,
+    MAX_DATA_CHUNK,
+    MAX_EVENTS,
+    MAX_LAUNCH_ARGS,
+    MAX_STREAMS,
+    NO_INDEX,
+    ArgKind,
+    DType,
+    ModuleKind,
+    Opcode,
+)
+from vpcie.protocol.frames import encode_completion
+
+INLINE_COST = 1 << 20  # bytes touched by a batch cheap enough to run in the reader
+INLINE_D2H = 256 * 1024  # D2H bytes copied into the reply of an inline batch
+INLINE_GEMM_MNK = 1 << 18  # m*n*k of a GEMM cheap enough to run inline
+_F64 = struct.Struct("<d")
+_U64 = struct.Struct("<Q")
+MAX_DIM = 1 << 20  # grid/block extent cap (CUDA's own limits are lower)
+
+DataOut = Callable[[int, memoryview, bool], None]
+"""send_data(offset in the D2H stream, bytes, last)"""
+
+
+def f64_bits(x: float) -> int:
+    value: int = _U64.unpack(_F64.pack(x))[0]
+    return value
+
+
+class EventGates:
+    """Host-side gates for EVENT_WAIT: set when an EVENT_RECORD has run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gates: dict[int, threading.Event] = {}
+        self.closing = threading.Event()
+
+    def _gate(self, event: int) -> threading.Event:
+        with self._lock:
+            gate = self._gates.get(event)
+            if gate is None:
+                gate = self._gates[event] = threading.Event()
+            return gate
+
+    def set(self, event: int) -> None:
+        self._gate(event).set()
+
+    def is_set(self, event: int) -> bool:
+        return self._gate(event).is_set()
+
+    def wait(self, event: int, timeout: float) -> None:
+        gate = self._gate(event)
+        deadline = time.monotonic() + timeout
+        while not gate.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise VgpuError(
+                    ErrorCode.TIMEOUT, f"event {event} not recorded within {timeout:g} s"
+                )
+            if self.closing.is_set():
+                raise VgpuError(ErrorCode.DEVICE_LOST, "session closing")
+            gate.wait(min(left, 0.1))
+
+
+@dataclass
+class Command:
+    """A received COMMAND: its records and where its copy streams go."""
+
+    seq: int
+    records: list[Record]
+    lane: int  # stream id, or BARRIER
+    h2d_total: int = 0
+    d2h_total: int = 0
+    landing: Landing | None = None  # where H2D bytes went (None: none/discarded)
+    direct: bool = False  # H2D bytes already landed in device memory
+    h2d_error: VgpuError | None = None  # why H2D bytes could not be taken
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+BARRIER = -1
+
+
+def stream_total(records: list[Record], opcode: Opcode) -> int:
+    total = 0
+    for r in records:
+        if r.opcode == opcode and isinstance(r.body, tuple) and r.body[1] == 0:
+            total += r.body[4]
+    return total
+
+
+def lane_of(records: list[Record]) -> int:
+    """The stream a batch runs on; a batch naming several streams (or SYNC of
+    all streams) is a barrier ordered after and before everything."""
+    streams = {r.stream for r in records}
+    if len(streams) == 1:
+        (s,) = streams
+        if s < MAX_STREAMS:
+            return s
+    return 0 if not streams else BARRIER
+
+
+def inline_cost(records: list[Record], executor_synchronous: bool, gates: EventGates) -> int:
+    """Rough bytes touched; INLINE_COST + 1 for anything that may block."""
+    cost = 0
+    block = INLINE_COST + 1
+    for r in records:
+        op, body = r.opcode, r.body
+        if not isinstance(body, tuple):
+            continue
+        if op in (Opcode.COPY_H2D, Opcode.COPY_D2D, Opcode.MEMSET):
+            cost += body[4] if op != Opcode.MEMSET else body[3]
+        elif op == Opcode.COPY_D2H:
+            if body[4] > INLINE_D2H:
+                return block
+            cost += body[4]
+        elif op == Opcode.GEMM:
+            if body[3] * body[4] * body[5] > INLINE_GEMM_MNK:
+                return block
+            cost += 4 * (body[3] * body[5] + body[5] * body[4] + body[3] * body[4])
+        elif op in (Opcode.AXPY, Opcode.REDUCE_SUM):
+            cost += 8 * body[4 if op == Opcode.AXPY else 3]
+        elif op == Opcode.EVENT_WAIT:
+            if not gates.is_set(body[0]):
+                return block
+        elif op in (Opcode.SYNC, Opcode.MODULE_LOAD) and not executor_synchronous:
+            return block
+        if cost > INLINE_COST:
+            return block
+    return cost
+
+
+def _dtype(value: int, executor: Executor) -> DType:
+    try:
+        dt = DType(value)
+    except ValueError:
+        raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown dtype {value}") from None
+    if dt not in executor.dtypes:
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"dtype {dt.name} on {executor.name}")
+    return dt
+
+
+class BatchRun:
+    """Executes one Command; ``completion()`` gives the COMPLETION payload."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        gates: EventGates,
+        event_wait_timeout: float,
+        send_data: DataOut,
+    ) -> None:
+        self.ex = executor
+        self.gates = gates
+        self.event_wait_timeout = event_wait_timeout
+        self.send_data = send_data
+
+    def run(self, cmd: Command) -> bytes:
+        results: list[tuple[int, int]] = []
+        blob = b""
+        self._h2d_pos = 0
+        self._d2h_pos = 0
+        self._cmd = cmd
+        for i, r in enumerate(cmd.records):
+            try:
+                out = self._record(r)
+            except VgpuError as exc:
+                return encode_completion(exc.code, failed_index=i, message=exc.message[:1000],
+                                         results=results, blob=blob)  # fmt: skip
+            if isinstance(out, bytes):
+                blob = out
+            elif out is not None:
+                results.append((i, out))
+        return encode_completion(ErrorCode.OK, failed_index=NO_INDEX, results=results, blob=blob)
+
+    # One method per opcode keeps each check next to its use.
+    def _record(self, r: Record) -> int | bytes | None:
+        op = r.opcode
+        if r.stream >= MAX_STREAMS and not (op == Opcode.SYNC and r.stream == ALL_STREAMS):
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"stream {r.stream} >= {MAX_STREAMS}")
+        body = r.body
+        if not isinstance(body, tuple):
+            raise VgpuError(ErrorCode.NOT_SUPPORTED, f"unknown opcode {op}")
+        ex, s = self.ex, r.stream
+        if op == Opcode.NOP:
+            return None
+        if op == Opcode.QUERY:
+            return ex.query_info()
+        if op == Opcode.MEM_ALLOC:
+            return ex.mem_alloc(body[0], body[1])
+        if op == Opcode.MEM_FREE:
+            ex.mem_free(body[0])
+            return None
+        if op == Opcode.COPY_H2D:
+            return self._h2d(body, s)
+        if op == Opcode.COPY_D2H:
+            return self._d2h(body, s)
+        if op == Opcode.COPY_D2D:
+            dst_h, src_h, dst_off, src_off, size = body
+            ex.copy_d2d(ex.check_range(dst_h, dst_off, size), ex.check_range(src_h, src_off, size), s)
+            return None
+        if op == Opcode.MEMSET:
+            handle, value, offset, size = body
+            if value > 0xFF:
+                raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"MEMSET value {value} is not a byte")
+            ex.memset(ex.check_range(handle, offset, size), value, s)
+            return None
+        if op == Opcode.MODULE_LOAD:
+            kind, name, code = body
+            if kind not in tuple(ModuleKind):
+                raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown module kind {kind}")
+            return ex.module_load(kind, name, code)
+        if op == Opcode.MODULE_FREE:
+            ex.module_free(body[0])
+            return None
+        if op == Opcode.LAUNCH:
+            return self._launch(body, s)
+        if op == Opcode.GEMM:
+            return self._gemm(body, s)
+        if op == Opcode.AXPY:
+            dt = _dtype(body[0], ex)
+            x_h, y_h, alpha, n, x_off, y_off = body[1:]
+            isz = DTYPE_SIZE[dt]
+            x = ex.check_range(x_h, x_off, n * isz, isz)
+            y = ex.check_range(y_h, y_off, n * isz, isz)
+            ex.axpy(dt, alpha, x, y, s)
+            return None
+        if op == Opcode.REDUCE_SUM:
+            dt = _dtype(body[0], ex)
+            x_h, out_h, n, x_off, out_off = body[1:]
+            isz = DTYPE_SIZE[dt]
+            x = ex.check_range(x_h, x_off, n * isz, isz)
+            out = ex.check_range(out_h, out_off, isz, isz) if out_h else None
+            return f64_bits(ex.reduce_sum(dt, x, out, s))
+        if op == Opcode.EVENT_RECORD:
+            self._check_event(body[0])
+            ex.event_record(body[0], s)
+            self.gates.set(body[0])
+            return None
+        if op == Opcode.EVENT_WAIT:
+            self._check_event(body[0])
+            self.gates.wait(body[0], self.event_wait_timeout)
+            ex.event_wait(body[0], s)
+            return None
+        if op == Opcode.SYNC:
+            ex.sync(None if s == ALL_STREAMS else s)
+            return None
+        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"opcode {op}")
+
+    @staticmethod
+    def _check_event(event: int) -> None:
+        if event >= MAX_EVENTS:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"event {event} >= {MAX_EVENTS}")
+
+    def _h2d(self, body: tuple[int, ...], stream: int) -> None:
+        handle, resource, dev_off, _host_off, size = body
+        if resource != 0:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, "guest resources are not reachable here")
+        region = self.ex.check_range(handle, dev_off, size)
+        cmd = self._cmd
+        pos = self._h2d_pos
+        self._h2d_pos += size
+        if cmd.h2d_error is not None:
+            raise cmd.h2d_error
+        if cmd.direct or size == 0:
+            return None  # the DATA frames already landed in device memory
+        assert cmd.landing is not None
+        for view in cmd.landing.views(pos, size):
+            self.ex.copy_h2d(Region(region.buf, region.offset, len(view)), view, stream)
+            region = Region(region.buf, region.offset + len(view), region.size - len(view))
+        return None
+
+    def _d2h(self, body: tuple[int, ...], stream: int) -> None:
+        handle, resource, dev_off, _host_off, size = body
+        if resource != 0:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, "guest resources are not reachable here")
+        region = self.ex.check_range(handle, dev_off, size)
+        total = self._cmd.d2h_total
+        for chunk in self.ex.d2h_chunks(region, MAX_DATA_CHUNK, stream):
+            pos = self._d2h_pos
+            self._d2h_pos = pos + len(chunk)
+            self.send_data(pos, chunk, self._d2h_pos == total)
+        return None
+
+    def _gemm(self, body: tuple[int, ...], stream: int) -> None:
+        ex = self.ex
+        dt = _dtype(body[0], ex)
+        ta, tb, m, n, k = body[1:6]
+        alpha, beta = body[6], body[7]
+        a_h, b_h, c_h, a_off, b_off, c_off = body[8:]
+        if ta > 1 or tb > 1:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, "trans_a/trans_b must be 0 or 1")
+        isz = DTYPE_SIZE[dt]
+        a = ex.check_range(a_h, a_off, m * k * isz, isz)
+        b = ex.check_range(b_h, b_off, k * n * isz, isz)
+        c = ex.check_range(c_h, c_off, m * n * isz, isz)
+        if m and n:
+            ex.gemm(dt, bool(ta), bool(tb), m, n, k, alpha, beta, a, b, c, stream)
+        return None
+
+    def _launch(self, body: tuple[object, ...], stream: int) -> None:
+        module, gx, gy, gz, bx, by, bz, shared, kernel, nargs, args = body
+        assert isinstance(module, int) and isinstance(kernel, str) and isinstance(args, list)
+        dims = (gx, gy, gz, bx, by, bz)
+        if not all(isinstance(d, int) and 1 <= d <= MAX_DIM for d in dims):
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"grid/block {dims} out of range")
+        if len(args) > MAX_LAUNCH_ARGS:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"{nargs} args > {MAX_LAUNCH_ARGS}")
+        checked: list[tuple[int, int, Region | None]] = []
+        for kind, handle, value in args:
+            if kind == ArgKind.PTR:
+                checked.append((kind, value, self.ex.check_range(handle, value, 0)))
+            elif kind in tuple(ArgKind):
+                checked.append((kind, value, None))
+            else:
+                raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown argument kind {kind}")
+        grid = (int(gx), int(gy), int(gz))  # type: ignore[call-overload]
+        block = (int(bx), int(by), int(bz))  # type: ignore[call-overload]
+        self.ex.launch(module, kernel, grid, block, int(shared), checked, stream)  # type: ignore[call-overload]
+        return None

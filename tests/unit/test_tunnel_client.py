@@ -1,0 +1,338 @@
+"""TunnelClient against a tiny in-test agent speaking docs/PROTOCOL.md.
+
+The fake agent is deliberately small (NOP, QUERY, MEM_ALLOC/FREE, resource-0
+copies into a bytearray) and has knobs to misbehave: hold completions, go
+silent, send garbage, refuse auth. The real agent is exercised by
+tests/integration/test_tunnel_agent.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from vpcie.errors import AuthError, ErrorCode, VgpuError
+from vpcie.protocol.batch import decode_batch, encode_batch, fields
+from vpcie.protocol.codes import NO_INDEX, ExecutorKind, FrameFlag, FrameType, Opcode
+from vpcie.protocol.frames import (
+    Frame,
+    FrameReader,
+    data_frame_header,
+    decode_payload,
+    encode_completion,
+    encode_frame,
+    encode_payload,
+    psk_mac,
+)
+from vpcie.tunnel import Completion, Runstate, RunstateError, TunnelClient
+from vpcie.tunnel import commands as cmds
+
+PSK = b"unit-test-key"
+SESSION = 7
+_COPY = fields(Opcode.COPY_H2D)
+
+
+def query_info(max_inflight: int) -> bytes:
+    return encode_payload(
+        "QUERY_INFO", 1, int(ExecutorKind.CPU), 0, 1 << 30, 1 << 30, 1 << 28, 0,
+        max_inflight, 1 << 20, 16, 0, 0, 0, "cpu-numpy (not a GPU)", "fake-uuid", "fake",
+    )  # fmt: skip
+
+
+@dataclass
+class FakeAgent:
+    key: bytes = PSK
+    max_inflight: int = 8
+    hold: bool = False  # keep completions back
+    silent: bool = False  # stop sending anything (no PONG either)
+    garbage_on_command: bool = False
+    writers: list[asyncio.Transport] = field(default_factory=list)
+    held: list[tuple[asyncio.Transport, bytes]] = field(default_factory=list)
+    pings: int = 0
+
+    async def start(self) -> tuple[asyncio.Server, int]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _FakeConn(self), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        return server, port
+
+    def release(self) -> None:
+        for t, frame in self.held:
+            t.write(frame)
+        self.held.clear()
+
+
+class _FakeConn(asyncio.Protocol):
+    def __init__(self, agent: FakeAgent) -> None:
+        self.agent = agent
+        self.reader = FrameReader()
+        self.mem: dict[int, bytearray] = {}
+        self.next_handle = 1
+        self.cnonce = b""
+        self.snonce = os.urandom(32)
+        self.h2d: tuple[int, list[bytes], int, list] | None = None  # seq, got, need, recs
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.t = transport
+        self.agent.writers.append(transport)
+
+    def data_received(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            buf = self.reader.get_buffer()
+            n = min(len(buf), len(data) - pos)
+            buf[:n] = data[pos : pos + n]
+            pos += n
+            for f in self.reader.buffer_updated(n):
+                self.on_frame(f)
+
+    def send(self, ftype: int, payload: bytes, seq: int = 0, flags: int = 0) -> None:
+        if not self.agent.silent:
+            self.t.write(encode_frame(ftype, payload, session=SESSION, seq=seq, flags=flags))
+
+    def on_frame(self, f: Frame) -> None:
+        reply = int(FrameFlag.REPLY)
+        if f.type == FrameType.HELLO:
+            _mn, _mx, auth, self.cnonce, _name = decode_payload("HELLO", f.payload)
+            proof = psk_mac(self.agent.key, b"agent", self.cnonce, self.snonce)
+            body = encode_payload("HELLO_REPLY", 1, 1, self.snonce, proof, "fake")
+            self.send(FrameType.HELLO, body, flags=reply)
+        elif f.type == FrameType.AUTH:
+            (mac,) = decode_payload("AUTH", f.payload)
+            if mac != psk_mac(self.agent.key, b"client", self.cnonce, self.snonce):
+                err = encode_payload("ERROR", int(ErrorCode.PERMISSION_DENIED), 1, "bad key")
+                self.send(FrameType.ERROR, err)
+                self.t.close()
+                return
+            self.send(FrameType.AUTH, encode_payload("AUTH_REPLY", 0), flags=reply)
+        elif f.type == FrameType.OPEN:
+            body = encode_payload("OPEN_REPLY", 0, SESSION, "", query_info(self.agent.max_inflight))
+            self.send(FrameType.OPEN, body, flags=reply)
+        elif f.type == FrameType.PING:
+            self.agent.pings += 1
+            self.send(FrameType.PONG, bytes(f.payload), f.seq)
+        elif f.type == FrameType.CLOSE:
+            self.send(FrameType.CLOSE, encode_payload("AUTH_REPLY", 0), flags=reply)
+            self.t.close()
+        elif f.type == FrameType.COMMAND:
+            if self.agent.garbage_on_command:
+                self.t.write(b"\xde\xad" * 20)
+                return
+            recs = decode_batch(f.payload)
+            need = sum(
+                r.body[_COPY.index("size")]
+                for r in recs
+                if r.opcode == Opcode.COPY_H2D and isinstance(r.body, tuple)
+            )
+            if need:
+                self.h2d = (f.seq, [], need, recs)
+            else:
+                self.execute(f.seq, recs, b"")
+        elif f.type == FrameType.DATA:
+            assert self.h2d is not None and self.h2d[0] == f.seq
+            self.h2d[1].append(bytes(f.payload))
+            got = b"".join(self.h2d[1])
+            if f.flags & FrameFlag.LAST:
+                assert len(got) == self.h2d[2]
+                seq, recs = self.h2d[0], self.h2d[3]
+                self.h2d = None
+                self.execute(seq, recs, got)
+
+    def execute(self, seq: int, recs: list, h2d: bytes) -> None:
+        results: list[tuple[int, int]] = []
+        blob = b""
+        d2h: list[bytes] = []
+        pos = 0
+        for i, r in enumerate(recs):
+            if r.opcode == Opcode.MEM_ALLOC:
+                self.mem[self.next_handle] = bytearray(r.body[0])
+                results.append((i, self.next_handle))
+                self.next_handle += 1
+            elif r.opcode == Opcode.QUERY:
+                blob = query_info(self.agent.max_inflight)
+            elif r.opcode in (Opcode.COPY_H2D, Opcode.COPY_D2H):
+                handle, _res, off, _hoff, size = r.body
+                mem = self.mem.get(handle)
+                if mem is None:
+                    self.complete(seq, encode_completion(ErrorCode.INVALID_HANDLE, failed_index=i))
+                    return
+                if r.opcode == Opcode.COPY_H2D:
+                    mem[off : off + size] = h2d[pos : pos + size]
+                    pos += size
+                else:
+                    d2h.append(bytes(mem[off : off + size]))
+        out = b"".join(d2h)
+        # D2H in odd-sized DATA frames to exercise the client's scatter mapping
+        off = 0
+        while off < len(out):
+            n = min(777_777, len(out) - off)
+            hdr = data_frame_header(SESSION, seq, off, n, last=off + n == len(out))
+            if not self.agent.silent:
+                self.t.write(hdr + out[off : off + n])
+            off += n
+        self.complete(seq, encode_completion(0, results=results, blob=blob))
+
+    def complete(self, seq: int, payload: bytes) -> None:
+        frame = encode_frame(FrameType.COMPLETION, payload, session=SESSION, seq=seq)
+        if self.agent.hold:
+            self.agent.held.append((self.t, frame))
+        elif not self.agent.silent:
+            self.t.write(frame)
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[tuple[FakeAgent, int]]:
+    fake = FakeAgent()
+    server, port = await fake.start()
+    yield fake, port
+    for t in fake.writers:
+        t.abort()
+    server.close()
+
+
+async def test_connect_nop_query(agent: tuple[FakeAgent, int]) -> None:
+    fake, port = agent
+    async with await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t") as c:
+        assert c.state is Runstate.READY
+        assert c.session == SESSION
+        assert c.info.executor is ExecutorKind.CPU and c.info.max_inflight == 8
+        assert "not a GPU" in c.info.describe()
+        done = await c.nop()
+        assert done.ok and done.failed_index == NO_INDEX
+        q = await c.query()
+        assert q.name == "cpu-numpy (not a GPU)"
+    assert c.state is Runstate.CLOSED
+
+
+async def test_scatter_copies_round_trip(agent: tuple[FakeAgent, int]) -> None:
+    _fake, port = agent
+    rng = os.urandom
+    sizes = [1, 4095, 4097, 0, 3, 1 << 20, 12345, 2_000_001]
+    src = [rng(n) for n in sizes]
+    total = sum(sizes)
+    async with await TunnelClient.connect("127.0.0.1", port, psk=PSK) as c:
+        h = await c.alloc(total + 100)
+        await c.copy_h2d(h, 100, src)
+        back = [bytearray(n) for n in reversed(sizes)]
+        await c.copy_d2h(h, 100, back)
+        want = hashlib.sha256(b"".join(src)).hexdigest()
+        assert hashlib.sha256(b"".join(back)).hexdigest() == want
+
+
+async def test_inflight_limit_raises_at_once(agent: tuple[FakeAgent, int]) -> None:
+    fake, port = agent
+    fake.max_inflight = 4
+    fake.hold = True
+    async with await TunnelClient.connect("127.0.0.1", port, psk=PSK) as c:
+        futs = [c.send_nop() for _ in range(4)]
+        t0 = time.monotonic()
+        with pytest.raises(VgpuError) as err:
+            c.send([cmds.nop()])
+        assert err.value.code is ErrorCode.QUOTA_EXCEEDED
+        assert time.monotonic() - t0 < 0.1
+        await asyncio.sleep(0.05)
+        fake.release()
+        results = await asyncio.wait_for(asyncio.gather(*futs), 5)
+        assert all(r.ok for r in results)
+        assert (await c.nop()).ok  # the window is free again
+
+
+async def test_wrong_psk_is_refused(agent: tuple[FakeAgent, int]) -> None:
+    _fake, port = agent
+    with pytest.raises(AuthError, match="refused"):
+        await TunnelClient.connect("127.0.0.1", port, psk=b"wrong")
+
+
+async def test_agent_without_the_key_is_rejected(agent: tuple[FakeAgent, int]) -> None:
+    fake, port = agent
+    fake.key = b"impostor"
+    with pytest.raises(AuthError, match="does not hold"):
+        await TunnelClient.connect("127.0.0.1", port, psk=PSK)
+
+
+async def test_silent_agent_is_lost_within_2s(agent: tuple[FakeAgent, int]) -> None:
+    fake, port = agent
+    c = await TunnelClient.connect("127.0.0.1", port, psk=PSK)
+    await c.nop()
+    fake.silent = True
+    t0 = time.monotonic()
+    futs = [c.send_nop() for _ in range(5)]
+    done = await asyncio.wait_for(asyncio.gather(*futs), 3)
+    assert time.monotonic() - t0 < 2.0
+    assert all(d.status is ErrorCode.DEVICE_LOST for d in done)
+    assert c.state is Runstate.LOST
+    with pytest.raises(VgpuError) as err:
+        await c.nop()
+    assert err.value.code is ErrorCode.DEVICE_LOST
+    await c.close()  # harmless after a loss
+    assert c.state is Runstate.LOST
+
+
+async def test_pings_keep_an_idle_session_alive(agent: tuple[FakeAgent, int]) -> None:
+    fake, port = agent
+    async with await TunnelClient.connect("127.0.0.1", port, psk=PSK) as c:
+        await asyncio.sleep(1.6)
+        assert c.state is Runstate.READY
+        assert fake.pings >= 4
+        assert c.rtt is not None
+        assert (await c.nop()).ok
+
+
+async def test_garbage_from_agent_loses_the_session(agent: tuple[FakeAgent, int]) -> None:
+    fake, port = agent
+    c = await TunnelClient.connect("127.0.0.1", port, psk=PSK)
+    fake.garbage_on_command = True
+    done = await asyncio.wait_for(c.submit([cmds.nop()]), 3)
+    assert done.status is ErrorCode.DEVICE_LOST
+    assert "protocol" in done.message
+    with pytest.raises(VgpuError):
+        done.check()
+
+
+async def test_bad_arguments_are_refused_before_sending(agent: tuple[FakeAgent, int]) -> None:
+    _fake, port = agent
+    async with await TunnelClient.connect("127.0.0.1", port, psk=PSK) as c:
+        with pytest.raises(VgpuError) as err:
+            c.send([cmds.copy_h2d(1, 0, 10)], h2d=[b"123"])
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT
+        with pytest.raises(VgpuError) as err:
+            c.send([cmds.copy_d2h(1, 0, 3)], d2h=[b"123"])  # read-only
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT
+        with pytest.raises(VgpuError) as err:
+            c.send(b"not a batch at all")
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT
+        assert c.inflight == 0
+        assert (await c.submit(encode_batch([cmds.nop()]))).ok
+
+
+async def test_wrong_state_errors(agent: tuple[FakeAgent, int]) -> None:
+    _fake, port = agent
+    c = await TunnelClient.connect("127.0.0.1", port, psk=PSK)
+    await c.close()
+    await c.close()
+    with pytest.raises(RunstateError, match="CLOSED"):
+        c.send_nop()
+
+
+async def test_unreachable_agent_is_device_lost() -> None:
+    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(VgpuError) as err:
+        await TunnelClient.connect("127.0.0.1", port, psk=PSK)
+    assert err.value.code is ErrorCode.DEVICE_LOST
+
+
+def test_completion_check() -> None:
+    Completion(ErrorCode.OK).check()
+    with pytest.raises(VgpuError) as err:
+        Completion(ErrorCode.OUT_OF_MEMORY, 2, "full").check()
+    assert err.value.code is ErrorCode.OUT_OF_MEMORY and err.value.index == 2

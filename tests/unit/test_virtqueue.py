@@ -1,0 +1,334 @@
+"""Split virtqueue, device side against driver side; hostile chains give clean GuestErrors.
+
+Every test runs on both walkers (pure Python and, when built, native C).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from vpcie._native import native_available
+from vpcie.errors import GuestError
+from vpcie.memory import GuestMemory
+from vpcie.virtqueue import (
+    MAX_CHAIN_SEGMENTS,
+    MAX_INDIRECT_ENTRIES,
+    ChainError,
+    ChainFault,
+    DriverQueue,
+    GuestAllocator,
+    VirtQueue,
+)
+from vpcie.virtqueue.layout import (
+    VIRTQ_DESC_F_INDIRECT as INDIRECT,
+)
+from vpcie.virtqueue.layout import (
+    VIRTQ_DESC_F_NEXT as NEXT,
+)
+from vpcie.virtqueue.layout import (
+    VIRTQ_DESC_F_WRITE as WRITE,
+)
+
+MiB = 1 << 20
+RAM = 4 * MiB
+IMPLS = [
+    "python",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            not native_available(), reason="native module not built: python -m vpcie._native._build"
+        ),
+    ),
+]
+
+
+class Pair:
+    def __init__(self, impl: str, num: int = 16, event_idx: bool = False) -> None:
+        self.mem = GuestMemory.anonymous([(0, RAM)])
+        self.alloc = GuestAllocator(self.mem, 0x1000, RAM - 0x1000)
+        self.drv = DriverQueue(self.mem, num, self.alloc, event_idx=event_idx)
+        self.dev = VirtQueue(
+            self.mem,
+            num,
+            self.drv.desc_gpa,
+            self.drv.avail_gpa,
+            self.drv.used_gpa,
+            event_idx=event_idx,
+            impl=impl,  # type: ignore[arg-type]
+        )
+        assert self.dev.impl == impl
+
+    def buf(self, n: int) -> tuple[int, int]:
+        return (self.alloc.alloc(n), n)
+
+    def table(self, descs: list[tuple[int, int, int, int]]) -> int:
+        gpa = self.alloc.alloc(16 * len(descs))
+        self.mem.write(gpa, b"".join(struct.pack("<QIHH", *d) for d in descs))
+        return gpa
+
+    def pop_error(self) -> ChainError:
+        self.drv.kick()
+        with pytest.raises(ChainError) as info:
+            self.dev.pop()
+        assert isinstance(info.value, GuestError)
+        return info.value
+
+
+@pytest.fixture(params=IMPLS)
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    p = Pair(request.param)
+    yield p
+    p.mem.close()
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_roundtrip_request_response(pair: Pair, indirect: bool) -> None:
+    resp = pair.buf(64)
+    resp2 = pair.buf(8)
+    head = pair.drv.add([b"GET ", b"/index"], [resp, resp2], indirect=indirect)
+    assert pair.dev.pop() is None  # not published yet
+    assert pair.drv.kick()
+    chain = pair.dev.pop()
+    assert chain is not None and chain.head == head
+    assert chain.read_len == 10 and chain.write_len == 72
+    assert chain.read_all() == b"GET /index"
+    assert [n for _, n in chain.readable] == [4, 6]
+    assert chain.writable == [resp, resp2]
+    buf = bytearray(4)
+    assert chain.read_into(buf, offset=3) == 4 and buf == b" /in"
+    assert chain.write(b"A" * 70) == 70
+    assert chain.write(b"xyz", offset=70) == 2  # only 2 bytes left: truncated
+    pair.dev.push(chain.head, 72)
+    assert pair.dev.pop() is None
+    assert pair.drv.get_used() == [(head, 72)]
+    assert pair.mem.read(resp[0], 64) == b"A" * 64
+    assert pair.mem.read(resp2[0], 8) == b"A" * 6 + b"xy"
+    assert pair.drv.num_free == 16
+
+
+def test_large_request_not_inlined(pair: Pair) -> None:
+    payload = bytes(range(256)) * 40  # 10 KiB: above the native inline gather size
+    head = pair.drv.add([payload[:5000], payload[5000:]], [pair.buf(4)])
+    pair.drv.kick()
+    chain = pair.dev.pop()
+    assert chain is not None and chain.head == head
+    assert chain.read_all() == payload
+    buf = bytearray(100)
+    assert chain.read_into(buf, 4990) == 100 and bytes(buf) == payload[4990:5090]
+
+
+def test_used_ring_content_and_wraparound(pair: Pair) -> None:
+    """Run the 16-bit indices through 65535 -> 0 on both sides."""
+    start = 0xFFF0
+    pair.dev.last_avail_idx = start
+    pair.drv._avail_idx = pair.drv._published = pair.drv._last_used = start
+    pair.mem.write_u16(pair.drv.used_gpa + 2, start)
+    pair.dev = VirtQueue(
+        pair.mem,
+        16,
+        pair.drv.desc_gpa,
+        pair.drv.avail_gpa,
+        pair.drv.used_gpa,
+        impl=pair.dev.impl,  # type: ignore[arg-type]
+    )
+    pair.dev.last_avail_idx = start
+    assert pair.dev.used_idx == start
+    seen = 0
+    for round_ in range(5):
+        heads = [pair.drv.add([bytes([round_, i])], [pair.buf(4)]) for i in range(7)]
+        pair.drv.kick()
+        for i, head in enumerate(heads):
+            chain = pair.dev.pop()
+            assert chain is not None and chain.head == head
+            assert chain.read_all() == bytes([round_, i])
+            slot = pair.dev.used_idx % 16
+            pair.dev.push(chain.head, 100 + i)
+            elem = pair.mem.read(pair.drv.used_gpa + 4 + 8 * slot, 8)
+            assert struct.unpack("<II", elem) == (head, 100 + i)
+        assert pair.drv.get_used() == [(h, 100 + i) for i, h in enumerate(heads)]
+        seen += 7
+    assert pair.dev.last_avail_idx == (start + seen) & 0xFFFF
+    assert pair.mem.read_u16(pair.drv.used_gpa + 2) == (start + seen) & 0xFFFF
+    assert pair.dev.last_avail_idx < start  # really wrapped
+
+
+def test_avail_idx_too_far_ahead(pair: Pair) -> None:
+    pair.mem.write_u16(pair.drv.avail_gpa + 2, 17)
+    with pytest.raises(GuestError, match="more than queue size"):
+        pair.dev.pop()
+
+
+def test_head_out_of_range(pair: Pair) -> None:
+    pair.drv.add_raw_head(16)
+    err = pair.pop_error()
+    assert err.kind is ChainFault.HEAD_OUT_OF_RANGE and err.head == 16
+
+
+def test_loop_in_table(pair: Pair) -> None:
+    a = pair.buf(8)
+    pair.drv.write_desc(0, a[0], 8, NEXT, 1)
+    pair.drv.write_desc(1, a[0], 8, NEXT, 2)
+    pair.drv.write_desc(2, a[0], 8, NEXT, 0)  # back to 0
+    pair.drv.add_raw_head(0)
+    err = pair.pop_error()
+    assert err.kind is ChainFault.LOOP and err.head == 0
+    assert "loops" in str(err)
+
+
+def test_self_loop_in_indirect_table(pair: Pair) -> None:
+    a = pair.buf(8)
+    t = pair.table([(a[0], 8, NEXT, 1), (a[0], 8, NEXT, 1)])
+    pair.drv.write_desc(3, t, 32, INDIRECT, 0)
+    pair.drv.add_raw_head(3)
+    err = pair.pop_error()
+    assert err.kind is ChainFault.LOOP and err.indirect
+
+
+def test_chain_longer_than_segment_cap(pair: Pair) -> None:
+    a = pair.buf(8)
+    n = MAX_INDIRECT_ENTRIES
+    t = pair.table([(a[0], 8, NEXT, i + 1) for i in range(n - 1)] + [(a[0], 8, 0, 0)])
+    pair.drv.write_desc(0, t, 16 * n, INDIRECT, 0)
+    pair.drv.add_raw_head(0)
+    pair.drv.kick()
+    chain = pair.dev.pop()
+    assert chain is not None and len(chain.readable) == n  # exactly the cap is fine
+    # a direct descriptor before the full indirect table pushes it over the cap
+    pair.drv.write_desc(1, a[0], 8, NEXT, 2)
+    pair.drv.write_desc(2, t, 16 * n, INDIRECT, 0)
+    pair.drv.add_raw_head(1)
+    err = pair.pop_error()
+    assert err.kind is ChainFault.TOO_MANY_SEGMENTS and MAX_CHAIN_SEGMENTS == n
+
+
+@pytest.mark.parametrize(
+    ("descs", "kind"),
+    [
+        # indirect inside an indirect table (§2.7.5.3.1)
+        ("nested", ChainFault.NESTED_INDIRECT),
+        ("indirect_next", ChainFault.INDIRECT_WITH_NEXT),
+        ("indirect_len0", ChainFault.INDIRECT_BAD_LEN),
+        ("indirect_len17", ChainFault.INDIRECT_BAD_LEN),
+        ("indirect_huge", ChainFault.INDIRECT_TOO_LARGE),
+        ("indirect_oob", ChainFault.INDIRECT_OUT_OF_RANGE),
+        ("buffer_oob", ChainFault.BUFFER_OUT_OF_RANGE),
+        ("buffer_wrap", ChainFault.BUFFER_OUT_OF_RANGE),
+        ("read_after_write", ChainFault.READABLE_AFTER_WRITABLE),
+        ("next_oob", ChainFault.NEXT_OUT_OF_RANGE),
+        ("indirect_next_oob", ChainFault.NEXT_OUT_OF_RANGE),
+    ],
+)
+def test_hostile_chains(pair: Pair, descs: str, kind: ChainFault) -> None:
+    a = pair.buf(64)
+    w = pair.drv.write_desc
+    if descs == "nested":
+        inner = pair.table([(a[0], 8, 0, 0)])
+        t = pair.table([(a[0], 8, NEXT, 1), (inner, 16, INDIRECT, 0)])
+        w(0, t, 32, INDIRECT, 0)
+    elif descs == "indirect_next":
+        t = pair.table([(a[0], 8, 0, 0)])
+        w(0, t, 16, INDIRECT | NEXT, 1)
+        w(1, a[0], 8, 0, 0)
+    elif descs == "indirect_len0":
+        w(0, a[0], 0, INDIRECT, 0)
+    elif descs == "indirect_len17":
+        w(0, a[0], 17, INDIRECT, 0)
+    elif descs == "indirect_huge":
+        w(0, a[0], 16 * (MAX_INDIRECT_ENTRIES + 1), INDIRECT, 0)
+    elif descs == "indirect_oob":
+        w(0, RAM - 16, 32, INDIRECT, 0)
+    elif descs == "buffer_oob":
+        w(0, a[0], 8, NEXT, 1)
+        w(1, RAM - 4, 8, WRITE, 0)
+    elif descs == "buffer_wrap":
+        w(0, (1 << 64) - 8, 0xFFFF_FFFF, 0, 0)
+    elif descs == "read_after_write":
+        w(0, a[0], 8, WRITE | NEXT, 1)
+        w(1, a[0], 8, 0, 0)
+    elif descs == "next_oob":
+        w(0, a[0], 8, NEXT, 16)
+    elif descs == "indirect_next_oob":
+        t = pair.table([(a[0], 8, NEXT, 1), (a[0], 8, NEXT, 2)])
+        w(0, t, 32, INDIRECT, 0)
+    pair.drv.add_raw_head(0)
+    err = pair.pop_error()
+    assert err.kind is kind, str(err)
+    assert err.head == 0
+    # the queue keeps serving: hand the head back, then a good chain works
+    pair.dev.push(0, 0)
+    good = pair.drv.add([b"ok"], [])
+    pair.drv.kick()
+    chain = pair.dev.pop()
+    assert chain is not None and chain.head == good and chain.read_all() == b"ok"
+
+
+def test_zero_length_buffers_allowed(pair: Pair) -> None:
+    pair.drv.write_desc(0, RAM + 0x1000, 0, NEXT, 1)  # zero length: never touched
+    pair.drv.write_desc(1, 0x2000, 4, WRITE, 0)
+    pair.drv.add_raw_head(0)
+    pair.drv.kick()
+    chain = pair.dev.pop()
+    assert chain is not None and chain.read_all() == b"" and chain.write_len == 4
+
+
+def test_indirect_write_flag_on_table_descriptor_ignored(pair: Pair) -> None:
+    a = pair.buf(4)
+    t = pair.table([(a[0], 4, 0, 0)])
+    pair.drv.write_desc(0, t, 16, INDIRECT | WRITE, 0)  # §2.7.5.3.1: device ignores WRITE
+    pair.drv.add_raw_head(0)
+    pair.drv.kick()
+    chain = pair.dev.pop()
+    assert chain is not None and chain.readable == [a]
+
+
+@pytest.mark.parametrize(
+    ("num", "desc", "avail", "used"),
+    [
+        (3, 0x1000, 0x2000, 0x3000),
+        (16, 0x1008, 0x2000, 0x3000),
+        (16, 0x1000, 0x2001, 0x3000),
+        (16, 0x1000, 0x2000, 0x3002),
+        (16, RAM - 16, 0x2000, 0x3000),
+        (65536, 0, 0x100000, 0x200000),
+    ],
+)
+def test_bad_queue_setup(num: int, desc: int, avail: int, used: int) -> None:
+    with GuestMemory.anonymous([(0, RAM)]) as mem, pytest.raises(GuestError):
+        VirtQueue(mem, num, desc, avail, used, impl="python")
+
+
+def test_from_uva_and_reset() -> None:
+    with GuestMemory.anonymous([(0, RAM)]) as mem:
+        alloc = GuestAllocator(mem, 0x1000, RAM - 0x1000)
+        drv = DriverQueue(mem, 8, alloc)
+        uva = mem.table[0].user_addr
+        dev = VirtQueue.from_uva(
+            mem, 8, uva + drv.desc_gpa, uva + drv.avail_gpa, uva + drv.used_gpa, impl="python"
+        )
+        assert (dev.desc_gpa, dev.avail_gpa, dev.used_gpa) == (
+            drv.desc_gpa,
+            drv.avail_gpa,
+            drv.used_gpa,
+        )
+        drv.add([b"x"], [])
+        drv.kick()
+        assert dev.pop() is not None
+        assert dev.last_avail_idx == 1
+        dev.reset()
+        assert dev.last_avail_idx == 0 and dev.used_idx == 0
+        with pytest.raises(GuestError):
+            VirtQueue.from_uva(mem, 8, uva + RAM - 16, uva, uva + 0x1000, impl="python")
+
+
+def test_closed_memory_chain_refuses(pair: Pair) -> None:
+    pair.drv.add([b"abc"], [pair.buf(8)])
+    pair.drv.kick()
+    chain = pair.dev.pop()
+    assert chain is not None
+    pair.mem.close()
+    with pytest.raises(GuestError):
+        chain.write(b"late")
+    pair.mem = GuestMemory.anonymous([(0, MiB)])  # for the fixture's close()

@@ -1,0 +1,109 @@
+"""``vpcie-backend``: the vhost-user GPU backend program.
+
+Follows the vhost-user "Backend program conventions" (QEMU
+docs/interop/vhost-user.rst), like QEMU's own /usr/lib/qemu/vhost-user-gpu:
+``--socket-path PATH`` or ``--fd N``, ``--print-capabilities``. Logs go to
+stderr, one JSON object per line; stdout carries only the capabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from vpcie.errors import VpcieError
+
+# libvirt reads these; "render-node" must never be listed (libvirt would then
+# demand a /dev/dri render node, which GPU-less hosts lack). "virgl": we
+# always offer VIRTIO_GPU_F_VIRGL, so libvirt's --virgl is accepted.
+CAPABILITIES = {"type": "gpu", "features": ["virgl"]}
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per log record: ts, level, logger, event, fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(time.time(), 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="vpcie-backend",
+        description="vpcie vhost-user GPU backend (one process per vGPU).",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-s", "--socket-path", help="listen on this unix socket path")
+    where.add_argument("-f", "--fd", type=int, help="use this inherited unix socket fd")
+    p.add_argument(
+        "-c", "--print-capabilities", action="store_true", help="print capabilities JSON and exit"
+    )
+    p.add_argument("--virgl", action="store_true", help="accepted for libvirt; always on")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every message")
+    args = p.parse_args(argv)
+    if not args.print_capabilities and args.socket_path is None and args.fd is None:
+        p.error("one of --socket-path or --fd is required")
+    return args
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLineFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+async def run(args: argparse.Namespace) -> None:
+    from vpcie.backend.device import NullGpuDevice
+    from vpcie.backend.server import BackendServer
+
+    log = logging.getLogger("vpcie.backend")
+    server = BackendServer(NullGpuDevice())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    try:
+        if args.fd is not None:
+            await server.serve_fd(args.fd)
+        else:
+            await server.serve_path(args.socket_path)
+    finally:
+        server.core.close()
+        log.info("exiting", extra={"fields": {"status": server.status()}})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps(CAPABILITIES))
+        return 0
+    setup_logging(args.verbose)
+    try:
+        asyncio.run(run(args))
+    except (VpcieError, OSError) as exc:
+        logging.getLogger("vpcie.backend").error("fatal", extra={"fields": {"error": str(exc)}})
+        print(f"vpcie-backend: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Which agent (and which GPU on it) this vGPU is bound to, right now.
+
+The PCI function is fixed when the domain starts; the GPU behind it is hot
+(DESIGN.md "Hotplug"). ``Binding`` holds the target and its state; each guest
+context opens its own agent session from it (one agent worker per context, so
+one guest process cannot touch another's device memory).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+from vpcie.errors import ErrorCode, VgpuError
+
+
+@dataclass(frozen=True)
+class AgentTarget:
+    host: str
+    port: int
+    psk: bytes | None = None
+    tls: ssl.SSLContext | None = None
+    device: str = ""  # GPU / MIG UUID on that agent, "" for any
+    mem_quota: int = 0
+    max_inflight: int = 0
+
+    def describe(self) -> str:
+        dev = self.device or "any"
+        return f"{self.host}:{self.port} device={dev} auth={'tls' if self.tls else 'psk'}"
+
+
+class CompletionLike(Protocol):
+    status: Any
+    failed_index: int
+    message: str
+    results: dict[int, int]
+    blob: bytes
+
+
+class Session(Protocol):
+    """What the device needs of a tunnel session (vpcie.tunnel.TunnelClient)."""
+
+    @property
+    def info(self) -> Any: ...
+
+    async def submit(
+        self,
+        batch: bytes,
+        *,
+        h2d: Sequence[memoryview] = (),
+        d2h: Sequence[memoryview] = (),
+    ) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+SessionFactory = Callable[[AgentTarget, str], Awaitable[Session]]
+
+
+async def tunnel_session(target: AgentTarget, name: str) -> Session:
+    """The real factory: a TunnelClient session on the target agent."""
+    from vpcie.tunnel import TunnelClient
+
+    client: Session = await TunnelClient.connect(
+        target.host,
+        target.port,
+        psk=target.psk,
+        ssl=target.tls,
+        device=target.device,
+        mem_quota=target.mem_quota,
+        max_inflight=target.max_inflight,
+        name=name,
+    )
+    return client
+
+
+class BindState(Enum):
+    UNBOUND = "unbound"
+    BOUND = "bound"
+
+
+class Binding:
+    """The vGPU's current target. ``generation`` changes on every bind/unbind,
+    so sessions opened under an old binding are recognised and dropped."""
+
+    def __init__(self, factory: SessionFactory = tunnel_session) -> None:
+        self.factory = factory
+        self.target: AgentTarget | None = None
+        self.generation = 0
+        self.listeners: list[Callable[[], None]] = []
+
+    @property
+    def state(self) -> BindState:
+        return BindState.BOUND if self.target is not None else BindState.UNBOUND
+
+    def bind(self, target: AgentTarget) -> None:
+        self.target = target
+        self.generation += 1
+        self._changed()
+
+    def unbind(self) -> None:
+        self.target = None
+        self.generation += 1
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
+
+    async def open(self, name: str) -> tuple[Session, int]:
+        target, gen = self.target, self.generation
+        if target is None:
+            raise VgpuError(ErrorCode.NO_DEVICE, "no GPU is bound to this vGPU")
+        try:
+            session = await self.factory(target, name)
+        except VgpuError:
+            raise
+        except (OSError, ConnectionError) as exc:
+            raise VgpuError(ErrorCode.DEVICE_LOST, f"agent {target.describe()}: {exc}") from exc
+        return session, gen

@@ -1,0 +1,89 @@
+"""The fence page: how a guest learns that its vGPU work finished.
+
+A virtio fence only means "accepted" (DESIGN.md: the guest kernel signals a
+fence when the response echoes it, and a later fence signals every earlier
+one). Completion is published here instead: a guest buffer attached to the
+context (FENCE_PAGE_SET names it) that the backend writes and the guest polls.
+
+Layout (little-endian)::
+
+    header  magic u32 "VFP1", version u16, nslots u16, rejected u32,
+            last_reject u32 (ErrorCode of the latest rejected submission)
+    slot[nslots] (one per stream)
+            completed_seq u64, error_seq u64, error_code u32, failed_index u32
+
+A SIGNAL(seq) record on stream s publishes ``completed_seq = seq`` in slot s
+once the records before it are done; if the batch failed, ``error_seq = seq``,
+``error_code`` and ``failed_index`` are written first. The guest waits for
+``completed_seq >= seq`` and then checks ``error_seq == seq``. A submission
+the backend rejects before anything runs (malformed batch, foreign resource)
+increments ``rejected`` and sets ``last_reject``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import construct as c
+
+from vpcie.protocol.codes import MAX_STREAMS
+from vpcie.protocol.fastcodec import FastStruct
+
+FENCE_MAGIC = 0x31504656  # b"VFP1"
+FENCE_VERSION = 1
+
+HEADER = c.Struct(
+    "magic" / c.Int32ul,
+    "version" / c.Int16ul,
+    "nslots" / c.Int16ul,
+    "rejected" / c.Int32ul,
+    "last_reject" / c.Int32ul,
+)
+SLOT = c.Struct(
+    "completed_seq" / c.Int64ul,
+    "error_seq" / c.Int64ul,
+    "error_code" / c.Int32ul,
+    "failed_index" / c.Int32ul,
+)
+HEADER_ST = FastStruct(HEADER).fixed_struct()
+SLOT_ST = FastStruct(SLOT).fixed_struct()
+FENCE_PAGE_SIZE = HEADER_ST.size + MAX_STREAMS * SLOT_ST.size
+_U64 = struct.Struct("<Q")
+_ERR = struct.Struct("<QII")  # error_seq, error_code, failed_index
+
+
+class FencePage:
+    """Writes one context's fence page through a checked view of guest memory.
+
+    ``view`` is a memoryview of exactly FENCE_PAGE_SIZE bytes obtained through
+    GuestMemory (the device checks the range when FENCE_PAGE_SET arrives).
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        if len(view) != FENCE_PAGE_SIZE:
+            raise ValueError("fence page view has the wrong size")
+        self.view = view
+        self.rejected = 0
+        view[:FENCE_PAGE_SIZE] = bytes(FENCE_PAGE_SIZE)
+        HEADER_ST.pack_into(view, 0, FENCE_MAGIC, FENCE_VERSION, MAX_STREAMS, 0, 0)
+
+    @staticmethod
+    def slot_offset(stream: int) -> int:
+        return HEADER_ST.size + stream * SLOT_ST.size
+
+    def complete(self, stream: int, seq: int, error_code: int = 0, failed_index: int = 0) -> None:
+        """Publish ``seq`` on ``stream``; error fields first, then the sequence."""
+        off = self.slot_offset(stream)
+        if error_code:
+            _ERR.pack_into(self.view, off + 8, seq, error_code, failed_index)
+        _U64.pack_into(self.view, off, seq)
+
+    def reject(self, error_code: int) -> None:
+        self.rejected += 1
+        HEADER_ST.pack_into(
+            self.view, 0, FENCE_MAGIC, FENCE_VERSION, MAX_STREAMS, self.rejected, error_code
+        )
+
+    def read_slot(self, stream: int) -> tuple[int, int, int, int]:
+        values: tuple[int, int, int, int] = SLOT_ST.unpack_from(self.view, self.slot_offset(stream))
+        return values

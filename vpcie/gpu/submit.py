@@ -1,0 +1,107 @@
+"""SUBMIT_3D: validate a guest's vGPU batch against its context and turn it
+into what the agent executes.
+
+Stage 1 (well formed) is decode_batch; stage 2 (allowed for this context) is
+``prepare``: every resource a record names must be attached to the submitting
+context and the byte range must lie inside its backing. Guest resources in
+COPY records become the tunnel's copy stream (resource 0): scatter lists of
+checked views over the resource's backing pages, sent from / received into
+guest memory with no intermediate copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vpcie.errors import ErrorCode, GuestError, VgpuError
+from vpcie.gpu.fencepage import FENCE_PAGE_SIZE
+from vpcie.gpu.resources import ResourceTable
+from vpcie.memory import GuestMemory
+from vpcie.protocol.batch import Record, encode_batch
+from vpcie.protocol.codes import ALL_STREAMS, MAX_STREAMS, Opcode
+
+_COPY_HOST = (int(Opcode.COPY_H2D), int(Opcode.COPY_D2H))
+
+
+@dataclass
+class Signal:
+    stream: int
+    seq: int
+    reply: list[memoryview]  # checked views for the COMPLETION reply; empty: none
+    reply_size: int
+
+
+@dataclass
+class Prepared:
+    """A validated batch, ready to forward (or to answer locally)."""
+
+    forward: list[Record]  # non-local records, copies rewritten to resource 0
+    fwd_index: list[int]  # forward[i] was record fwd_index[i] of the guest's batch
+    h2d: list[memoryview] = field(default_factory=list)
+    d2h: list[memoryview] = field(default_factory=list)
+    signals: list[Signal] = field(default_factory=list)
+    fence_page: memoryview | None = None  # set by FENCE_PAGE_SET
+
+    def encoded(self) -> bytes:
+        return encode_batch(self.forward)
+
+    def original_index(self, fwd: int) -> int:
+        return self.fwd_index[fwd] if 0 <= fwd < len(self.fwd_index) else fwd
+
+
+def _attached(table: ResourceTable, ctx_resources: set[int], rid: int, index: int) -> None:
+    if rid not in ctx_resources or rid not in table:
+        raise VgpuError(
+            ErrorCode.INVALID_HANDLE, f"resource {rid} is not attached to this context", index
+        )
+
+
+def prepare(
+    records: list[Record], table: ResourceTable, ctx_resources: set[int], mem: GuestMemory
+) -> Prepared:
+    """Stage-2 validation; raises VgpuError(code, msg, index) for the first bad record."""
+    out = Prepared([], [])
+    for i, r in enumerate(records):
+        op = r.opcode
+        if r.stream >= MAX_STREAMS and not (op == Opcode.SYNC and r.stream == ALL_STREAMS):
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"stream {r.stream} out of range", i)
+        body = r.body
+        try:
+            if op == Opcode.FENCE_PAGE_SET:
+                assert isinstance(body, tuple)
+                rid, offset = body
+                _attached(table, ctx_resources, rid, i)
+                if offset % 8:
+                    raise VgpuError(ErrorCode.INVALID_ARGUMENT, "fence page must be 8-aligned", i)
+                segs = table.get(rid).segments(offset, FENCE_PAGE_SIZE)
+                if len(segs) != 1:
+                    raise VgpuError(
+                        ErrorCode.INVALID_ARGUMENT, "fence page must not cross backing entries", i
+                    )
+                out.fence_page = mem.view(*segs[0])
+                continue
+            if op == Opcode.SIGNAL:
+                assert isinstance(body, tuple)
+                seq, rid, offset, size = body
+                reply: list[memoryview] = []
+                if rid:
+                    _attached(table, ctx_resources, rid, i)
+                    reply = table.get(rid).views(mem, offset, size)
+                out.signals.append(Signal(r.stream, seq, reply, size if rid else 0))
+                continue
+            if op in _COPY_HOST:
+                assert isinstance(body, tuple)
+                handle, rid, dev_off, host_off, size = body
+                if rid == 0:
+                    raise VgpuError(
+                        ErrorCode.INVALID_ARGUMENT, "a guest copy must name a resource", i
+                    )
+                _attached(table, ctx_resources, rid, i)
+                views = table.get(rid).views(mem, host_off, size)
+                (out.h2d if op == Opcode.COPY_H2D else out.d2h).extend(views)
+                r = Record(op, r.flags, r.stream, (handle, 0, dev_off, 0, size))
+        except GuestError as exc:  # range / backing problems found by the resource
+            raise VgpuError(ErrorCode.OUT_OF_RANGE, str(exc), i) from exc
+        out.forward.append(r)
+        out.fwd_index.append(i)
+    return out

@@ -1,0 +1,626 @@
+"""TunnelClient: the backend's side of the link to a host agent (asyncio).
+
+Follows docs/PROTOCOL.md. The client is an ``asyncio.BufferedProtocol`` over
+a plain TCP or TLS transport, decoding with the sans-IO
+``vpcie.protocol.frames.FrameReader``: D2H DATA payloads are received straight
+into the caller's scatter list (``sink``), H2D payloads are written from the
+caller's views (frame header + segment views, never joined into one object).
+
+Hot-path choices (measured with benchmarks/tunnel.py):
+- small frames queued in one loop iteration leave in one ``transport.write``
+  (coalesced by a ``call_soon`` flush);
+- ``send()`` returns a Future (no coroutine per command) so pipelining costs
+  one dict entry per command in flight;
+- the granted ``max_inflight`` is enforced locally: one over it raises
+  QUOTA_EXCEEDED at once instead of stalling.
+
+Liveness ("Liveness" in the doc): PING every 0.25 s; bytes received, and the
+kernel draining our send buffer, count as life; 1.0 s without either, EOF or
+reset -> LOST: every in-flight command completes with DEVICE_LOST, later
+calls raise VgpuError(DEVICE_LOST) at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl as ssl_mod
+import struct
+import time
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from vpcie.errors import AuthError, ConfigError, ErrorCode, ProtocolError, VgpuError
+from vpcie.protocol.batch import Record, encode_batch
+from vpcie.protocol.codes import (
+    MAX_DATA_CHUNK,
+    NO_INDEX,
+    PROTOCOL_VERSION,
+    AuthMode,
+    DType,
+    FrameFlag,
+    FrameType,
+)
+from vpcie.protocol.frames import (
+    MAC_SIZE,
+    NONCE_SIZE,
+    Frame,
+    FrameReader,
+    data_frame_header,
+    decode_payload,
+    encode_frame,
+    encode_header,
+    encode_payload,
+    macs_equal,
+    psk_mac,
+)
+from vpcie.tunnel import commands as cmds
+from vpcie.tunnel.results import Completion, QueryInfo, error_code
+from vpcie.tunnel.runstate import TRANSITIONS, Runstate, RunstateError
+from vpcie.tunnel.scatter import Scatter, byte_views
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL = 0.25  # s, docs/PROTOCOL.md "Liveness"
+DEAD_AFTER = 1.0  # s of silence before the agent is declared lost
+CONNECT_TIMEOUT = 5.0  # s for TCP/TLS + HELLO/AUTH/OPEN (the agent's own limit)
+CLOSE_TIMEOUT = 2.0  # s to wait for in-flight work and CLOSE|REPLY
+SMALL_FRAME = 64 * 1024  # frames up to this size are coalesced into one write
+MAX_WRITE_PIECE = 1 << 20  # bulk views go to the transport in pieces of this size
+
+_COMMAND = int(FrameType.COMMAND)
+_DATA = int(FrameType.DATA)
+_COMPLETION = int(FrameType.COMPLETION)
+_PING = int(FrameType.PING)
+_PONG = int(FrameType.PONG)
+_ERROR = int(FrameType.ERROR)
+_CLOSE = int(FrameType.CLOSE)
+_REPLY = int(FrameFlag.REPLY)
+_OK = ErrorCode.OK
+_STAMP = struct.Struct("<Q")
+_NOP_BATCH = encode_batch([cmds.nop()])
+
+
+class TunnelClient(asyncio.BufferedProtocol):
+    """One session with a host agent. Create with ``await TunnelClient.connect(...)``.
+
+    ``submit()``/``send()`` return a Completion for every command the client
+    accepted (DEVICE_LOST when the link failed); they raise VgpuError for one
+    it refused (over the in-flight limit, malformed, tunnel lost).
+    Buffers given as ``h2d``/``d2h`` must stay untouched until the command
+    completes. The asyncio protocol callbacks (``get_buffer`` ...) are not API.
+    """
+
+    def __init__(self, *, psk: bytes | None, name: str, endpoint: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._psk = psk
+        self._name = name
+        self.endpoint = endpoint
+        self._state = Runstate.CONNECTING
+        self.lost_reason = ""
+        self.session = 0
+        self._info: QueryInfo | None = None
+        self.max_inflight = 0
+        self._transport: asyncio.Transport | None = None
+        self._reader = FrameReader(self._sink)
+        self._seq = 0
+        self._pending: dict[int, asyncio.Future[Completion]] = {}
+        self._d2h: dict[int, Scatter] = {}
+        self._handshake: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._close_reply: asyncio.Future[None] = self._loop.create_future()
+        self._outq: deque[bytes | memoryview] = deque()
+        self._flush_scheduled = False
+        self._paused = False
+        self._last_life = time.monotonic()
+        self._last_wbuf = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self.rtt: float | None = None  # last PING round trip (s)
+
+    # -- public API ------------------------------------------------------------
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        psk: bytes | None = None,
+        ssl: ssl_mod.SSLContext | None = None,
+        server_hostname: str | None = None,
+        device: str = "",
+        mem_quota: int = 0,
+        max_inflight: int = 0,
+        name: str = "",
+        timeout: float = CONNECT_TIMEOUT,
+    ) -> TunnelClient:
+        """Connect, authenticate (PSK or mutual TLS) and OPEN a session.
+
+        Raises AuthError (refused or failed authentication), VgpuError
+        (NO_DEVICE / QUOTA_EXCEEDED from OPEN, DEVICE_LOST when the agent
+        cannot be reached, TIMEOUT), ConfigError (bad arguments).
+        """
+        if (psk is None) == (ssl is None):
+            raise ConfigError("give exactly one of psk= (loopback labs) or ssl= (mutual TLS)")
+        if psk is not None and not psk:
+            raise ConfigError("the pre-shared key is empty")
+        loop = asyncio.get_running_loop()
+        self = cls(psk=psk, name=name, endpoint=f"{host}:{port}")
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    await loop.create_connection(
+                        lambda: self,
+                        host,
+                        port,
+                        ssl=ssl,
+                        server_hostname=server_hostname if ssl is not None else None,
+                    )
+                except ssl_mod.SSLError as exc:
+                    raise AuthError(f"TLS with agent {self.endpoint} failed: {exc}") from exc
+                except OSError as exc:
+                    raise VgpuError(
+                        ErrorCode.DEVICE_LOST, f"cannot reach agent {self.endpoint}: {exc}"
+                    ) from exc
+                await self._do_handshake(device, mem_quota, max_inflight)
+        except TimeoutError:
+            self._finish(Runstate.LOST, "handshake timed out")
+            raise VgpuError(
+                ErrorCode.TIMEOUT, f"agent {self.endpoint} did not answer within {timeout} s"
+            ) from None
+        except BaseException:
+            self._finish(Runstate.LOST, "handshake failed")
+            raise
+        self._set_state(Runstate.READY)
+        self._last_life = time.monotonic()
+        self._timer = loop.call_later(PING_INTERVAL, self._tick)
+        return self
+
+    @property
+    def state(self) -> Runstate:
+        return self._state
+
+    @property
+    def info(self) -> QueryInfo:
+        """QUERY_INFO from the OPEN reply: granted quota, in-flight limit, device."""
+        if self._info is None:
+            raise RunstateError("info", self._state)
+        return self._info
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    def send(
+        self,
+        batch: bytes | bytearray | memoryview | Sequence[Record],
+        *,
+        h2d: Sequence[Any] = (),
+        d2h: Sequence[Any] = (),
+    ) -> asyncio.Future[Completion]:
+        """Queue one COMMAND; the Future resolves to its Completion.
+
+        ``h2d``/``d2h`` are scatter lists (buffer objects, e.g. guest pages)
+        whose total sizes must equal the batch's resource-0 COPY_H2D/COPY_D2H
+        bytes. Raises VgpuError at once: DEVICE_LOST (tunnel lost),
+        QUOTA_EXCEEDED (over the granted in-flight limit), INVALID_ARGUMENT.
+        """
+        self._check_ready("send()")
+        if isinstance(batch, bytes | bytearray | memoryview):
+            data = bytes(batch)
+            h2d_need, d2h_need = cmds.copy_stream_sizes(data)
+        else:
+            h2d_need, d2h_need = cmds.copy_stream_sizes(batch)
+            try:
+                data = encode_batch(batch)
+            except ProtocolError as exc:
+                raise VgpuError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
+        limit = self._info.max_batch_bytes if self._info is not None else 0
+        if limit and len(data) > limit:
+            raise VgpuError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"batch of {len(data)} bytes over the agent's limit of {limit}",
+            )
+        h2d_scatter = Scatter(byte_views(h2d, writable=False)) if h2d else None
+        d2h_scatter = Scatter(byte_views(d2h, writable=True)) if d2h else None
+        for what, need, sc in (("h2d", h2d_need, h2d_scatter), ("d2h", d2h_need, d2h_scatter)):
+            have = sc.total if sc is not None else 0
+            if have != need:
+                raise VgpuError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"the batch copies {need} bytes but the {what} list holds {have}",
+                )
+        return self._command(data, h2d_scatter, d2h_scatter)
+
+    async def submit(
+        self,
+        batch: bytes | bytearray | memoryview | Sequence[Record],
+        *,
+        h2d: Sequence[Any] = (),
+        d2h: Sequence[Any] = (),
+    ) -> Completion:
+        """``await send(...)``: run one batch, return its Completion (not checked)."""
+        return await self.send(batch, h2d=h2d, d2h=d2h)
+
+    def send_nop(self) -> asyncio.Future[Completion]:
+        """A one-record NOP batch (pre-encoded): the cheapest command there is."""
+        self._check_ready("send_nop()")
+        return self._command(_NOP_BATCH, None, None)
+
+    async def nop(self) -> Completion:
+        return (await self.send_nop()).check()
+
+    async def query(self) -> QueryInfo:
+        done = (await self.send([cmds.query()])).check()
+        return QueryInfo.decode(done.blob)
+
+    async def alloc(self, size: int, flags: int = 0) -> int:
+        """Device memory of ``size`` bytes; returns its handle."""
+        return (await self.send([cmds.mem_alloc(size, flags)])).value(0)
+
+    async def free(self, handle: int) -> None:
+        (await self.send([cmds.mem_free(handle)])).check()
+
+    async def copy_h2d(self, handle: int, offset: int, buf: Any, *, stream: int = 0) -> None:
+        """Copy ``buf`` (a buffer or a list of them) to device memory at ``offset``."""
+        views = byte_views(buf if isinstance(buf, list | tuple) else [buf], writable=False)
+        size = sum(len(v) for v in views)
+        rec = cmds.copy_h2d(handle, offset, size, stream=stream)
+        (await self.send([rec], h2d=views)).check()
+
+    async def copy_d2h(self, handle: int, offset: int, buf: Any, *, stream: int = 0) -> None:
+        """Fill ``buf`` (a writable buffer or a list of them) from device memory."""
+        views = byte_views(buf if isinstance(buf, list | tuple) else [buf], writable=True)
+        size = sum(len(v) for v in views)
+        rec = cmds.copy_d2h(handle, offset, size, stream=stream)
+        (await self.send([rec], d2h=views)).check()
+
+    async def memset(
+        self, handle: int, value: int, offset: int, size: int, *, stream: int = 0
+    ) -> None:
+        (await self.send([cmds.memset(handle, value, offset, size, stream=stream)])).check()
+
+    async def gemm(
+        self,
+        a: int,
+        b: int,
+        c: int,
+        m: int,
+        n: int,
+        k: int,
+        *,
+        alpha: float = 1.0,
+        beta: float = 0.0,
+        dtype: DType = DType.F32,
+        trans_a: bool = False,
+        trans_b: bool = False,
+        stream: int = 0,
+    ) -> None:
+        """Row-major C[m,n] = alpha * op(A) @ op(B) + beta * C on the agent."""
+        rec = cmds.gemm(
+            a, b, c, m, n, k, alpha=alpha, beta=beta, dtype=dtype,
+            trans_a=trans_a, trans_b=trans_b, stream=stream,
+        )  # fmt: skip
+        (await self.send([rec])).check()
+
+    async def axpy(
+        self, x: int, y: int, alpha: float, n: int, *, dtype: DType = DType.F32, stream: int = 0
+    ) -> None:
+        (await self.send([cmds.axpy(x, y, alpha, n, dtype=dtype, stream=stream)])).check()
+
+    async def reduce_sum(
+        self, x: int, out: int, n: int, *, dtype: DType = DType.F32, stream: int = 0
+    ) -> float:
+        done = await self.send([cmds.reduce_sum(x, out, n, dtype=dtype, stream=stream)])
+        return done.value_f64(0)
+
+    async def sync(self, stream: int = 0) -> None:
+        (await self.send([cmds.sync(stream)])).check()
+
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Let in-flight commands finish (up to ``timeout``), CLOSE, disconnect.
+
+        Idempotent; after a loss it only releases the transport.
+        """
+        if self._state is not Runstate.READY:
+            if self._state is Runstate.CONNECTING:
+                self._finish(Runstate.CLOSED, "closed before it was connected")
+            return
+        self._set_state(Runstate.CLOSING)
+        try:
+            async with asyncio.timeout(timeout):
+                if self._pending:
+                    await asyncio.wait(list(self._pending.values()))
+                if self.state is Runstate.CLOSING:  # not lost while draining
+                    bye = encode_payload("CLOSE", 0)
+                    self._queue(encode_frame(_CLOSE, bye, session=self.session))
+                    await asyncio.shield(self._close_reply)
+        except TimeoutError:
+            log.warning("agent %s did not confirm CLOSE within %.1f s", self.endpoint, timeout)
+        self._finish(Runstate.CLOSED, "tunnel closed by the client")
+
+    async def __aenter__(self) -> TunnelClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- commands --------------------------------------------------------------
+    def _check_ready(self, what: str) -> None:
+        if self._state is not Runstate.READY:
+            if self._state is Runstate.LOST:
+                raise VgpuError(ErrorCode.DEVICE_LOST, self.lost_reason)
+            raise RunstateError(what, self._state)
+        if self.max_inflight and len(self._pending) >= self.max_inflight:
+            raise VgpuError(
+                ErrorCode.QUOTA_EXCEEDED,
+                f"{len(self._pending)} commands in flight: the agent granted {self.max_inflight}",
+            )
+
+    def _command(
+        self, data: bytes, h2d: Scatter | None, d2h: Scatter | None
+    ) -> asyncio.Future[Completion]:
+        self._seq = seq = self._seq + 1
+        fut: asyncio.Future[Completion] = self._loop.create_future()
+        self._pending[seq] = fut
+        if d2h is not None:
+            self._d2h[seq] = d2h
+        self._queue(encode_header(_COMMAND, len(data), session=self.session, seq=seq) + data)
+        if h2d is not None:
+            # docs/PROTOCOL.md: DATA frames follow the COMMAND before any other COMMAND
+            session, outq = self.session, self._outq
+            for offset, n, views in h2d.chunks(MAX_DATA_CHUNK):
+                last = offset + n == h2d.total
+                outq.append(data_frame_header(session, seq, offset, n, last=last))
+                for v in views:
+                    for p in range(0, len(v), MAX_WRITE_PIECE):
+                        outq.append(v[p : p + MAX_WRITE_PIECE])
+        return fut
+
+    # -- writing ---------------------------------------------------------------
+    def _queue(self, frame: bytes) -> None:
+        self._outq.append(frame)
+        if not self._flush_scheduled and not self._paused:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport, outq = self._transport, self._outq
+        if transport is None:
+            outq.clear()
+            return
+        while outq and not self._paused:
+            item = outq.popleft()
+            if len(item) <= SMALL_FRAME and outq and len(outq[0]) <= SMALL_FRAME:
+                parts = [item]
+                size = len(item)
+                while outq and len(outq[0]) <= SMALL_FRAME and size < SMALL_FRAME:
+                    nxt = outq.popleft()
+                    parts.append(nxt)
+                    size += len(nxt)
+                transport.write(b"".join(parts))
+            else:
+                transport.write(item)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._last_life = time.monotonic()  # the peer's kernel is taking our bytes
+        if self._outq and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    # -- reading ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                import socket
+
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._last_life = time.monotonic()
+        try:
+            frames = self._reader.buffer_updated(nbytes)
+            for f in frames:
+                t = f.type
+                if t == _COMPLETION:
+                    self._on_completion(f)
+                elif t == _DATA:
+                    continue  # landed in the caller's views through _sink
+                elif self._state is Runstate.CONNECTING:
+                    self._handshake.put_nowait(f)
+                else:
+                    self._on_control(f)
+        except ProtocolError as exc:
+            self._protocol_failure(str(exc))
+
+    def _sink(self, session: int, seq: int, offset: int, length: int) -> list[memoryview]:
+        if session != self.session:
+            raise ProtocolError(f"DATA for session {session}, this is {self.session}")
+        scatter = self._d2h.get(seq)
+        if scatter is None:
+            raise ProtocolError(f"DATA for seq {seq}, which has no D2H copy in flight")
+        return scatter.slice(offset, length)
+
+    def _on_completion(self, f: Frame) -> None:
+        if f.session != self.session:
+            raise ProtocolError(f"COMPLETION for session {f.session}, this is {self.session}")
+        fut = self._pending.pop(f.seq, None)
+        if fut is None:
+            raise ProtocolError(f"COMPLETION for seq {f.seq}, which is not in flight")
+        status, failed, message, _n, results, blob = decode_payload("COMPLETION", f.payload)
+        code = _OK if status == 0 else error_code(status)
+        scatter = self._d2h.pop(f.seq, None) if self._d2h else None
+        if scatter is not None and code is _OK and scatter.got < scatter.total:
+            code, failed = ErrorCode.PROTOCOL, NO_INDEX
+            message = f"agent sent {scatter.got} of {scatter.total} D2H bytes"
+        if not fut.done():  # a caller may have cancelled it
+            fut.set_result(Completion(code, failed, message, dict(results), blob))
+
+    def _on_control(self, f: Frame) -> None:
+        t = f.type
+        if t == _PING:
+            decode_payload("PING", f.payload)  # well formed?
+            self._queue(encode_frame(_PONG, bytes(f.payload), session=self.session, seq=f.seq))
+        elif t == _PONG:
+            (stamp,) = decode_payload("PING", f.payload)
+            self.rtt = (time.monotonic_ns() - stamp) / 1e9
+        elif t == _ERROR:
+            code, fatal, message = decode_payload("ERROR", f.payload)
+            if fatal:
+                self._finish(
+                    Runstate.LOST, f"agent closed the session: {error_code(code).name} {message}"
+                )
+            else:
+                log.warning("agent %s: %s %s", self.endpoint, error_code(code).name, message)
+        elif t == _CLOSE and f.flags & _REPLY and self._state is Runstate.CLOSING:
+            if not self._close_reply.done():
+                self._close_reply.set_result(None)
+        else:
+            raise ProtocolError(f"unexpected {FrameType(t).name} frame in state {self._state.name}")
+
+    def eof_received(self) -> bool | None:
+        return False  # the transport closes; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._state is Runstate.CLOSING:
+            if not self._close_reply.done():
+                self._close_reply.set_result(None)
+            return
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "EOF"
+        self._finish(Runstate.LOST, f"connection to agent {self.endpoint} lost ({why})")
+        self._handshake.put_nowait(None)
+
+    # -- handshake (docs/PROTOCOL.md "Connection = one session") -----------------
+    async def _expect(self, ftype: FrameType) -> Frame:
+        f = await self._handshake.get()
+        if f is None:
+            reason = self.lost_reason or "connection closed"
+            if self._ssl_failed():
+                raise AuthError(f"agent {self.endpoint} refused the TLS session: {reason}")
+            raise VgpuError(ErrorCode.DEVICE_LOST, f"during {ftype.name}: {reason}")
+        if f.type == _ERROR:
+            code, _fatal, message = decode_payload("ERROR", f.payload)
+            if code == ErrorCode.PERMISSION_DENIED:
+                raise AuthError(f"agent {self.endpoint} refused {ftype.name}: {message}")
+            raise VgpuError(error_code(code), f"agent refused {ftype.name}: {message}")
+        if f.type != ftype or not f.flags & _REPLY:
+            raise ProtocolError(f"expected {ftype.name}|REPLY, got frame type {f.type}")
+        return f
+
+    def _ssl_failed(self) -> bool:
+        return "SSL" in self.lost_reason or "certificate" in self.lost_reason.lower()
+
+    async def _do_handshake(self, device: str, mem_quota: int, max_inflight: int) -> None:
+        psk = self._psk
+        auth = AuthMode.PSK if psk is not None else AuthMode.TLS
+        cnonce = os.urandom(NONCE_SIZE)
+        hello = encode_payload(
+            "HELLO", PROTOCOL_VERSION, PROTOCOL_VERSION, int(auth), cnonce, self._name
+        )
+        self._queue(encode_frame(FrameType.HELLO, hello))
+        f = await self._expect(FrameType.HELLO)
+        version, agent_auth, snonce, proof, agent = decode_payload("HELLO_REPLY", f.payload)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"agent chose protocol version {version}, we speak 1")
+        if agent_auth != auth:
+            raise AuthError(f"agent {agent!r} wants auth mode {agent_auth}, we use {auth.name}")
+        if psk is not None:
+            if not macs_equal(proof, psk_mac(psk, b"agent", cnonce, snonce)):
+                raise AuthError(f"agent {agent!r} at {self.endpoint} does not hold our PSK")
+            mac = psk_mac(psk, b"client", cnonce, snonce)
+        else:
+            mac = bytes(MAC_SIZE)
+        self._queue(encode_frame(FrameType.AUTH, encode_payload("AUTH", mac)))
+        f = await self._expect(FrameType.AUTH)
+        (status,) = decode_payload("AUTH_REPLY", f.payload)
+        if status != 0:
+            raise AuthError(f"agent {agent!r} refused authentication (status {status})")
+        opened = encode_payload("OPEN", device, mem_quota, max_inflight, self._name)
+        self._queue(encode_frame(FrameType.OPEN, opened))
+        f = await self._expect(FrameType.OPEN)
+        status, session, message, info = decode_payload("OPEN_REPLY", f.payload)
+        if status != 0:
+            raise VgpuError(error_code(status), f"agent {agent!r} refused OPEN: {message}")
+        self.session = session
+        self._info = QueryInfo.decode(info)
+        self.max_inflight = self._info.max_inflight
+
+    # -- liveness and failure ----------------------------------------------------
+    def _tick(self) -> None:
+        self._timer = None
+        if self._state not in (Runstate.READY, Runstate.CLOSING):
+            return
+        now = time.monotonic()
+        transport = self._transport
+        wbuf = transport.get_write_buffer_size() if transport is not None else 0
+        if wbuf < self._last_wbuf:
+            self._last_life = now  # the agent's side is taking our bytes
+        self._last_wbuf = wbuf
+        silent = now - self._last_life
+        if silent > DEAD_AFTER:
+            self._finish(Runstate.LOST, f"agent {self.endpoint} silent for {silent:.2f} s")
+            return
+        ping = encode_payload("PING", time.monotonic_ns())
+        self._queue(encode_frame(_PING, ping, session=self.session))
+        self._timer = self._loop.call_later(PING_INTERVAL, self._tick)
+
+    def _protocol_failure(self, why: str) -> None:
+        log.error("agent %s broke the protocol: %s", self.endpoint, why)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            msg = encode_payload("ERROR", int(ErrorCode.PROTOCOL), 1, why[:1000])
+            transport.write(b"".join(self._outq) + encode_frame(_ERROR, msg, session=self.session))
+            self._outq.clear()
+        self._finish(Runstate.LOST, f"agent broke the protocol: {why}")
+
+    def _set_state(self, new: Runstate) -> None:
+        if new not in TRANSITIONS[self._state]:
+            raise AssertionError(f"tunnel state {self._state.name} -> {new.name}")
+        self._state = new
+
+    def _finish(self, state: Runstate, reason: str) -> None:
+        """Enter a terminal state: drop the transport, complete what is in flight."""
+        if self._state in (Runstate.LOST, Runstate.CLOSED):
+            return
+        self._set_state(state)
+        self.lost_reason = reason
+        if state is Runstate.LOST:
+            log.warning("tunnel to %s lost: %s", self.endpoint, reason)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._outq.clear()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            if state is Runstate.CLOSED:
+                transport.close()
+            else:
+                transport.abort()
+        pending, self._pending = self._pending, {}
+        self._d2h = {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_result(Completion.lost(reason))
+        if not self._close_reply.done():
+            self._close_reply.set_result(None)
+        self._handshake.put_nowait(None)

@@ -1,0 +1,245 @@
+"""Device side of a split virtqueue (virtio 1.2 §2.7): pop chains, push used entries.
+
+The three rings are checked once against guest memory when the queue is set
+up (each must lie in one region) and then accessed through those views, so a
+ring offset can never leave its ring. Descriptor chains are walked by the
+native walker when built (one C call per chain) or by the Python twin.
+"""
+
+from __future__ import annotations
+
+import platform
+import struct
+import threading
+
+from vpcie._native import Impl, native, native_available, select_walker
+from vpcie.errors import GuestError, ProtocolError
+from vpcie.memory import GuestMemory
+from vpcie.virtqueue.chain import DescChain
+from vpcie.virtqueue.faults import ChainError
+from vpcie.virtqueue.layout import (
+    AVAIL_ALIGN,
+    AVAIL_FLAGS,
+    AVAIL_IDX,
+    AVAIL_RING,
+    DESC_ALIGN,
+    MAX_QUEUE_SIZE,
+    USED_ALIGN,
+    USED_ELEM,
+    USED_ELEM_SIZE,
+    USED_FLAGS,
+    USED_IDX,
+    USED_RING,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_USED_F_NO_NOTIFY,
+    avail_event_offset,
+    avail_ring_size,
+    desc_table_size,
+    used_event_offset,
+    used_ring_size,
+    vring_need_event,
+)
+
+_U16 = struct.Struct("<H")
+# x86-64 keeps store->store and load->load order; only weakly ordered hosts need
+# a fence between the used element and used.idx (§2.7.8).
+_WEAK_ORDER = platform.machine() not in ("x86_64", "AMD64", "i686", "i386")
+_fence_lock = threading.Lock()
+_native_fence = native()[1].vq_fence if native_available() else None
+
+
+def full_fence() -> None:
+    """A full memory barrier (store->load), needed before reading used_event /
+    avail flags after publishing used.idx (§2.7.7.2, §2.7.10). C fence when the
+    native module is built; otherwise an uncontended lock, whose atomic
+    read-modify-write is a full barrier."""
+    if _native_fence is not None:
+        _native_fence()
+    else:
+        with _fence_lock:
+            pass
+
+
+def check_queue_size(num: int) -> None:
+    # §2.7: Queue Size is a power of 2, at most 32768.
+    if not 1 <= num <= MAX_QUEUE_SIZE or num & (num - 1):
+        raise GuestError(f"queue size {num} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
+
+
+class VirtQueue:
+    """The device's view of one split virtqueue."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        desc_gpa: int,
+        avail_gpa: int,
+        used_gpa: int,
+        *,
+        event_idx: bool = False,
+        impl: Impl = "auto",
+        max_segments: int | None = None,
+    ) -> None:
+        check_queue_size(num)
+        # §2.7 alignment requirements of the three parts.
+        for name, gpa, align in (
+            ("descriptor table", desc_gpa, DESC_ALIGN),
+            ("available ring", avail_gpa, AVAIL_ALIGN),
+            ("used ring", used_gpa, USED_ALIGN),
+        ):
+            if gpa % align:
+                raise GuestError(f"{name} GPA {gpa:#x} is not {align}-byte aligned (§2.7)")
+        self.num = num
+        self.desc_gpa = desc_gpa
+        self.avail_gpa = avail_gpa
+        self.used_gpa = used_gpa
+        self.event_idx = event_idx
+        self._walker = select_walker(impl, max_segments)
+        self.impl = self._walker.name
+        self._map(mem)
+        self._last_avail: int = 0
+        self._used_idx: int = _U16.unpack_from(self._used, USED_IDX)[0]
+        self._signalled_used = 0
+        self._signalled_valid = False
+
+    @classmethod
+    def from_uva(
+        cls,
+        mem: GuestMemory,
+        num: int,
+        desc_uva: int,
+        avail_uva: int,
+        used_uva: int,
+        *,
+        event_idx: bool = False,
+        impl: Impl = "auto",
+        max_segments: int | None = None,
+    ) -> VirtQueue:
+        """From the QEMU virtual addresses of vhost-user SET_VRING_ADDR."""
+        check_queue_size(num)
+        return cls(
+            mem,
+            num,
+            mem.uva_to_gpa(desc_uva, desc_table_size(num)),
+            mem.uva_to_gpa(avail_uva, avail_ring_size(num)),
+            mem.uva_to_gpa(used_uva, used_ring_size(num)),
+            event_idx=event_idx,
+            impl=impl,
+            max_segments=max_segments,
+        )
+
+    def _map(self, mem: GuestMemory) -> None:
+        num = self.num
+        views = []
+        for name, gpa, size in (
+            ("descriptor table", self.desc_gpa, desc_table_size(num)),
+            ("available ring", self.avail_gpa, avail_ring_size(num)),
+            ("used ring", self.used_gpa, used_ring_size(num)),
+        ):
+            try:
+                views.append(mem.view(gpa, size))
+            except GuestError as exc:
+                raise GuestError(f"virtqueue {name} unusable: {exc}") from exc
+        self.mem = mem
+        self._desc, self._avail, self._used = views
+
+    def rebind(self, mem: GuestMemory) -> None:
+        """Use a new memory table (same ring GPAs, indices kept)."""
+        self._map(mem)
+
+    # ------------------------------------------------------------------ indices
+    @property
+    def last_avail_idx(self) -> int:
+        """Next avail entry to consume (GET_VRING_BASE answers this)."""
+        return self._last_avail
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        """SET_VRING_BASE."""
+        if not 0 <= value <= 0xFFFF:
+            raise ProtocolError(f"vring base {value} is not a 16-bit index")
+        self._last_avail = value
+
+    @property
+    def used_idx(self) -> int:
+        return self._used_idx
+
+    def reset(self) -> None:
+        """Ring reset (§2.6.1 / RING_RESET): forget all device-side state."""
+        self._last_avail = 0
+        self._used_idx = 0
+        self._signalled_used = 0
+        self._signalled_valid = False
+
+    # ------------------------------------------------------------------ avail
+    def avail_pending(self) -> int:
+        """How many chains the driver has made available and we have not popped."""
+        avail_idx = _U16.unpack_from(self._avail, AVAIL_IDX)[0]
+        pending: int = (avail_idx - self._last_avail) & 0xFFFF
+        if pending > self.num:
+            # §2.7.13.1: idx only ever moves ahead by at most the queue size.
+            raise GuestError(
+                f"avail.idx {avail_idx} is {pending} entries ahead of last_avail_idx "
+                f"{self._last_avail}, more than queue size {self.num}"
+            )
+        return pending
+
+    def pop(self) -> DescChain | None:
+        """The next available chain, or None. A ChainError carries ``.head``:
+        the entry is consumed and the head should be returned with push(head, 0)."""
+        if not self.avail_pending():
+            return None
+        # Read avail.idx before the ring entry (§2.7.13.2): program order here,
+        # and x86-64 does not reorder loads.
+        last = self._last_avail
+        head = _U16.unpack_from(self._avail, AVAIL_RING + 2 * (last & (self.num - 1)))[0]
+        self._last_avail = (last + 1) & 0xFFFF
+        if self.event_idx:
+            self.set_avail_event()
+        try:
+            return self._walker.walk(self.mem, self.desc_gpa, self.num, head, self._desc)
+        except ChainError as exc:
+            exc.head = head
+            raise
+
+    def set_avail_event(self) -> None:
+        """EVENT_IDX (§2.7.10): ask for a kick once the driver passes last_avail_idx."""
+        if self.event_idx:
+            _U16.pack_into(self._used, avail_event_offset(self.num), self._last_avail)
+
+    def set_no_notify(self, suppress: bool) -> None:
+        """Without EVENT_IDX: VIRTQ_USED_F_NO_NOTIFY (§2.7.7.1) asks the driver not to kick."""
+        flags = _U16.unpack_from(self._used, USED_FLAGS)[0]
+        flags = flags | VIRTQ_USED_F_NO_NOTIFY if suppress else flags & ~VIRTQ_USED_F_NO_NOTIFY
+        _U16.pack_into(self._used, USED_FLAGS, flags)
+
+    # ------------------------------------------------------------------ used
+    def push(self, head: int, written_len: int) -> None:
+        """Return a chain: write the used element, then publish used.idx (§2.7.8)."""
+        if not 0 <= head < self.num:
+            raise ValueError(f"head {head} not below queue size {self.num}")
+        if not 0 <= written_len <= 0xFFFF_FFFF:
+            raise ValueError(f"written length {written_len} is not a u32")
+        used_idx = self._used_idx
+        off = USED_RING + USED_ELEM_SIZE * (used_idx & (self.num - 1))
+        USED_ELEM.pack_into(self._used, off, head, written_len)
+        if _WEAK_ORDER:
+            full_fence()
+        self._used_idx = used_idx = (used_idx + 1) & 0xFFFF
+        _U16.pack_into(self._used, USED_IDX, used_idx)
+
+    def needs_notify(self) -> bool:
+        """Should the device interrupt the driver now? (§2.7.7.2, §2.7.10)
+
+        Call after a batch of push(); mirrors QEMU's virtio_split_should_notify.
+        """
+        full_fence()  # used.idx store before the used_event / flags load
+        if not self.event_idx:
+            flags = _U16.unpack_from(self._avail, AVAIL_FLAGS)[0]
+            return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        valid, old = self._signalled_valid, self._signalled_used
+        new = self._used_idx
+        self._signalled_valid, self._signalled_used = True, new
+        used_event = _U16.unpack_from(self._avail, used_event_offset(self.num))[0]
+        return not valid or vring_need_event(used_event, new, old)
