@@ -189,8 +189,9 @@ class BatchRun:
             try:
                 out = self._record(r)
             except VgpuError as exc:
-                return encode_completion(exc.code, failed_index=i, message=exc.message[:1000],
-                                         results=results, blob=blob)  # fmt: skip
+                return encode_completion(
+                    exc.code, failed_index=i, message=exc.message[:1000], results=results, blob=blob
+                )
             if isinstance(out, bytes):
                 blob = out
             elif out is not None:
@@ -221,7 +222,9 @@ class BatchRun:
             return self._d2h(body, s)
         if op == Opcode.COPY_D2D:
             dst_h, src_h, dst_off, src_off, size = body
-            ex.copy_d2d(ex.check_range(dst_h, dst_off, size), ex.check_range(src_h, src_off, size), s)
+            ex.copy_d2d(
+                ex.check_range(dst_h, dst_off, size), ex.check_range(src_h, src_off, size), s
+            )
             return None
         if op == Opcode.MEMSET:
             handle, value, offset, size = body

@@ -57,7 +57,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--virgl", action="store_true", help="accepted for libvirt; always on")
     p.add_argument("-v", "--verbose", action="store_true", help="log every message")
+    p.add_argument(
+        "--control-socket",
+        help="unix socket for bind/unbind/status (default: SOCKET_PATH.ctl with --socket-path)",
+    )
+    p.add_argument("--bind", metavar="HOST:PORT", help="bind this agent at start")
+    p.add_argument("--psk-file", help="pre-shared key for --bind (loopback labs)")
+    p.add_argument("--tls-dir", help="PKI folder for --bind with mutual TLS")
+    p.add_argument("--tls-name", default="backend", help="client certificate name in --tls-dir")
+    p.add_argument("--device", default="", help="GPU or MIG UUID on the agent for --bind")
+    p.add_argument(
+        "--null-device", action="store_true", help="serve a null GPU (transport tests only)"
+    )
     args = p.parse_args(argv)
+    if args.bind and not (args.psk_file or args.tls_dir):
+        p.error("--bind needs --psk-file or --tls-dir")
     if not args.print_capabilities and args.socket_path is None and args.fd is None:
         p.error("one of --socket-path or --fd is required")
     return args
@@ -72,11 +86,37 @@ def setup_logging(verbose: bool) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    from vpcie.backend.device import NullGpuDevice
+    from vpcie.backend.device import Device, NullGpuDevice
     from vpcie.backend.server import BackendServer
+    from vpcie.gpu.binding import Binding
+    from vpcie.gpu.control import ControlServer, target_from_request
+    from vpcie.gpu.device import GpuDevice
 
     log = logging.getLogger("vpcie.backend")
-    server = BackendServer(NullGpuDevice())
+    control: ControlServer | None = None
+    device: Device
+    if args.null_device:
+        device = NullGpuDevice()
+    else:
+        binding = Binding()
+        device = GpuDevice(binding)
+        if args.bind:
+            target = target_from_request(
+                {
+                    "agent": args.bind,
+                    "psk_file": args.psk_file,
+                    "tls_dir": args.tls_dir,
+                    "tls_name": args.tls_name,
+                    "device": args.device,
+                }
+            )
+            binding.bind(target)
+            log.info("bound", extra={"fields": {"target": target.describe()}})
+        control = ControlServer(device, binding)
+        ctl_path = args.control_socket or (args.socket_path + ".ctl" if args.socket_path else None)
+        if ctl_path:
+            await control.start(ctl_path)
+    server = BackendServer(device)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
@@ -86,6 +126,8 @@ async def run(args: argparse.Namespace) -> None:
         else:
             await server.serve_path(args.socket_path)
     finally:
+        if control is not None:
+            control.close()
         server.core.close()
         log.info("exiting", extra={"fields": {"status": server.status()}})
 
@@ -98,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         asyncio.run(run(args))
-    except (VpcieError, OSError) as exc:
+    except (VpcieError, OSError, ValueError) as exc:
         logging.getLogger("vpcie.backend").error("fatal", extra={"fields": {"error": str(exc)}})
         print(f"vpcie-backend: {exc}", file=sys.stderr)
         return 1

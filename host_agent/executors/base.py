@@ -122,6 +122,7 @@ class Executor(ABC):
     kind: ExecutorKind = ExecutorKind.NONE
     name = "none"
     dtypes: frozenset[DType] = frozenset({DType.F32, DType.F16, DType.F64})
+    synchronous = True  # work is done when a method returns (no device queue)
 
     def __init__(self, limits: SessionLimits, identity: DeviceIdentity) -> None:
         self.limits = limits

@@ -29,7 +29,9 @@ def test_print_capabilities() -> None:
 
 
 def test_unknown_argument_exits_2() -> None:
-    out = subprocess.run([*CMD, "--render-node=/dev/dri/x"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [*CMD, "--render-node=/dev/dri/x"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 2
     assert "unrecognized arguments" in out.stderr and out.stdout == ""
 
@@ -79,6 +81,6 @@ async def test_fd_mode_serves_one_connection(tmp_path: Path) -> None:
     finally:
         fe.close()
     # The inherited connection closed: the program is done.
-    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    _out, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 0, err.decode()
     assert any(e["event"] == "inherited_connection" for e in events(err.decode()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -57,7 +57,7 @@ def test_int_helpers_little_endian(contiguous: GuestMemory) -> None:
 )
 def test_out_of_range_rejected_everywhere(contiguous: GuestMemory, gpa: int, length: int) -> None:
     assert not contiguous.contains(gpa, length)
-    ops = [
+    ops: list[Callable[[], object]] = [
         lambda: contiguous.read(gpa, length),
         lambda: contiguous.views(gpa, length),
         lambda: contiguous.view(gpa, length),

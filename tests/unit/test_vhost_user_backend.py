@@ -24,9 +24,7 @@ FLAG_FENCE = 1
 @pytest.fixture
 async def backend(tmp_path: Path) -> AsyncIterator[tuple[BackendServer, str]]:
     events: list[tuple[str, dict[str, object]]] = []
-    server = BackendServer(
-        NullGpuDevice(num_capsets=1), event=lambda e, **f: events.append((e, f))
-    )
+    server = BackendServer(NullGpuDevice(num_capsets=1), event=lambda e, **f: events.append((e, f)))
     path = str(tmp_path / "vgpu.sock")
     task = asyncio.create_task(server.serve_path(path))
     server.events = events  # type: ignore[attr-defined]
@@ -39,7 +37,7 @@ async def test_handshake_and_error_response(backend: tuple[BackendServer, str]) 
     server, path = backend
     async with VhostUserFrontend.connect(path, mem_size=16 << 20) as fe:
         assert fe.queue_num == 2
-        events_read, events_clear, scanouts, capsets = struct.unpack("<IIII", fe.config)
+        _events_read, _events_clear, scanouts, capsets = struct.unpack("<IIII", fe.config)
         assert capsets == 1 and scanouts == 1
         assert server.connection is not None
         assert server.connection.state is Runstate.RUNNING
@@ -57,7 +55,8 @@ async def test_handshake_and_error_response(backend: tuple[BackendServer, str]) 
         assert await fe.wait_used(1, head) == 0
         bases = await fe.shutdown()
         assert bases == [3, 1]
-        assert server.connection.state is Runstate.STOPPED
+        state: Runstate = server.connection.state
+        assert state is Runstate.STOPPED
 
 
 async def test_reconnect_restores_ring_base(backend: tuple[BackendServer, str]) -> None:

@@ -69,6 +69,10 @@ class Recorder:
         self.calls.append(("reset", None))
 
 
+def _state(d: Driver) -> Runstate:
+    return d.conn.state
+
+
 def evfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC)
 
@@ -81,7 +85,11 @@ class Driver:
         self.conn = Connection(self.handler)
 
     def send(
-        self, req: Request, payload: Payload = None, fds: Sequence[int] = (), need_reply: bool = False
+        self,
+        req: Request,
+        payload: Payload = None,
+        fds: Sequence[int] = (),
+        need_reply: bool = False,
     ) -> list[Message]:
         out = self.conn.receive(encode_message(request(req, payload, need_reply=need_reply)), fds)
         return MessageDecoder(replies=True).feed(out)
@@ -104,24 +112,24 @@ class Driver:
 
 def test_states_through_a_qemu_handshake() -> None:
     d = Driver()
-    assert d.conn.state is Runstate.AWAIT_OWNER
+    assert _state(d) is Runstate.AWAIT_OWNER
     (r,) = d.send(Request.GET_FEATURES)
     assert r.payload == OFFERED | (1 << 30)
     d.handshake()
-    assert d.conn.state is Runstate.CONFIGURED  # kicked but not enabled yet
+    assert _state(d) is Runstate.CONFIGURED  # kicked but not enabled yet
     assert ("start", 0) not in d.handler.calls
     (ack,) = d.send(Request.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
     assert ack.payload == 0 and ack.request == Request.SET_VRING_ENABLE
-    assert d.conn.state is Runstate.RUNNING
+    assert _state(d) is Runstate.RUNNING
     assert ("start", 0) in d.handler.calls
     (cfg,) = d.send(Request.GET_CONFIG, ConfigSpace(4, 8, 0, bytes(8)))
     assert cfg.payload == ConfigSpace(4, 8, 0, bytes(range(4, 12)))
     d.send(Request.SET_VRING_ENABLE, VringState(0, 0))
     (base,) = d.send(Request.GET_VRING_BASE, VringState(0, 0))
     assert base.payload == VringState(0, 5)
-    assert d.conn.state is Runstate.STOPPED
+    assert _state(d) is Runstate.STOPPED
     d.conn.close()
-    assert d.conn.state is Runstate.CLOSED
+    assert _state(d) is Runstate.CLOSED
 
 
 @pytest.mark.parametrize(
@@ -137,7 +145,7 @@ def test_wrong_state_before_owner(req: Request, payload: Payload, why: str) -> N
     d = Driver()
     with pytest.raises(ProtocolError, match=why):
         d.send(req, payload)
-    assert d.conn.state is Runstate.CLOSED
+    assert _state(d) is Runstate.CLOSED
     with pytest.raises(ProtocolError, match="closed"):
         d.send(Request.GET_FEATURES)
 
@@ -168,7 +176,7 @@ def test_not_allowed_now(req: Request, payload: Payload, why: str) -> None:
         payload = LogDescription(4096, 0)
     with pytest.raises(ProtocolError, match=why):
         d.send(req, payload, fds)
-    assert d.conn.state is Runstate.CLOSED
+    assert _state(d) is Runstate.CLOSED
 
 
 def test_ring_config_while_running_is_refused() -> None:
@@ -200,7 +208,7 @@ def test_unknown_request_with_need_reply_gets_failure_ack() -> None:
     out = d.conn.receive(encode_message(Message(77, 0x9, b"\0" * 8)))
     (ack,) = MessageDecoder(replies=True).feed(out)
     assert ack.request == 77 and ack.payload == 1
-    assert d.conn.state is Runstate.NEGOTIATING
+    assert _state(d) is Runstate.NEGOTIATING
     with pytest.raises(ProtocolError, match="unknown request 78"):
         d.conn.receive(encode_message(Message(78, 0x1, b"")))
 
@@ -211,7 +219,7 @@ def test_reset_device_returns_to_negotiating_and_rings_restart() -> None:
     d.send(Request.SET_VRING_ENABLE, VringState(0, 1))
     d.send(Request.RESET_DEVICE)
     assert ("stop", 0) in d.handler.calls and ("reset", None) in d.handler.calls
-    assert d.conn.state is Runstate.NEGOTIATING
+    assert _state(d) is Runstate.NEGOTIATING
     assert not any(r["running"] for r in d.conn.ring_status())
 
 
@@ -223,6 +231,6 @@ def test_without_protocol_features_rings_start_enabled() -> None:
     d.send(Request.SET_VRING_NUM, VringState(0, 8))
     d.send(Request.SET_VRING_ADDR, VringAddr(0, 0, 0, 0x200, 0x100, 0))
     d.send(Request.SET_VRING_KICK, VringFile(0, False), [evfd()])
-    assert d.conn.state is Runstate.RUNNING
+    assert _state(d) is Runstate.RUNNING
     with pytest.raises(ProtocolError, match="PROTOCOL_FEATURES"):
         d.send(Request.SET_VRING_ENABLE, VringState(0, 1))

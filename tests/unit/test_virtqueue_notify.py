@@ -1,4 +1,7 @@
-"""Notification suppression: VIRTQ_AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY, EVENT_IDX (§2.7.7, §2.7.10)."""
+"""Notification suppression: AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY, EVENT_IDX.
+
+virtio 1.2 §2.7.7 and §2.7.10.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ one guest process cannot touch another's device memory).
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -46,15 +47,29 @@ class Session(Protocol):
     @property
     def info(self) -> Any: ...
 
-    async def submit(
+    @property
+    def inflight(self) -> int: ...
+
+    def send(
         self,
         batch: bytes,
         *,
         h2d: Sequence[memoryview] = (),
         d2h: Sequence[memoryview] = (),
-    ) -> Any: ...
+    ) -> asyncio.Future[Any]:
+        """Queue one batch on the wire now; the future gives its Completion."""
+        ...
 
     async def close(self) -> None: ...
+
+
+def info_bytes(info: Any) -> bytes:
+    """QUERY_INFO bytes for a session's info (a QueryInfo dataclass)."""
+    from dataclasses import astuple
+
+    from vpcie.protocol.frames import encode_payload
+
+    return encode_payload("QUERY_INFO", *astuple(info))
 
 
 SessionFactory = Callable[[AgentTarget, str], Awaitable[Session]]

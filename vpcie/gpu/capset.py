@@ -69,3 +69,11 @@ def make_edid(width: int = 1024, height: int = 768) -> bytes:
     edid[126] = 0
     edid[127] = (-sum(edid[:127])) & 0xFF
     return bytes(edid)
+
+
+def decode_capset(payload: bytes) -> tuple[object, ...]:
+    """QUERY_INFO fields from capset bytes (the zero padding is ignored)."""
+    from vpcie.protocol.frames import FAST
+
+    values, _end = FAST["QUERY_INFO"].decode(payload, 0)
+    return values

@@ -25,7 +25,7 @@ from typing import Any
 from vpcie.backend.device import BASE_FEATURES, GPU_FEATURES, VIRTIO_GPU_CONFIG, Device
 from vpcie.errors import ErrorCode, GuestError, ProtocolError, VgpuError
 from vpcie.gpu import wire
-from vpcie.gpu.binding import Binding, Session
+from vpcie.gpu.binding import Binding, Session, info_bytes
 from vpcie.gpu.capset import (
     CAPSET_SIZE,
     VGPU_CAPSET_ID,
@@ -92,8 +92,8 @@ class Context:
     lost_gen: int = -1  # binding generation in which this context's session was lost
     queue: asyncio.Queue[Pending] | None = None
     forwarder: asyncio.Task[None] | None = None
-    pending: set[int] = field(default_factory=set)  # id(Pending)
     inflight: list[Pending] = field(default_factory=list)
+    window_open: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class GpuDevice(Device):
@@ -451,7 +451,8 @@ class GpuDevice(Device):
         self._finish(Pending(prepared, ctx), ErrorCode.OK, NO_INDEX, "", results, blob)
 
     async def _forward(self, ctx: Context) -> None:
-        """Send this context's batches to its agent session, in order."""
+        """Send this context's batches to its agent session, in order, keeping
+        at most the agent's granted in-flight window outstanding."""
         assert ctx.queue is not None
         while True:
             pending = await ctx.queue.get()
@@ -459,14 +460,20 @@ class GpuDevice(Device):
                 continue
             try:
                 session = await self._session(ctx)
+                window = max(1, int(getattr(session.info, "max_inflight", 0)) or 1)
+                while session.inflight >= window and not pending.done:
+                    ctx.window_open.clear()
+                    await ctx.window_open.wait()
+                if pending.done:
+                    continue
+                p = pending.prepared
+                fut = session.send(p.encoded(), h2d=p.h2d, d2h=p.d2h)
             except VgpuError as exc:
-                self._fail_inflight(ctx, exc.code, exc.message)
+                self._finish(pending, exc.code, 0, exc.message, {}, b"")
+                if exc.code == ErrorCode.DEVICE_LOST:
+                    self._mark_lost(ctx)
                 continue
-            p = pending.prepared
-            task = asyncio.ensure_future(session.submit(p.encoded(), h2d=p.h2d, d2h=p.d2h))
-            task.add_done_callback(functools.partial(self._completed, pending))
-            # Let the submit write its frames before the next one (order on the wire).
-            await asyncio.sleep(0)
+            fut.add_done_callback(functools.partial(self._completed, pending))
 
     async def _session(self, ctx: Context) -> Session:
         gen = self.binding.generation
@@ -484,37 +491,42 @@ class GpuDevice(Device):
             self._background(session.close())
             raise VgpuError(ErrorCode.DEVICE_LOST, "binding changed while connecting")
         ctx.session, ctx.session_gen = session, sgen
-        info = getattr(session, "info", None)
-        raw = getattr(info, "raw", None)
-        if isinstance(raw, bytes | bytearray):
-            self.bound_info = bytes(raw)
+        self.bound_info = info_bytes(session.info)
         return session
 
-    def _completed(self, pending: Pending, task: asyncio.Future[Any]) -> None:
+    def _mark_lost(self, ctx: Context) -> None:
+        if ctx.session_gen == self.binding.generation:
+            ctx.lost_gen = self.binding.generation
+            if ctx.session is not None:
+                self._background(ctx.session.close())
+            ctx.session = None
+        self._fail_inflight(ctx, ErrorCode.DEVICE_LOST, "the agent session was lost")
+
+    def _completed(self, pending: Pending, fut: asyncio.Future[Any]) -> None:
+        ctx = pending.ctx
+        ctx.window_open.set()
         if pending.done:
             return
-        if task.cancelled():
+        if fut.cancelled():
             self._finish(pending, ErrorCode.DEVICE_LOST, 0, "cancelled", {}, b"")
             return
-        exc = task.exception()
+        exc = fut.exception()
         if exc is not None:
             code = exc.code if isinstance(exc, VgpuError) else ErrorCode.DEVICE_LOST
             self._finish(pending, code, 0, str(exc), {}, b"")
         else:
-            comp = task.result()
+            comp = fut.result()
+            code = ErrorCode(int(comp.status))
             self._finish(
                 pending,
-                ErrorCode(int(comp.status)),
+                code,
                 comp.failed_index,
                 comp.message,
                 dict(comp.results),
                 bytes(comp.blob),
             )
-        if (
-            exc is not None or ErrorCode(int(task.result().status)) == ErrorCode.DEVICE_LOST
-        ) and pending.ctx.session_gen == self.binding.generation:
-            pending.ctx.lost_gen = self.binding.generation
-            pending.ctx.session = None
+        if code == ErrorCode.DEVICE_LOST:
+            self._mark_lost(ctx)
 
     def _finish(
         self,
@@ -557,6 +569,7 @@ class GpuDevice(Device):
     def _fail_inflight(self, ctx: Context, code: ErrorCode, message: str) -> None:
         for pending in list(ctx.inflight):
             self._finish(pending, code, 0, message, {}, b"")
+        ctx.window_open.set()
 
     # -- binding changes ------------------------------------------------------------
     def _binding_changed(self) -> None:

@@ -169,8 +169,8 @@ class TunnelClient(asyncio.BufferedProtocol):
             raise VgpuError(
                 ErrorCode.TIMEOUT, f"agent {self.endpoint} did not answer within {timeout} s"
             ) from None
-        except BaseException:
-            self._finish(Runstate.LOST, "handshake failed")
+        except BaseException as exc:
+            self._finish(Runstate.LOST, f"handshake failed: {exc!r}")
             raise
         self._set_state(Runstate.READY)
         self._last_life = time.monotonic()

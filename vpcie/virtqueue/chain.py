@@ -27,6 +27,7 @@ from vpcie.virtqueue.layout import (
 )
 
 Segment = tuple[int, int]  # (gpa, length)
+_U64_MASK = (1 << 64) - 1
 
 
 class DescChain:
@@ -155,7 +156,8 @@ def walk_chain(
         else:
             gpa = table + idx * DESC_SIZE
             if not mem.contains(gpa, DESC_SIZE):
-                raise ChainError(ChainFault.DESC_OUT_OF_RANGE, idx, gpa, indirect)
+                # the reported GPA wraps at 2**64, as the C walker's u64 does
+                raise ChainError(ChainFault.DESC_OUT_OF_RANGE, idx, gpa & _U64_MASK, indirect)
             addr, length, flags, nxt = DESC.unpack(mem.read(gpa, DESC_SIZE))
         if flags & VIRTQ_DESC_F_INDIRECT:
             # §2.7.5.3.1: no INDIRECT inside an indirect table, never with NEXT,

@@ -1,0 +1,220 @@
+"""``vpcie-agent``: serve GPUs, MIG slices or a CPU executor over the tunnel.
+
+    vpcie-agent serve --listen HOST:PORT (--tls-dir DIR | --psk-file FILE) [...]
+    vpcie-agent pki init --dir DIR
+    vpcie-agent pki issue --dir DIR --name NAME (--server [--san IP/DNS ...] | --client)
+    vpcie-agent inventory [--json]
+
+Errors for people: one line on stderr, exit status 2 (bad input) or 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import ipaddress
+import json
+import os
+import socket
+import stat
+import sys
+from pathlib import Path
+
+from host_agent import pki
+from host_agent.config import (
+    DEFAULT_EVENT_WAIT_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_INFLIGHT,
+    DEFAULT_MAX_SESSIONS,
+    AgentConfig,
+)
+from host_agent.inventory import Inventory, discover
+from host_agent.logs import log
+from host_agent.nvml import load_nvml
+from host_agent.server import Agent
+from vpcie.errors import ConfigError
+
+MIN_PSK_BYTES = 16
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen {text!r}: expected HOST:PORT (port 0 picks a free one)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_psk(path: str) -> bytes:
+    try:
+        key = Path(path).read_bytes().strip()
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read --psk-file {path}: {exc.strerror}") from exc
+    if len(key) < MIN_PSK_BYTES:
+        raise ConfigError(f"--psk-file {path}: key shorter than {MIN_PSK_BYTES} bytes")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log("warning", "psk_file_permissions", path=path, hint="chmod 600")
+    return key
+
+
+def build_inventory(executor: str) -> Inventory:
+    nvml, source = load_nvml()
+    inv = discover(nvml, source)
+    if nvml is not None:
+        nvml.shutdown()
+    have_cupy = importlib.util.find_spec("cupy") is not None
+    if executor == "cuda":
+        if not have_cupy:
+            raise ConfigError("--executor cuda needs CuPy (pip install 'vpcie[gpu]')")
+        if not inv.has_gpu:
+            raise ConfigError(f"--executor cuda but no GPU found ({inv.source})")
+    if executor == "auto" and inv.has_gpu and not have_cupy:
+        log("warning", "cupy_missing", hint="GPUs found but CuPy is not installed: serving cpu0")
+        inv = discover(None, f"{source}; CuPy missing, CPU executor only")
+    return inv
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    host, port = parse_listen(args.listen)
+    if args.psk_file:
+        if not is_loopback(host):
+            raise ConfigError(
+                f"PSK mode is for loopback only; {host} is not: use --tls-dir for mutual TLS"
+            )
+        psk = read_psk(args.psk_file)
+        cfg = AgentConfig(auth="psk", agent_name=args.name, psk_hex=psk.hex())
+    else:
+        tls_dir = Path(args.tls_dir)
+        cert, key = pki.find_server_cert(tls_dir, args.cert_name)
+        ca = tls_dir / pki.CA_CERT
+        if not ca.exists():
+            raise ConfigError(f"{ca} missing: copy the fleet CA certificate there")
+        cfg = AgentConfig(
+            auth="tls",
+            agent_name=args.name,
+            ca_file=str(ca),
+            cert_file=str(cert),
+            key_file=str(key),
+        )
+        from host_agent.tls import server_context
+
+        server_context(cfg.ca_file, cfg.cert_file, cfg.key_file)  # fail now, not per session
+    for name in ("max_inflight", "max_sessions"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    cfg.executor = args.executor
+    cfg.mem_quota = args.mem_quota
+    cfg.max_inflight = args.max_inflight
+    cfg.max_sessions = args.max_sessions
+    cfg.event_wait_timeout = args.event_wait_timeout
+    cfg.idle_timeout = args.idle_timeout
+    inv = build_inventory(args.executor)
+    agent = Agent(cfg, inv, (host, port), Path(args.state_file) if args.state_file else None)
+    try:
+        asyncio.run(agent.serve())
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from exc
+    return 0
+
+
+def cmd_pki(args: argparse.Namespace) -> int:
+    d = Path(args.dir)
+    if args.pki_cmd == "init":
+        path = pki.init_ca(d)
+        print(f"CA created: {path} (keep {d / pki.CA_KEY} off the GPU hosts)")
+        return 0
+    if not args.server and not args.client:
+        raise ConfigError("pki issue needs --server or --client")
+    if args.client and args.san:
+        raise ConfigError("--san is for --server certificates")
+    path = pki.issue(d, args.name, server=bool(args.server), sans=args.san or None)
+    print(f"issued {'server' if args.server else 'client'} certificate {path}")
+    return 0
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    inv = build_inventory("auto")
+    if args.json:
+        print(json.dumps(inv.to_json(), indent=1))
+        return 0
+    print(f"source: {inv.source}")
+    print(f"{'DEVICE':<44} {'KIND':<4} {'MEMORY':>10} {'SERVED':<6} {'HEALTH':<7} NAME")
+    for d in inv.devices:
+        mem = f"{d.memory_total / (1 << 30):.1f}GiB"
+        print(
+            f"{d.id:<44} {d.kind:<4} {mem:>10} {'yes' if d.servable else 'no':<6} "
+            f"{'ok' if d.healthy else 'BAD':<7} {d.name}"
+        )
+    if not inv.has_gpu:
+        print("no GPU: this agent serves its CPU (NumPy) executor, which is not a GPU")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vpcie-agent", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve this host's GPUs over the tunnel")
+    s.add_argument("--listen", required=True, help="HOST:PORT")
+    auth = s.add_mutually_exclusive_group(required=True)
+    auth.add_argument("--tls-dir", help="directory with ca.crt and the agent's NAME.crt/.key")
+    auth.add_argument("--psk-file", help="pre-shared key file (loopback listeners only)")
+    s.add_argument("--cert-name", help="agent certificate name in --tls-dir")
+    s.add_argument("--name", default=socket.gethostname(), help="agent name in HELLO/QUERY")
+    s.add_argument("--executor", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument("--mem-quota", type=int, default=0, help="max device bytes per session")
+    s.add_argument("--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT)
+    s.add_argument(
+        "--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, help="sessions per device"
+    )
+    s.add_argument("--event-wait-timeout", type=float, default=DEFAULT_EVENT_WAIT_TIMEOUT_S)
+    s.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        help="drop a session after this many seconds without bytes",
+    )
+    s.add_argument("--state-file", help="JSON file with inventory and sessions, kept current")
+    s.set_defaults(func=cmd_serve)
+    p = sub.add_parser("pki", help="fleet CA and certificates")
+    psub = p.add_subparsers(dest="pki_cmd", required=True)
+    pi = psub.add_parser("init", help="create the CA")
+    pi.add_argument("--dir", required=True)
+    pis = psub.add_parser("issue", help="issue an agent (--server) or backend (--client) cert")
+    pis.add_argument("--dir", required=True)
+    pis.add_argument("--name", required=True)
+    kind = pis.add_mutually_exclusive_group()
+    kind.add_argument("--server", action="store_true")
+    kind.add_argument("--client", action="store_true")
+    pis.add_argument("--san", nargs="+", help="IP addresses / DNS names of the agent")
+    p.set_defaults(func=cmd_pki)
+    inv = sub.add_parser("inventory", help="print what this host would serve")
+    inv.add_argument("--json", action="store_true")
+    inv.set_defaults(func=cmd_inventory)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except ConfigError as exc:
+        print(f"vpcie-agent: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Shared fixtures: real processes the suite starts and stops itself."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+@dataclass
+class AgentProc:
+    """A real ``vpcie-agent serve`` on loopback with a PSK and the CPU executor."""
+
+    port: int
+    psk_file: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+    host: str = "127.0.0.1"
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def psk(self) -> bytes:
+        return self.psk_file.read_bytes().strip()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL the agent and every worker it started (its process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_agent(tmp: Path, *extra: str, psk: bytes = b"lab-secret-0123456789") -> AgentProc:
+    tmp.mkdir(parents=True, exist_ok=True)
+    psk_file = tmp / "psk"
+    psk_file.write_bytes(psk)
+    psk_file.chmod(0o600)
+    port = free_port()
+    log = tmp / f"agent-{port}.log"
+    cmd = [
+        sys.executable, "-m", "host_agent.main", "serve",
+        "--listen", f"127.0.0.1:{port}", "--psk-file", str(psk_file),
+        "--executor", "cpu", *extra,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+    agent = AgentProc(port, psk_file, proc, log, extra=list(extra))
+    try:
+        wait_port("127.0.0.1", port, proc)
+    except BaseException:
+        agent.kill()
+        raise
+    return agent
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProc]:
+    a = start_agent(tmp_path / "agent")
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[AgentProc] = []
+
+    def make(*extra: str) -> AgentProc:
+        a = start_agent(tmp_path / f"agent{len(started)}", *extra)
+        started.append(a)
+        return a
+
+    yield make
+    for a in started:
+        a.stop()

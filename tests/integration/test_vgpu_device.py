@@ -1,0 +1,215 @@
+"""The vGPU end to end: a guest driver (the harness playing QEMU + the Linux
+driver's command sequences) -> the virtio-gpu model in a vpcie backend -> a
+real ``vpcie-agent`` (CPU executor) over TCP, and back into guest pages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import AgentProc
+from vpcie.backend.server import BackendServer
+from vpcie.errors import ErrorCode
+from vpcie.gpu.binding import Binding
+from vpcie.gpu.capset import decode_capset
+from vpcie.gpu.control import ControlServer, control_request
+from vpcie.gpu.device import GpuDevice
+from vpcie.gpu.guest_driver import FrontendTransport, GuestContext, GuestGpu
+from vpcie.protocol.batch import rec
+from vpcie.protocol.codes import DType, ExecutorKind, Opcode
+from vpcie.protocol.frames import decode_payload
+from vpcie.testing import VhostUserFrontend
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@dataclass
+class Rig:
+    device: GpuDevice
+    control: str
+    gpu: GuestGpu
+    fe: VhostUserFrontend
+
+    async def bind(self, agent: AgentProc, **extra: object) -> dict[str, object]:
+        req = {"op": "bind", "agent": agent.address, "psk_file": str(agent.psk_file), **extra}
+        return await control_request(self.control, req)
+
+    async def unbind(self) -> dict[str, object]:
+        return await control_request(self.control, {"op": "unbind"})
+
+
+@contextlib.asynccontextmanager
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    binding = Binding()
+    device = GpuDevice(binding)
+    server = BackendServer(device)
+    sock = str(tmp_path / "vgpu.sock")
+    ctl = ControlServer(device, binding)
+    await ctl.start(sock + ".ctl")
+    task = asyncio.create_task(server.serve_path(sock))
+    try:
+        async with VhostUserFrontend.connect(sock, mem_size=256 << 20) as fe:
+            gpu = GuestGpu(FrontendTransport(fe), fe.mem, fe.alloc)
+            await gpu.load()
+            yield Rig(device, sock + ".ctl", gpu, fe)
+    finally:
+        ctl.close()
+        server.stop()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, 5)
+
+
+async def alloc(ctx: GuestContext, *sizes: int) -> list[int]:
+    reply = await ctx.run([rec(Opcode.MEM_ALLOC, n, 0) for n in sizes])
+    assert reply.status == ErrorCode.OK, reply
+    return [reply.value(i) for i in range(len(sizes))]
+
+
+async def test_compute_through_the_vgpu(tmp_path: Path, agent: AgentProc) -> None:
+    async with rig(tmp_path) as r:
+        status = await control_request(r.control, {"op": "status"})
+        assert status["ok"] and status["binding"] == "unbound"
+        assert (await r.bind(agent))["ok"]
+        caps = decode_capset(await r.gpu.get_capset())
+        assert caps[1] == ExecutorKind.CPU  # honest: the agent has no GPU here
+        ctx = await r.gpu.open("python3.11")
+        q = await ctx.run([rec(Opcode.QUERY)])
+        assert decode_payload("QUERY_INFO", q.blob)[1] == ExecutorKind.CPU
+        m, k, n = 48, 40, 24
+        rng = np.random.default_rng(5)
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        # Scattered guest pages: the backing lists have many entries.
+        bo_a = await ctx.create_bo(a.nbytes, scatter=True)
+        bo_b = await ctx.create_bo(b.nbytes, scatter=True)
+        bo_c = await ctx.create_bo(m * n * 4, scatter=True)
+        bo_a.write(a.tobytes())
+        bo_b.write(b.tobytes())
+        ha, hb, hc = await alloc(ctx, a.nbytes, b.nbytes, m * n * 4)
+        reply = await ctx.run(
+            [
+                rec(Opcode.COPY_H2D, ha, bo_a.resource_id, 0, 0, a.nbytes),
+                rec(Opcode.COPY_H2D, hb, bo_b.resource_id, 0, 0, b.nbytes),
+                rec(Opcode.GEMM, DType.F32, 0, 0, m, n, k, 1.0, 0.0, ha, hb, hc, 0, 0, 0),
+                rec(Opcode.COPY_D2H, hc, bo_c.resource_id, 0, 0, m * n * 4),
+            ]
+        )
+        assert reply.status == ErrorCode.OK, reply
+        c = np.frombuffer(bo_c.read(), dtype=np.float32).reshape(m, n)
+        np.testing.assert_allclose(c, a @ b, rtol=1e-4, atol=1e-4)
+        # A 3 MiB round trip with checksums, and a reduction whose value comes back.
+        blob = rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+        src = await ctx.create_bo(len(blob), scatter=True)
+        dst = await ctx.create_bo(len(blob))
+        src.write(blob)
+        (h,) = await alloc(ctx, len(blob))
+        reply = await ctx.run(
+            [
+                rec(Opcode.COPY_H2D, h, src.resource_id, 0, 0, len(blob)),
+                rec(Opcode.COPY_D2H, h, dst.resource_id, 0, 0, len(blob)),
+            ]
+        )
+        assert reply.status == ErrorCode.OK
+        assert hashlib.sha256(dst.read()).digest() == hashlib.sha256(blob).digest()
+        ones = np.ones(1000, dtype=np.float32)
+        bo1 = await ctx.create_bo(ones.nbytes)
+        bo1.write(ones.tobytes())
+        hx, hout = await alloc(ctx, ones.nbytes, 4)
+        reply = await ctx.run(
+            [
+                rec(Opcode.COPY_H2D, hx, bo1.resource_id, 0, 0, ones.nbytes),
+                rec(Opcode.REDUCE_SUM, DType.F32, hx, hout, 1000, 0, 0),
+            ]
+        )
+        assert reply.status == ErrorCode.OK and reply.value_f64(1) == pytest.approx(1000.0)
+        await ctx.destroy()
+
+
+async def test_contexts_are_isolated_sessions(tmp_path: Path, agent: AgentProc) -> None:
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        one, two = await r.gpu.open("one"), await r.gpu.open("two")
+        (h1,) = await alloc(one, 4096)
+        bo = await two.create_bo(4096)
+        # Handle numbers are per agent session: context two cannot reach one's memory.
+        reply = await two.run([rec(Opcode.COPY_D2H, h1, bo.resource_id, 0, 0, 4096)])
+        assert reply.status == ErrorCode.INVALID_HANDLE
+        status = await control_request(r.control, {"op": "status"})
+        assert [c["session"] for c in status["contexts"]] == [True, True]  # type: ignore[index]
+
+
+async def test_unbind_in_flight_ends_with_device_lost(tmp_path: Path, agent: AgentProc) -> None:
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx = await r.gpu.open()
+        await alloc(ctx, 64)
+        # Hold stream 1 behind an event nobody records yet: in flight on the agent.
+        seq = await ctx.start(
+            [rec(Opcode.EVENT_WAIT, 7, stream=1), rec(Opcode.NOP, stream=1)], stream=1
+        )
+        await asyncio.sleep(0.2)
+        assert ctx.fence_slot(1)[0] < seq
+        t0 = time.monotonic()
+        assert (await r.unbind())["ok"]
+        reply = await ctx.wait(1, seq, timeout=2.0)
+        assert reply.status == ErrorCode.DEVICE_LOST
+        assert time.monotonic() - t0 < 2.0
+        # Unbound now: QUERY says so, work fails with NO_DEVICE.
+        reply = await ctx.run([rec(Opcode.MEM_ALLOC, 64, 0)])
+        assert reply.status == ErrorCode.NO_DEVICE
+        caps = decode_capset(await r.gpu.get_capset())
+        assert caps[1] == ExecutorKind.NONE
+        # Bind again: the guest's context works on the new session.
+        assert (await r.bind(agent))["ok"]
+        assert len(await alloc(ctx, 64)) == 1
+
+
+async def test_agent_killed_mid_stream(tmp_path: Path, agent_factory: object) -> None:
+    first = agent_factory()  # type: ignore[operator]
+    async with rig(tmp_path) as r:
+        assert (await r.bind(first))["ok"]
+        ctx = await r.gpu.open()
+        await alloc(ctx, 64)
+        big = await ctx.create_bo(32 << 20)
+        (h,) = await alloc(ctx, 32 << 20)
+        seqs = [
+            await ctx.start([rec(Opcode.COPY_H2D, h, big.resource_id, 0, 0, 32 << 20)])
+            for _ in range(4)
+        ]
+        first.kill()
+        t0 = time.monotonic()
+        replies = [await ctx.wait(0, s, timeout=3.0) for s in seqs]
+        assert time.monotonic() - t0 < 2.0
+        # Those that had finished before the kill are OK; every other one is DEVICE_LOST.
+        assert {x.status for x in replies} <= {ErrorCode.OK, ErrorCode.DEVICE_LOST}
+        assert replies[-1].status == ErrorCode.DEVICE_LOST
+        later = await ctx.run([rec(Opcode.NOP)])
+        assert later.status == ErrorCode.DEVICE_LOST
+        # A bind to a live agent fails cleanly for a dead one, and works for a new one.
+        bad = await r.bind(first)
+        assert not bad["ok"] and "error" in bad
+        second = agent_factory()  # type: ignore[operator]
+        assert (await r.bind(second))["ok"]
+        ok = await ctx.run([rec(Opcode.NOP)])
+        assert ok.status == ErrorCode.OK
+
+
+async def test_bind_with_wrong_key_is_refused(tmp_path: Path, agent: AgentProc) -> None:
+    async with rig(tmp_path) as r:
+        wrong = tmp_path / "wrong.psk"
+        wrong.write_bytes(b"not-the-key-at-all-000")
+        reply = await control_request(
+            r.control, {"op": "bind", "agent": agent.address, "psk_file": str(wrong)}
+        )
+        assert not reply["ok"]
+        assert (await control_request(r.control, {"op": "status"}))["binding"] == "unbound"
+        reply = await control_request(r.control, {"op": "frobnicate"})
+        assert not reply["ok"] and "unknown op" in str(reply["error"])

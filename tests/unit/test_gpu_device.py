@@ -1,0 +1,189 @@
+"""The virtio-gpu model's sans-IO core: every command the Linux driver sends,
+and the error response the spec names for each bad request."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from vpcie.errors import ErrorCode
+from vpcie.gpu import wire
+from vpcie.gpu.capset import CAPSET_SIZE, VGPU_CAPSET_ID, decode_capset
+from vpcie.gpu.device import GpuDevice
+from vpcie.gpu.guest_driver import CommandFailed, DirectTransport, GuestGpu, hdr
+from vpcie.memory import GuestMemory
+from vpcie.protocol.batch import encode_batch, rec
+from vpcie.protocol.codes import ExecutorKind, Opcode
+from vpcie.protocol.frames import decode_payload
+from vpcie.virtqueue.driver import GuestAllocator
+
+MEM = 16 << 20
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    m = GuestMemory.anonymous([(0, MEM)])
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def dev(mem: GuestMemory) -> GpuDevice:
+    return GpuDevice(memory=lambda: mem)
+
+
+@pytest.fixture
+def gpu(dev: GpuDevice, mem: GuestMemory) -> GuestGpu:
+    heap = GuestAllocator(mem, 0x1000, MEM - 0x1000)
+    return GuestGpu(DirectTransport(dev), mem, heap.alloc)
+
+
+def rtype(resp: bytes) -> int:
+    return int(struct.unpack_from("<I", resp)[0])
+
+
+async def test_driver_load_sequence(gpu: GuestGpu) -> None:
+    caps = await gpu.load()
+    assert len(caps) == CAPSET_SIZE
+    info = decode_capset(caps)
+    assert info[1] == ExecutorKind.NONE  # nothing bound yet, and the capset says so
+
+
+def test_capset_info_names_our_capset(dev: GpuDevice) -> None:
+    resp = dev.handle(hdr(wire.Cmd.GET_CAPSET_INFO) + struct.pack("<II", 0, 0))
+    assert rtype(resp) == wire.Resp.OK_CAPSET_INFO
+    assert struct.unpack_from("<III", resp, 24) == (VGPU_CAPSET_ID, 1, CAPSET_SIZE)
+    bad = dev.handle(hdr(wire.Cmd.GET_CAPSET_INFO) + struct.pack("<II", 1, 0))
+    assert rtype(bad) == wire.Resp.ERR_INVALID_PARAMETER
+
+
+def test_fence_is_echoed_on_success_and_error(dev: GpuDevice) -> None:
+    ok = dev.handle(hdr(wire.Cmd.GET_DISPLAY_INFO, fence_id=77, ctx_id=0))
+    assert rtype(ok) == wire.Resp.OK_DISPLAY_INFO
+    assert struct.unpack_from("<IIQ", ok) == (wire.Resp.OK_DISPLAY_INFO, wire.FLAG_FENCE, 77)
+    err = dev.handle(hdr(wire.Cmd.RESOURCE_UNREF, fence_id=78) + struct.pack("<II", 999, 0))
+    assert struct.unpack_from("<IIQ", err) == (wire.Resp.ERR_INVALID_RESOURCE_ID, 1, 78)
+
+
+def test_2d_console_path_is_cheap_and_checked(dev: GpuDevice, mem: GuestMemory) -> None:
+    create = hdr(wire.Cmd.RESOURCE_CREATE_2D) + struct.pack("<IIII", 5, 1, 640, 480)
+    assert rtype(dev.handle(create)) == wire.Resp.OK_NODATA
+    assert rtype(dev.handle(create)) == wire.Resp.ERR_INVALID_RESOURCE_ID  # duplicate id
+    attach = hdr(wire.Cmd.RESOURCE_ATTACH_BACKING) + struct.pack("<II", 5, 1)
+    attach += struct.pack("<QII", 0x100000, 640 * 480 * 4, 0)
+    assert rtype(dev.handle(attach)) == wire.Resp.OK_NODATA
+    scanout = hdr(wire.Cmd.SET_SCANOUT) + struct.pack("<6I", 0, 0, 640, 480, 0, 5)
+    assert rtype(dev.handle(scanout)) == wire.Resp.OK_NODATA
+    xfer = hdr(wire.Cmd.TRANSFER_TO_HOST_2D) + struct.pack("<4IQII", 0, 0, 640, 480, 0, 5, 0)
+    assert rtype(dev.handle(xfer)) == wire.Resp.OK_NODATA
+    too_big = hdr(wire.Cmd.TRANSFER_TO_HOST_2D) + struct.pack("<4IQII", 0, 0, 641, 480, 0, 5, 0)
+    assert rtype(dev.handle(too_big)) == wire.Resp.ERR_INVALID_PARAMETER
+    flush = hdr(wire.Cmd.RESOURCE_FLUSH) + struct.pack("<6I", 0, 0, 640, 480, 5, 0)
+    assert rtype(dev.handle(flush)) == wire.Resp.OK_NODATA
+    bad_scanout = hdr(wire.Cmd.SET_SCANOUT) + struct.pack("<6I", 0, 0, 1, 1, 3, 5)
+    assert rtype(dev.handle(bad_scanout)) == wire.Resp.ERR_INVALID_PARAMETER
+
+
+@pytest.mark.parametrize(
+    "entries, why",
+    [
+        ([(MEM - 4096, 8192)], "runs past the end of guest RAM"),
+        ([(0x200000, 8192), (0x201000, 4096)], "overlapping entries"),
+        ([(0x200000, 0)], "zero-length entry"),
+        ([(1 << 60, 4096)], "address far outside guest RAM"),
+    ],
+)
+def test_bad_backing_is_refused(dev: GpuDevice, entries: list[tuple[int, int]], why: str) -> None:
+    dev.handle(
+        hdr(wire.Cmd.RESOURCE_CREATE_3D)
+        + struct.pack("<12I", 9, 0, 64, 0, 1 << 16, 1, 1, 1, 0, 0, 0, 0)
+    )
+    req = hdr(wire.Cmd.RESOURCE_ATTACH_BACKING) + struct.pack("<II", 9, len(entries))
+    req += b"".join(struct.pack("<QII", a, n, 0) for a, n in entries)
+    assert rtype(dev.handle(req)) == wire.Resp.ERR_INVALID_PARAMETER, why
+    assert dev.resources.get(9).backing is None
+
+
+def test_huge_entry_count_is_refused_without_reading(dev: GpuDevice) -> None:
+    dev.handle(
+        hdr(wire.Cmd.RESOURCE_CREATE_3D)
+        + struct.pack("<12I", 9, 0, 64, 0, 4096, 1, 1, 1, 0, 0, 0, 0)
+    )
+    req = hdr(wire.Cmd.RESOURCE_ATTACH_BACKING) + struct.pack("<II", 9, 0xFFFFFFFF)
+    assert rtype(dev.handle(req)) == wire.Resp.ERR_INVALID_PARAMETER
+    short = hdr(wire.Cmd.RESOURCE_ATTACH_BACKING) + struct.pack("<II", 9, 4)  # names 4, has 0
+    assert rtype(dev.handle(short)) == wire.Resp.ERR_INVALID_PARAMETER
+
+
+def test_truncated_and_unknown_commands(dev: GpuDevice) -> None:
+    assert rtype(dev.handle(b"\x01\x01")) == wire.Resp.ERR_UNSPEC
+    assert rtype(dev.handle(hdr(wire.Cmd.RESOURCE_CREATE_2D))) == wire.Resp.ERR_INVALID_PARAMETER
+    assert rtype(dev.handle(hdr(0x0999))) == wire.Resp.ERR_UNSPEC
+    assert rtype(dev.handle(hdr(wire.Cmd.RESOURCE_CREATE_BLOB) + bytes(32))) == wire.Resp.ERR_UNSPEC
+
+
+async def test_unbound_vgpu_answers_query_and_fails_the_rest(gpu: GuestGpu) -> None:
+    ctx = await gpu.open()
+    reply = await ctx.run([rec(Opcode.QUERY)])
+    assert reply.status == ErrorCode.OK
+    info = decode_payload("QUERY_INFO", reply.blob)
+    assert info[1] == ExecutorKind.NONE and info[13] == "no GPU bound"
+    reply = await ctx.run([rec(Opcode.NOP), rec(Opcode.MEM_ALLOC, 4096, 0)])
+    assert reply.status == ErrorCode.NO_DEVICE and reply.failed_index == 1
+
+
+async def test_submit_validation_errors_reach_the_fence_page(gpu: GuestGpu, dev: GpuDevice) -> None:
+    a = await gpu.open("a")
+    b = await gpu.open("b")
+    await a.setup_fences()
+    await b.setup_fences()
+    foreign = await a.create_bo(4096)
+    # b names a's buffer: refused, the SIGNAL still ends (no hang) with the error.
+    with pytest.raises(CommandFailed) as err:
+        await b.start([rec(Opcode.COPY_H2D, 1, foreign.resource_id, 0, 0, 16)])
+    assert err.value.resp == wire.Resp.ERR_INVALID_PARAMETER
+    done, err_seq, code, failed = b.fence_slot(0)
+    assert (done, err_seq, code, failed) == (1, 1, ErrorCode.INVALID_HANDLE, 0)
+    assert b.fence_header()[3] == 1  # rejected count
+    # A range past the buffer's backing.
+    own = await b.create_bo(4096)
+    with pytest.raises(CommandFailed):
+        await b.start([rec(Opcode.COPY_D2H, 1, own.resource_id, 0, 4000, 200)])
+    assert b.fence_slot(0)[2] == ErrorCode.OUT_OF_RANGE
+    # Truncated batch and a size field that lies.
+    for payload in (encode_batch([rec(Opcode.NOP)])[:-1], b"junk"):
+        with pytest.raises(CommandFailed):
+            await b.submit(payload)
+    lying = hdr(wire.Cmd.SUBMIT_3D, ctx_id=b.ctx_id) + struct.pack("<II", 4096, 0) + bytes(16)
+    assert rtype(dev.handle(lying)) == wire.Resp.ERR_INVALID_PARAMETER
+    # The device and the other context keep working.
+    reply = await a.run([rec(Opcode.QUERY)])
+    assert reply.status == ErrorCode.OK
+
+
+async def test_commands_after_ctx_destroy(gpu: GuestGpu, dev: GpuDevice) -> None:
+    ctx = await gpu.open()
+    bo = await ctx.create_bo(8192, scatter=True)
+    await ctx.destroy()
+    with pytest.raises(CommandFailed) as err:
+        await ctx.submit(encode_batch([rec(Opcode.NOP)]))
+    assert err.value.resp == wire.Resp.ERR_INVALID_CONTEXT_ID
+    with pytest.raises(CommandFailed):
+        await ctx.destroy()
+    # UNREF after CTX_DESTROY (the kernel does this order too) still works.
+    assert (
+        rtype(dev.handle(hdr(wire.Cmd.RESOURCE_UNREF) + struct.pack("<II", bo.resource_id, 0)))
+        == wire.Resp.OK_NODATA
+    )
+    assert len(dev.resources) == 0
+
+
+async def test_unref_before_ctx_destroy(gpu: GuestGpu, dev: GpuDevice) -> None:
+    ctx = await gpu.open()
+    bo = await ctx.create_bo(4096)
+    await ctx.close_bo(bo)
+    assert bo.resource_id not in dev.contexts[ctx.ctx_id].resources
+    await ctx.destroy()
+    assert not dev.contexts
