@@ -21,7 +21,6 @@ import stat
 import sys
 from pathlib import Path
 
-from host_agent import pki
 from host_agent.config import (
     DEFAULT_EVENT_WAIT_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
@@ -95,6 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         psk = read_psk(args.psk_file)
         cfg = AgentConfig(auth="psk", agent_name=args.name, psk_hex=psk.hex())
     else:
+        from host_agent import pki  # cryptography: only where certificates are used
+
         tls_dir = Path(args.tls_dir)
         cert, key = pki.find_server_cert(tls_dir, args.cert_name)
         ca = tls_dir / pki.CA_CERT
@@ -129,6 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_pki(args: argparse.Namespace) -> int:
+    from host_agent import pki
+
     d = Path(args.dir)
     if args.pki_cmd == "init":
         path = pki.init_ca(d)
@@ -144,7 +147,7 @@ def cmd_pki(args: argparse.Namespace) -> int:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    inv = build_inventory("auto")
+    inv = build_inventory(args.executor)
     if args.json:
         print(json.dumps(inv.to_json(), indent=1))
         return 0
@@ -200,6 +203,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pki)
     inv = sub.add_parser("inventory", help="print what this host would serve")
     inv.add_argument("--json", action="store_true")
+    inv.add_argument(
+        "--executor",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="as for serve: what would be served with this executor",
+    )
     inv.set_defaults(func=cmd_inventory)
     return ap
 

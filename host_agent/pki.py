@@ -159,8 +159,8 @@ def find_server_cert(directory: Path, name: str | None) -> tuple[Path, Path]:
         if cert_path.name == CA_CERT:
             continue
         try:
-            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            leaf = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except (ValueError, x509.ExtensionNotFound):
             continue
         if ExtendedKeyUsageOID.SERVER_AUTH in eku and cert_path.with_suffix(".key").exists():

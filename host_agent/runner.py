@@ -217,9 +217,11 @@ class BatchRun:
             ex.mem_free(body[0])
             return None
         if op == Opcode.COPY_H2D:
-            return self._h2d(body, s)
+            self._h2d(body, s)
+            return None
         if op == Opcode.COPY_D2H:
-            return self._d2h(body, s)
+            self._d2h(body, s)
+            return None
         if op == Opcode.COPY_D2D:
             dst_h, src_h, dst_off, src_off, size = body
             ex.copy_d2d(
@@ -241,9 +243,11 @@ class BatchRun:
             ex.module_free(body[0])
             return None
         if op == Opcode.LAUNCH:
-            return self._launch(body, s)
+            self._launch(body, s)
+            return None
         if op == Opcode.GEMM:
-            return self._gemm(body, s)
+            self._gemm(body, s)
+            return None
         if op == Opcode.AXPY:
             dt = _dtype(body[0], ex)
             x_h, y_h, alpha, n, x_off, y_off = body[1:]

@@ -83,7 +83,7 @@ class Agent:
         if dev is None:
             log("warning", "open_refused", pid=w.pid, device=req.get("device"), reason=message)
             return {"ok": False, "status": int(status), "message": message}
-        cap = self.config.mem_quota or dev.memory_total
+        cap = min(self.config.mem_quota or dev.memory_total, dev.memory_total)
         asked = int(req.get("mem_quota") or 0)
         quota = min(asked, cap) if asked else cap
         inflight_cap = self.config.max_inflight

@@ -104,6 +104,7 @@ class Session:
         self.sock = sock
         self.reader = reader
         reader.sink = self._sink
+        reader.stop_after = frozenset({FrameType.COMMAND})
         self.sender = Sender(sock)
         self.ex = executor
         self.cfg = config
@@ -154,11 +155,18 @@ class Session:
             self._teardown()
 
     def _handle_all(self, frames: list[Frame]) -> bool:
-        """Handle the frames of one recv, then send their replies at once."""
+        """Handle the frames of one recv, then send their replies at once.
+
+        The reader pauses after each COMMAND (stop_after) so that the DATA
+        behind it, even in the same recv, lands straight where it belongs."""
         try:
-            for f in frames:
-                if self._handle(f):
-                    return True
+            while True:
+                for f in frames:
+                    if self._handle(f):
+                        return True
+                if not self.reader.more:
+                    break
+                frames = self.reader.buffer_updated(0)
         finally:
             self.flush()
         return False
@@ -263,22 +271,38 @@ class Session:
             for r in cmd.records[: last_h2d + 1]
         )
 
-    def _sink(self, session: int, seq: int, offset: int, n: int) -> list[memoryview]:
+    def _sink(self, session: int, seq: int, offset: int, n: int) -> list[memoryview] | None:
+        """Where a DATA payload lands. The reader may parse a DATA header in
+        the same recv as its COMMAND, before the COMMAND is handled: then there
+        is no landing yet and the payload comes as bytes (copied in _data)."""
         p = self.pending
         if p is None or seq != p.cmd.seq or session != self.sid:
-            raise ProtocolError(f"DATA for seq {seq} without its COMMAND")
+            return None
+        self._check_data(p, offset, n)
+        if p.landing is None:
+            return [self._scratch[:n]]
+        return p.landing.views(offset, n)
+
+    @staticmethod
+    def _check_data(p: _Pending, offset: int, n: int) -> None:
         if offset != p.offered or n > p.cmd.h2d_total - p.offered:
             raise ProtocolError(
                 f"DATA [{offset}, +{n}) out of order (expected {p.offered} of {p.cmd.h2d_total})"
             )
         p.offered += n
-        if p.landing is None:
-            return [self._scratch[:n]]
-        return p.landing.views(offset, n)
 
     def _data(self, f: Frame) -> None:
         p = self.pending
-        assert p is not None  # the sink refused DATA without a pending COMMAND
+        if p is None or f.seq != p.cmd.seq:
+            raise ProtocolError(f"DATA for seq {f.seq} without its COMMAND")
+        if f.data_len and len(f.payload):  # not sunk: arrived with its COMMAND
+            self._check_data(p, f.data_offset, f.data_len)
+            if p.landing is not None:
+                src = memoryview(f.payload)
+                pos = 0
+                for view in p.landing.views(f.data_offset, f.data_len):
+                    view[:] = src[pos : pos + len(view)]
+                    pos += len(view)
         p.received += f.data_len
         if p.landing is not None:
             p.landing.chunk_done(f.data_offset, f.data_len)

@@ -39,7 +39,7 @@ def peer_name(sock: ssl.SSLSocket) -> str:
     if not cert:
         return ""
     for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
+        for pair in rdn:
+            if pair[0] == "commonName":
+                return str(pair[1])
     return ""

@@ -94,9 +94,9 @@ def slice_segments(segs: Sequence[memoryview], offset: int, n: int) -> list[memo
     end = offset + n
     for seg in segs:
         seg_end = pos + len(seg)
-        if seg_end > offset and pos < end:
-            lo = max(offset, pos) - pos
-            hi = min(end, seg_end) - pos
+        lo = max(offset, pos) - pos
+        hi = min(end, seg_end) - pos
+        if lo < hi:
             out.append(seg[lo:hi])
         pos = seg_end
         if pos >= end:
@@ -289,10 +289,10 @@ class Executor(ABC):
         if event >= MAX_EVENTS:
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"event {event} >= {MAX_EVENTS}")
 
-    def event_wait(self, event: int, stream: int) -> None:
+    def event_wait(self, event: int, stream: int) -> None:  # noqa: B027 - optional
         """Make ``stream`` wait for the last record of ``event`` (already submitted)."""
 
-    def sync(self, stream: int | None) -> None:
+    def sync(self, stream: int | None) -> None:  # noqa: B027 - optional
         """Wait for ``stream`` (None: all streams) to finish its device work."""
 
     def close(self) -> None:

@@ -59,7 +59,8 @@ class CpuExecutor(Executor):
     @staticmethod
     def _view(region: Region) -> memoryview:
         arr: npt.NDArray[np.uint8] = region.buf.mem
-        return memoryview(arr)[region.offset : region.offset + region.size]
+        view = memoryview(arr.data)  # the array's own buffer: no copy
+        return view[region.offset : region.offset + region.size]
 
     def direct_landing(self, regions: list[Region], stream: int) -> Landing | None:
         return HostLanding([self._view(r) for r in regions])

@@ -28,10 +28,16 @@ from host_agent.executors.base import (
     Landing,
     Region,
     SessionLimits,
-    slice_segments,
 )
 from vpcie.errors import ErrorCode, VgpuError
-from vpcie.protocol.codes import MAX_DATA_CHUNK, MAX_STREAMS, ArgKind, DType, ExecutorKind, ModuleKind
+from vpcie.protocol.codes import (
+    MAX_DATA_CHUNK,
+    MAX_STREAMS,
+    ArgKind,
+    DType,
+    ExecutorKind,
+    ModuleKind,
+)
 
 CP_DTYPES: dict[DType, Any] = {DType.F32: np.float32, DType.F16: np.float16, DType.F64: np.float64}
 _ITEMSIZE = {DType.F32: 4, DType.F16: 2, DType.F64: 8}
@@ -42,7 +48,8 @@ _D2H = 2
 
 def _pinned(n: int) -> tuple[Any, memoryview]:
     mem = cupy.cuda.alloc_pinned_memory(max(n, 1))
-    view = memoryview(np.frombuffer(mem, dtype=np.uint8, count=max(n, 1)))[:n]  # type: ignore[call-overload]
+    arr = np.frombuffer(mem, dtype=np.uint8, count=max(n, 1))  # type: ignore[call-overload]
+    view = memoryview(arr.data)[:n]
     return mem, view
 
 
@@ -104,7 +111,9 @@ class CudaExecutor(Executor):
         attrs = self.device.attributes
         cc = str(self.device.compute_capability)
         props = cupy.cuda.runtime.getDeviceProperties(0)
-        gpu_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        gpu_name = (
+            props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        )
         identity = DeviceIdentity(
             name=identity.name or gpu_name,
             uuid=identity.uuid,
@@ -115,7 +124,6 @@ class CudaExecutor(Executor):
         )
         super().__init__(limits, identity)
         self.pool = cupy.cuda.MemoryPool()
-        self.pool.set_limit(size=limits.mem_quota)
         cupy.cuda.set_allocator(self.pool.malloc)
         self.streams: dict[int, Any] = {}
         self.events: dict[int, Any] = {}
@@ -240,7 +248,9 @@ class CudaExecutor(Executor):
             if beta == 0.0:
                 cupy.multiply(prod, CP_DTYPES[dtype](alpha), out=cmat)
             else:
-                tmp = prod.astype(np.float32) * np.float32(alpha) + cmat.astype(np.float32) * np.float32(beta)
+                tmp = prod.astype(np.float32) * np.float32(alpha) + cmat.astype(
+                    np.float32
+                ) * np.float32(beta)
                 cmat[...] = tmp.astype(CP_DTYPES[dtype])
 
     def axpy(self, dtype: DType, alpha: float, x: Region, y: Region, stream: int) -> None:
@@ -275,7 +285,9 @@ class CudaExecutor(Executor):
                 mod = cupy.cuda.function.Module()
                 mod.load(data)
         except UnicodeDecodeError as exc:
-            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"CUDA C source is not UTF-8: {exc}") from exc
+            raise VgpuError(
+                ErrorCode.INVALID_ARGUMENT, f"CUDA C source is not UTF-8: {exc}"
+            ) from exc
         except cupy.cuda.compiler.CompileException as exc:
             raise VgpuError(ErrorCode.COMPILE_FAILED, str(exc)[:900]) from exc
         except (cupy.cuda.driver.CUDADriverError, RuntimeError, ValueError) as exc:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
-from _protocol_samples import GOLDEN_DIR, golden_files  # noqa: E402
+from tests.unit._protocol_samples import GOLDEN_DIR, golden_files
 
 
 def main(argv: list[str]) -> int:

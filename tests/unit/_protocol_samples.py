@@ -109,8 +109,12 @@ BODY_SAMPLES: dict[Opcode, tuple[Any, ...]] = {
     Opcode.MODULE_FREE: (0x20,),
     Opcode.LAUNCH: (
         0x20,
-        16, 1, 1,
-        256, 1, 1,
+        16,
+        1,
+        1,
+        256,
+        1,
+        1,
         0,
         "saxpy",
         4,
@@ -120,7 +124,7 @@ BODY_SAMPLES: dict[Opcode, tuple[Any, ...]] = {
             (int(ArgKind.F32), 0, _F32_2),
             (int(ArgKind.U32), 0, 4096),
         ],
-    ),  # fmt: skip
+    ),
     Opcode.GEMM: (int(DType.F32), 0, 1, 64, 32, 16, 1.0, 0.5, 0x10, 0x11, 0x12, 0, 256, 0),
     Opcode.AXPY: (int(DType.F64), 0x10, 0x11, 2.5, 1024, 0, 0),
     Opcode.REDUCE_SUM: (int(DType.F32), 0x10, 0x12, 4096, 0, 0),
@@ -199,9 +203,7 @@ def frame_samples() -> dict[str, FrameSample]:
             flags=int(FrameFlag.LAST),
             seq=41,
         ),
-        "frame_completion": FrameSample(
-            FrameType.COMPLETION, _build_payload("COMPLETION"), seq=41
-        ),
+        "frame_completion": FrameSample(FrameType.COMPLETION, _build_payload("COMPLETION"), seq=41),
         "frame_error": FrameSample(FrameType.ERROR, _build_payload("ERROR")),
         "frame_ping": FrameSample(FrameType.PING, _build_payload("PING")),
         "frame_pong": FrameSample(FrameType.PONG, _build_payload("PING")),

@@ -10,25 +10,28 @@ from typing import Any
 
 import construct as c
 import pytest
-from _protocol_samples import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.unit._protocol_samples import (
     build_batch_construct,
     build_construct,
     canon,
     construct_batch,
     construct_exact,
     hostile_bytes,
+    mutations,
     record_strategy,
     values_strategy,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from vpcie.errors import ProtocolError
 from vpcie.protocol import batch, frames
 from vpcie.protocol.codes import BATCH_MAGIC, BATCH_VERSION, Opcode
 from vpcie.protocol.fastcodec import FastStruct, construct_decode
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Per-definition tests run ~40 times (every payload, body and header): fewer each.
+PER_DEF = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 DEFINITIONS: dict[str, c.Struct] = {
     **{f"payload:{n}": d for n, d in frames.PAYLOADS.items()},
@@ -55,7 +58,7 @@ def _outcome(fn: Any, data: bytes) -> tuple[str, Any]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-@SETTINGS
+@PER_DEF
 @given(data=st.data())
 def test_encode_agrees_on_valid_values(name: str, data: st.DataObject) -> None:
     definition, fast = DEFINITIONS[name], FAST[name]
@@ -73,11 +76,14 @@ def test_encode_agrees_on_valid_values(name: str, data: st.DataObject) -> None:
 
 def _valid_bytes(name: str) -> st.SearchStrategy[bytes]:
     definition = DEFINITIONS[name]
-    return values_strategy(definition).map(lambda v: build_construct(definition, v))
+    valid: st.SearchStrategy[bytes] = values_strategy(definition).map(
+        lambda v: build_construct(definition, v)
+    )
+    return valid
 
 
 @pytest.mark.parametrize("name", NAMES)
-@SETTINGS
+@PER_DEF
 @given(data=st.data())
 def test_decode_agrees_on_hostile_bytes(name: str, data: st.DataObject) -> None:
     definition, fast = DEFINITIONS[name], FAST[name]
@@ -102,7 +108,7 @@ def test_decode_agrees_on_hostile_bytes(name: str, data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(frames.PAYLOADS))
-@SETTINGS
+@PER_DEF
 @given(data=st.data())
 def test_decode_payload_agrees(name: str, data: st.DataObject) -> None:
     raw = data.draw(hostile_bytes(_valid_bytes(f"payload:{name}")))
@@ -136,17 +142,33 @@ def _batch_mutations(records: list[batch.Record], flags: int) -> st.SearchStrate
         word = value.to_bytes(8, "little")[:size]
         return raw[:where] + word + raw[where + size :]
 
-    from _protocol_samples import mutations
-
     return st.one_of(
         st.just(raw),
         mutations(raw),
         st.tuples(
             st.integers(0, len(raw)),
             st.sampled_from([1, 2, 4]),
-            st.sampled_from([0, 1, 11, 12, 13, 16, 17, 4096, 4097, 1 << 20, (1 << 20) + 1,
-                             0xFFFF, 0xFFFFFFFF, len(raw), len(raw) - 1, len(raw) + 1]),
-        ).map(patch),  # fmt: skip
+            st.sampled_from(
+                [
+                    0,
+                    1,
+                    11,
+                    12,
+                    13,
+                    16,
+                    17,
+                    4096,
+                    4097,
+                    1 << 20,
+                    (1 << 20) + 1,
+                    0xFFFF,
+                    0xFFFFFFFF,
+                    len(raw),
+                    len(raw) - 1,
+                    len(raw) + 1,
+                ]
+            ),
+        ).map(patch),
     )
 
 
@@ -180,11 +202,12 @@ def test_decode_batch_agrees_with_construct(raw: bytes) -> None:
 def test_each_opcode_batch_agrees(op: Opcode, data: st.DataObject) -> None:
     """A single-record batch per opcode with a hostile body, so every body
     decoder is exercised inside decode_batch, not only alone."""
-    body = data.draw(
-        hostile_bytes(_valid_bytes(f"body:{op.name}"))
+    body = data.draw(hostile_bytes(_valid_bytes(f"body:{op.name}")))
+    rec = (
+        batch.RECORD_HEADER.build(
+            dict(opcode=int(op), flags=0, length=batch.RECORD_HEADER_SIZE + len(body), stream=0)
+        )
+        + body
     )
-    rec = batch.RECORD_HEADER.build(
-        dict(opcode=int(op), flags=0, length=batch.RECORD_HEADER_SIZE + len(body), stream=0)
-    ) + body
     raw = batch.encode_batch([rec])
     assert _outcome(batch.decode_batch, raw) == _outcome(lambda b: construct_batch(b)[1], raw)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from _protocol_samples import (
+
+from tests.unit._protocol_samples import (
     BODY_SAMPLES,
     GOLDEN_DIR,
     HEADER_SAMPLE,
@@ -23,10 +24,9 @@ from _protocol_samples import (
     golden_files,
     read_golden,
 )
-
 from vpcie.protocol import batch, frames
 from vpcie.protocol.codes import BATCH_MAGIC, FRAME_MAGIC, FrameType, Opcode
-from vpcie.protocol.fastcodec import construct_decode
+from vpcie.protocol.fastcodec import FastStruct, construct_decode
 
 PAYLOAD_NAMES = sorted(frames.PAYLOADS)
 BATCH_NAMES = sorted(batch_samples())
@@ -69,7 +69,7 @@ def test_frame_header_golden() -> None:
     values = construct_decode(frames.HEADER)(data)
     assert values == HEADER_SAMPLE
     assert values[0] == FRAME_MAGIC
-    fast = frames.FastStruct(frames.HEADER)
+    fast = FastStruct(frames.HEADER)
     assert fast.decode(data, 0) == (HEADER_SAMPLE, len(data))
     assert fast.encode(HEADER_SAMPLE) == data
     assert frames.HEADER.build(frames.HEADER.parse(data)) == data
@@ -121,8 +121,8 @@ def test_batch_golden(name: str) -> None:
     assert canon(got) == canon(records)
     assert batch.encode_batch(records, flags=flags) == data
     assert batch.encode_batch(got, flags=flags) == data
-    assert batch.encode_batch([batch.encode_record(*r[:1], r.body, stream=r.stream, flags=r.flags)
-                               for r in records], flags=flags) == data  # fmt: skip
+    pre = [batch.encode_record(r.opcode, r.body, stream=r.stream, flags=r.flags) for r in records]
+    assert batch.encode_batch(pre, flags=flags) == data
 
 
 @pytest.mark.parametrize("op", list(Opcode), ids=lambda o: o.name)

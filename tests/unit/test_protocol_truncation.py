@@ -7,7 +7,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from _protocol_samples import (
+
+from tests.unit._protocol_samples import (
     batch_samples,
     construct_batch,
     construct_exact,
@@ -15,7 +16,6 @@ from _protocol_samples import (
     read_golden,
     truncations,
 )
-
 from vpcie.errors import ProtocolError
 from vpcie.protocol import batch, frames
 from vpcie.protocol.codes import MAX_PAYLOAD, FrameType
@@ -121,7 +121,8 @@ def _header(**kw: int) -> bytes:
     fields = dict(magic=0x49435056, version=1, type=int(FrameType.PING), flags=0, session=0,
                   seq=0, length=8)  # fmt: skip
     fields.update(kw)
-    return frames.HEADER.build(fields)
+    data: bytes = frames.HEADER.build(fields)
+    return data
 
 
 @pytest.mark.parametrize(

@@ -185,7 +185,7 @@ class FastStruct:
         if single is not None:
             try:
                 return single.pack(*values)
-            except struct.error as exc:
+            except (struct.error, OverflowError) as exc:  # OverflowError: f32 out of range
                 raise ProtocolError(f"cannot encode {self._label()}: {exc}") from exc
         parts: list[bytes] = []
         i = 0
@@ -208,7 +208,7 @@ class FastStruct:
                         raise ProtocolError(f"{step.count_field}={count} but {len(items)} items")
                     parts.extend(step.item.encode(it) for it in items)
                     i += 1
-            except struct.error as exc:
+            except (struct.error, OverflowError) as exc:  # OverflowError: f32 out of range
                 raise ProtocolError(f"cannot encode {self._label()}: {exc}") from exc
         return b"".join(parts)
 

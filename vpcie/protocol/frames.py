@@ -216,9 +216,22 @@ class FrameReader:
 
     Use: ``buf = r.get_buffer(); n = recv_into(buf); frames = r.buffer_updated(n)``.
     Raises ProtocolError on a malformed header; after that the stream is dead.
+
+    ``stop_after``: frame types after which parsing pauses, so the caller can
+    act on such a frame (a COMMAND, whose DATA must land where the command
+    says) before the next frame's header is read; ``more`` is then True and
+    ``buffer_updated(0)`` goes on.
     """
 
-    def __init__(self, sink: Sink | None = None, *, buffer_size: int = _RX_BUF) -> None:
+    def __init__(
+        self,
+        sink: Sink | None = None,
+        *,
+        buffer_size: int = _RX_BUF,
+        stop_after: frozenset[int] = frozenset(),
+    ) -> None:
+        if buffer_size < HEADER_SIZE + 8:  # a DATA header + offset must fit, else no progress
+            raise ValueError(f"buffer_size {buffer_size} < {HEADER_SIZE + 8}")
         self.sink = sink
         self._buf = bytearray(buffer_size)
         self._view = memoryview(self._buf)
@@ -232,6 +245,8 @@ class FrameReader:
         self._big_frame: Frame | None = None
         self._big_owned: bytearray | None = None
         self.dead = False
+        self.stop_after = stop_after
+        self.more = False  # parsing paused by stop_after with bytes left
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._segs:
@@ -250,6 +265,7 @@ class FrameReader:
         if self.dead:
             raise ProtocolError("frame stream already failed")
         out: list[Frame] = []
+        self.more = False
         if self._segs:
             self._seg_pos += nbytes
             if self._seg_pos >= len(self._segs[self._seg]):
@@ -259,6 +275,9 @@ class FrameReader:
             if self._segs and self._seg < len(self._segs):
                 return out
             out.append(self._finish_big())
+            if out[-1].type in self.stop_after:
+                self.more = self._end > self._start
+                return out
         else:
             self._end += nbytes
         try:
@@ -335,6 +354,9 @@ class FrameReader:
             if avail >= HEADER_SIZE + length:
                 out.append(Frame(ftype, flags, session, seq, bytes(view[pstart : pstart + length])))
                 self._start = pstart + length
+                if ftype in self.stop_after:
+                    self.more = self._end > self._start
+                    break
                 continue
             if length > len(buf) - HEADER_SIZE:
                 owned = bytearray(length)
@@ -351,7 +373,7 @@ class FrameReader:
     ) -> bool:
         """Copy the already-buffered ``head`` into ``segs``; if bytes remain,
         receive the rest straight into them. True when the payload is complete."""
-        total = sum(len(v) for v in segs)
+        total = sum(v.nbytes for v in segs)  # bytes, also for typed views (cast below)
         expect = frame.data_len if frame.type == FrameType.DATA else total
         if total != expect:
             raise ProtocolError(f"sink gave {total} bytes for a {expect}-byte payload")
