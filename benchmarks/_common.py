@@ -63,7 +63,12 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
     cells = [list(map(str, header)), *[[_fmt(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for n, r in enumerate(cells):
-        say("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        say(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
         if n == 0:
             say("  ".join("-" * w for w in widths))
 

@@ -10,18 +10,25 @@ a. Through a ``vpcie-backend`` subprocess (GpuDevice, ``--bind`` to a real
      "spin": the guest polls the fence page right after the kick (as a vCPU
      spinning on it would; EXECBUFFER returns before the device answers);
      "backoff": GuestContext.run (waits for the SUBMIT_3D response, then polls
-     with 0.1-2 ms sleeps, the guest tools' policy).
+     with 0.1-2 ms sleeps, the guest tools' policy; asyncio's epoll timeout
+     rounds each sleep up to ~1.1 ms here).
    - 64 MiB COPY_H2D from and COPY_D2H into guest buffers (one contiguous
-     backing run each), bytes checked once.
+     backing run each; fence page polled every 0.1 ms), alternating with the
+     direct copies, bytes checked once on each path.
    against the same operations by a TunnelClient in this process on the same
    agent (``send_nop``, ``copy_h2d``/``copy_d2h`` from/to NumPy buffers).
    Targets: backend RTT p50 <= 1.3x direct; copy MB/s >= 0.8x direct.
 b. RESOURCE_CREATE_2D (64x64 B8G8R8A8) + RESOURCE_UNREF round trips through
-   ``vpcie-backend`` and through QEMU's ``/usr/lib/qemu/vhost-user-gpu``
-   (no --virgl, no render node), same harness, alternating rounds. The C
-   backend asks QEMU's side of the vhost-user-gpu socket for its protocol
+   ``vpcie-backend`` (unbound) and through QEMU's ``/usr/lib/qemu/vhost-user-gpu``
+   (no --virgl, no render node: it serves 2D fine without one), same harness,
+   alternating rounds, in two placements: harness and backends pinned to one
+   CPU (the figure is the work done; the target applies here) and to two
+   CPUs (each hop pays a cross-CPU wakeup, which dominates in this VM). The
+   C backend asks QEMU's side of the vhost-user-gpu socket for its protocol
    features at GPU_SET_SOCKET and serves no command until answered; a small
    responder thread plays QEMU there. Target: vpcie p50 <= 1.5x C.
+   Also here: NOP + SIGNAL answered inside the unbound backend (no agent),
+   the backend's own share of a.
 
     .venv/bin/python benchmarks/vgpu_path.py [--quick] [--json]
 """
@@ -405,7 +412,7 @@ async def create_unref(gpu: GuestGpu, rid: int) -> None:
     await gpu.call(hdr(wire.Cmd.RESOURCE_UNREF) + struct.pack("<II", rid, 0))
 
 
-def placements(procs: Procs) -> list[tuple[str, set[int], set[int]]]:
+def placements() -> list[tuple[str, set[int], set[int]]]:
     """(name, harness CPUs, backend CPUs): all on one CPU (no cross-CPU
     wakeups: the figure is the work done), and harness and backends on two
     different CPUs (each hop pays a wakeup IPI, ~35 µs in this VM)."""
@@ -430,7 +437,7 @@ async def part_b(procs: Procs, quick: bool) -> dict[str, Any]:
         for gpu in gpus.values():  # warm-up (and a first check that both answer)
             await create_unref_samples(gpu, 20)
         try:
-            for where, harness_cpus, backend_cpus in placements(procs):
+            for where, harness_cpus, backend_cpus in placements():
                 os.sched_setaffinity(0, harness_cpus)
                 for proc in backends:
                     os.sched_setaffinity(proc.pid, backend_cpus)

@@ -14,11 +14,12 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import pytest
 
 from vpcie.errors import AuthError, ErrorCode, VgpuError
-from vpcie.protocol.batch import decode_batch, encode_batch, fields
+from vpcie.protocol.batch import Record, decode_batch, encode_batch, fields
 from vpcie.protocol.codes import NO_INDEX, ExecutorKind, FrameFlag, FrameType, Opcode
 from vpcie.protocol.frames import (
     Frame,
@@ -76,12 +77,11 @@ class _FakeConn(asyncio.Protocol):
         self.next_handle = 1
         self.cnonce = b""
         self.snonce = os.urandom(32)
-        self.h2d: tuple[int, list[bytes], int, list] | None = None  # seq, got, need, recs
+        self.h2d: tuple[int, list[bytes], int, list[Record]] | None = None  # seq, got, need, recs
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.t = transport
-        self.agent.writers.append(transport)
+        self.t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.agent.writers.append(self.t)
 
     def data_received(self, data: bytes) -> None:
         pos = 0
@@ -100,7 +100,7 @@ class _FakeConn(asyncio.Protocol):
     def on_frame(self, f: Frame) -> None:
         reply = int(FrameFlag.REPLY)
         if f.type == FrameType.HELLO:
-            _mn, _mx, auth, self.cnonce, _name = decode_payload("HELLO", f.payload)
+            _mn, _mx, _auth, self.cnonce, _name = decode_payload("HELLO", f.payload)
             proof = psk_mac(self.agent.key, b"agent", self.cnonce, self.snonce)
             body = encode_payload("HELLO_REPLY", 1, 1, self.snonce, proof, "fake")
             self.send(FrameType.HELLO, body, flags=reply)
@@ -145,7 +145,7 @@ class _FakeConn(asyncio.Protocol):
                 self.h2d = None
                 self.execute(seq, recs, got)
 
-    def execute(self, seq: int, recs: list, h2d: bytes) -> None:
+    def execute(self, seq: int, recs: list[Record], h2d: bytes) -> None:
         results: list[tuple[int, int]] = []
         blob = b""
         d2h: list[bytes] = []
@@ -198,7 +198,7 @@ async def agent() -> AsyncIterator[tuple[FakeAgent, int]]:
 
 
 async def test_connect_nop_query(agent: tuple[FakeAgent, int]) -> None:
-    fake, port = agent
+    _fake, port = agent
     async with await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t") as c:
         assert c.state is Runstate.READY
         assert c.session == SESSION
@@ -208,7 +208,7 @@ async def test_connect_nop_query(agent: tuple[FakeAgent, int]) -> None:
         assert done.ok and done.failed_index == NO_INDEX
         q = await c.query()
         assert q.name == "cpu-numpy (not a GPU)"
-    assert c.state is Runstate.CLOSED
+    assert c.state.name == "CLOSED"
 
 
 async def test_scatter_copies_round_trip(agent: tuple[FakeAgent, int]) -> None:
@@ -248,7 +248,7 @@ async def test_inflight_limit_raises_at_once(agent: tuple[FakeAgent, int]) -> No
 async def test_wrong_psk_is_refused(agent: tuple[FakeAgent, int]) -> None:
     _fake, port = agent
     # the agent's proof fails first (with the real agent too): AuthError either way
-    with pytest.raises(AuthError, match="PSK|refused"):
+    with pytest.raises(AuthError, match=r"PSK|refused"):
         await TunnelClient.connect("127.0.0.1", port, psk=b"wrong")
 
 
@@ -338,3 +338,28 @@ def test_completion_check() -> None:
     with pytest.raises(VgpuError) as err:
         Completion(ErrorCode.OUT_OF_MEMORY, 2, "full").check()
     assert err.value.code is ErrorCode.OUT_OF_MEMORY and err.value.index == 2
+
+
+def test_runs_on_uvloop() -> None:
+    """The backend may run on uvloop: its transport is not an asyncio.Transport."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> bytes:
+        fake = FakeAgent()
+        server, port = await fake.start()
+        try:
+            async with await TunnelClient.connect("127.0.0.1", port, psk=PSK) as c:
+                h = await c.alloc(3 * 1024 * 1024)
+                data = os.urandom(3 * 1024 * 1024)
+                await c.copy_h2d(h, 0, [data[:5], data[5:]])
+                back = bytearray(len(data))
+                await c.copy_d2h(h, 0, back)
+                assert back == data
+                return bytes(back[:4])
+        finally:
+            for t in fake.writers:
+                t.abort()
+            server.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert len(runner.run(scenario())) == 4

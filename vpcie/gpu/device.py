@@ -94,6 +94,7 @@ class Context:
     forwarder: asyncio.Task[None] | None = None
     inflight: list[Pending] = field(default_factory=list)
     window_open: asyncio.Event = field(default_factory=asyncio.Event)
+    forwarding: bool = False  # the forwarder holds a batch (waiting for session/window)
 
 
 class GpuDevice(Device):
@@ -426,6 +427,18 @@ class GpuDevice(Device):
         ctx.inflight.append(pending)
         if self.host is not None:
             self.host.memory.acquire()  # guest memory must stay mapped until it completes
+        session = ctx.session
+        if (
+            session is not None
+            and ctx.session_gen == gen
+            and not ctx.forwarding
+            and (ctx.queue is None or ctx.queue.empty())
+            and session.inflight < _window(session)
+        ):
+            # Fast path: nothing queued ahead of it and room in the agent's
+            # window, so it goes on the wire now (saves a task hop).
+            self._send(ctx, session, pending)
+            return
         if ctx.queue is None:
             ctx.queue = asyncio.Queue()
             ctx.forwarder = asyncio.get_running_loop().create_task(self._forward(ctx))
@@ -451,29 +464,38 @@ class GpuDevice(Device):
         self._finish(Pending(prepared, ctx), ErrorCode.OK, NO_INDEX, "", results, blob)
 
     async def _forward(self, ctx: Context) -> None:
-        """Send this context's batches to its agent session, in order, keeping
-        at most the agent's granted in-flight window outstanding."""
+        """Send this context's queued batches to its agent session, in order,
+        keeping at most the agent's granted in-flight window outstanding."""
         assert ctx.queue is not None
         while True:
             pending = await ctx.queue.get()
             if pending.done:
                 continue
+            ctx.forwarding = True
             try:
                 session = await self._session(ctx)
-                window = max(1, int(getattr(session.info, "max_inflight", 0)) or 1)
-                while session.inflight >= window and not pending.done:
+                while session.inflight >= _window(session) and not pending.done:
                     ctx.window_open.clear()
                     await ctx.window_open.wait()
-                if pending.done:
-                    continue
-                p = pending.prepared
-                fut = session.send(p.encoded(), h2d=p.h2d, d2h=p.d2h)
+                if not pending.done:
+                    self._send(ctx, session, pending)
             except VgpuError as exc:
                 self._finish(pending, exc.code, 0, exc.message, {}, b"")
                 if exc.code == ErrorCode.DEVICE_LOST:
                     self._mark_lost(ctx)
-                continue
-            fut.add_done_callback(functools.partial(self._completed, pending))
+            finally:
+                ctx.forwarding = False
+
+    def _send(self, ctx: Context, session: Session, pending: Pending) -> None:
+        p = pending.prepared
+        try:
+            fut = session.send(p.encoded(), h2d=p.h2d, d2h=p.d2h)
+        except VgpuError as exc:
+            self._finish(pending, exc.code, 0, exc.message, {}, b"")
+            if exc.code == ErrorCode.DEVICE_LOST:
+                self._mark_lost(ctx)
+            return
+        fut.add_done_callback(functools.partial(self._completed, pending))
 
     async def _session(self, ctx: Context) -> Session:
         gen = self.binding.generation
@@ -647,6 +669,10 @@ class GpuDevice(Device):
         wire.Cmd.UPDATE_CURSOR: _cursor,
         wire.Cmd.MOVE_CURSOR: _cursor,
     }
+
+
+def _window(session: Session) -> int:
+    return max(1, int(getattr(session.info, "max_inflight", 0) or 1))
 
 
 def _scatter(views: list[memoryview], data: bytes) -> None:

@@ -304,16 +304,18 @@ class GuestContext:
 
     async def wait(self, stream: int, seq: int, *, timeout: float = 10.0) -> Reply:
         """Wait with backoff until the fence page says ``seq`` is done on ``stream``."""
-        deadline = time.monotonic() + timeout
-        delay = 0.0
+        start = time.monotonic()
+        deadline = start + timeout
         while True:
             done, err_seq, code, failed = self.fence_slot(stream)
             if done >= seq:
                 break
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise TimeoutError(f"stream {stream} seq {seq} not done (at {done})")
-            await asyncio.sleep(delay)
-            delay = min(0.002, delay + 0.0001)
+            # Spin (yielding) for the first 2 ms: asyncio rounds sleeps below a
+            # millisecond up to one, which would dominate a short round trip.
+            await asyncio.sleep(0 if now - start < 0.002 else 0.001)
         slot = self._pending_slot.pop((stream, seq))
         assert self.reply_bo is not None
         raw = self.reply_bo.read(slot * REPLY_SLOT, REPLY_SLOT)

@@ -21,10 +21,14 @@ from collections import deque
 from pathlib import Path
 from types import TracebackType
 
-from vpcie.errors import ConfigError
+from vpcie.errors import VpcieError
 
 _LISTENING = re.compile(r"event=listening address=(\S+):(\d+)")
 START_TIMEOUT = 20.0  # s; a cold start imports NumPy on a loaded 2-core machine
+
+
+class AgentStartError(VpcieError):
+    """The local vpcie-agent exited or did not listen in time."""
 
 
 class LocalAgent:
@@ -84,7 +88,7 @@ class LocalAgent:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 tail = " | ".join(list(self.log_tail)[-3:]) or "no output"
-                raise ConfigError(f"vpcie-agent did not start listening: {tail}")
+                raise AgentStartError(f"vpcie-agent did not start listening: {tail}")
         return self
 
     def _read_log(self) -> None:
