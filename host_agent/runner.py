@@ -87,6 +87,10 @@ class EventGates:
             gate.wait(min(left, 0.1))
 
 
+_ALREADY_DONE = threading.Event()
+_ALREADY_DONE.set()
+
+
 @dataclass
 class Command:
     """A received COMMAND: its records and where its copy streams go."""
@@ -99,10 +103,13 @@ class Command:
     landing: Landing | None = None  # where H2D bytes went (None: none/discarded)
     direct: bool = False  # H2D bytes already landed in device memory
     h2d_error: VgpuError | None = None  # why H2D bytes could not be taken
-    done: threading.Event = field(default_factory=threading.Event)
+    # Set when the batch has run. Inline batches never wait in a lane, so they
+    # share one already-set Event; _submit gives queued ones their own.
+    done: threading.Event = field(default_factory=lambda: _ALREADY_DONE)
 
 
 BARRIER = -1
+_OK_EMPTY = encode_completion(ErrorCode.OK, failed_index=NO_INDEX)
 
 
 def stream_total(records: list[Record], opcode: Opcode) -> int:
@@ -196,6 +203,8 @@ class BatchRun:
                 blob = out
             elif out is not None:
                 results.append((i, out))
+        if not results and not blob:
+            return _OK_EMPTY
         return encode_completion(ErrorCode.OK, failed_index=NO_INDEX, results=results, blob=blob)
 
     # One method per opcode keeps each check next to its use.

@@ -337,10 +337,10 @@ class Session:
             self._reply_completion(cmd.seq, payload)
             with self.lock:
                 self.inflight -= 1
-            cmd.done.set()
             return
         # Replies of earlier inline batches of this stream must go out first.
         self.flush()
+        cmd.done = threading.Event()
         deps: list[threading.Event] = []
         if cmd.lane == BARRIER:
             deps = [c.done for c in self.lane_last.values()]

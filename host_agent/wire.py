@@ -33,6 +33,13 @@ class Sender:
                 self._send_plain(parts)
 
     def _send_plain(self, parts: Sequence[Buf]) -> None:
+        if len(parts) <= MAX_IOV:
+            # Common case (replies of one recv): one sendmsg takes everything.
+            total = sum(memoryview(p).nbytes for p in parts)
+            sent = self.sock.sendmsg(parts)
+            if sent == total:
+                return
+            parts = _skip(parts, sent)
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         i = 0
         while i < len(views):
@@ -60,3 +67,16 @@ class Sender:
             self.sock.sendall(p)
         if small:
             self.sock.sendall(b"".join(small))
+
+
+def _skip(parts: Sequence[Buf], sent: int) -> list[memoryview]:
+    """The parts left after ``sent`` bytes went out."""
+    out: list[memoryview] = []
+    for p in parts:
+        v = memoryview(p).cast("B")
+        if sent >= len(v):
+            sent -= len(v)
+            continue
+        out.append(v[sent:])
+        sent = 0
+    return out

@@ -163,7 +163,15 @@ def run(conn: socket.socket, ctl: Control, cfg: AgentConfig) -> str:
         executor=executor.name,
         mem_quota=limits.mem_quota,
     )
-    reason = session.serve(hs.leftover())
+    profile_to = os.environ.get("VPCIE_AGENT_PROFILE")  # operators: where time goes
+    if profile_to:
+        import cProfile
+
+        prof = cProfile.Profile()
+        reason = prof.runcall(session.serve, hs.leftover())
+        prof.dump_stats(f"{profile_to}.{sid}")
+    else:
+        reason = session.serve(hs.leftover())
     log("info", "session_end", session=sid, reason=reason)
     return reason
 

@@ -52,6 +52,7 @@ from vpcie.protocol.frames import (
     FrameReader,
     data_frame_header,
     decode_payload,
+    encode_completion,
     encode_frame,
     encode_header,
     encode_payload,
@@ -84,6 +85,8 @@ _OK = ErrorCode.OK
 _STAMP = struct.Struct("<Q")
 _NOP_BATCH = encode_batch([cmds.nop()])
 
+
+_OK_EMPTY = encode_completion(0, failed_index=NO_INDEX)
 
 class TunnelClient(asyncio.BufferedProtocol):
     """One session with a host agent. Create with ``await TunnelClient.connect(...)``.
@@ -480,7 +483,10 @@ class TunnelClient(asyncio.BufferedProtocol):
         fut = self._pending.pop(f.seq, None)
         if fut is None:
             raise ProtocolError(f"COMPLETION for seq {f.seq}, which is not in flight")
-        status, failed, message, _n, results, blob = decode_payload("COMPLETION", f.payload)
+        if f.payload == _OK_EMPTY:  # the most common completion: skip the decoder
+            status, failed, message, results, blob = 0, NO_INDEX, "", [], b""
+        else:
+            status, failed, message, _n, results, blob = decode_payload("COMPLETION", f.payload)
         code = _OK if status == 0 else error_code(status)
         scatter = self._d2h.pop(f.seq, None) if self._d2h else None
         if scatter is not None and code is _OK and scatter.got < scatter.total:
