@@ -1,4 +1,4 @@
-"""``vpcie``: the admin command. For now: ``demo`` and ``version``.
+"""``vpcie``: the admin command: ``demo``, ``vgpu status|bind|unbind``, ``version``.
 
 Every failure prints one line (``vpcie: error: ...``) and exits non-zero
 (STYLE.md habit 15): 1 for a failed operation, 2 for bad input.
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_args(d)
     d.set_defaults(func=cmd_demo)
+    from vpcie.cli import vgpu
+
+    vgpu.add_parser(sub)
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(func=cmd_version)
     return ap

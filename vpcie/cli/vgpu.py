@@ -1,0 +1,92 @@
+"""``vpcie vgpu``: bind, unbind and inspect a running vGPU through its
+backend's control socket (``vpcie-backend --control-socket``, by default the
+vhost-user socket path + ``.ctl``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from vpcie.errors import ConfigError, VpcieError
+
+
+class ControlFailed(VpcieError):
+    """The backend refused or failed the request."""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "vgpu",
+        help="bind / unbind / show the GPU behind a running vGPU",
+        description="Talk to a vpcie-backend's control socket.",
+    )
+    vsub = p.add_subparsers(dest="vgpu_cmd", required=True, metavar="ACTION")
+    st = vsub.add_parser("status", help="binding, contexts, counters")
+    b = vsub.add_parser("bind", help="bind an agent's GPU (or MIG slice) to the vGPU")
+    b.add_argument("--agent", required=True, metavar="HOST:PORT")
+    auth = b.add_mutually_exclusive_group(required=True)
+    auth.add_argument("--psk-file", help="pre-shared key (loopback labs only)")
+    auth.add_argument("--tls-dir", help="PKI folder (ca.pem, NAME.pem, NAME.key)")
+    b.add_argument("--tls-name", default="backend", help="client certificate name")
+    b.add_argument("--device", default="", help="GPU or MIG UUID on the agent (default: any)")
+    b.add_argument("--mem-quota", type=int, default=0, help="device memory bytes per context")
+    u = vsub.add_parser("unbind", help="unbind: in-flight work ends with DEVICE_LOST")
+    for q in (st, b, u):
+        q.add_argument("--backend", required=True, metavar="CTL_SOCKET", help="control socket")
+        q.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vpcie.gpu.control import control_request
+
+    req: dict[str, Any] = {"op": args.vgpu_cmd}
+    if args.vgpu_cmd == "bind":
+        req.update(
+            agent=args.agent,
+            psk_file=args.psk_file,
+            tls_dir=args.tls_dir,
+            tls_name=args.tls_name,
+            device=args.device,
+            mem_quota=args.mem_quota,
+        )
+    try:
+        reply = asyncio.run(control_request(args.backend, req))
+    except FileNotFoundError as exc:
+        msg = f"no control socket at {args.backend} (is vpcie-backend running?)"
+        raise ConfigError(msg) from exc
+    except (OSError, TimeoutError, json.JSONDecodeError) as exc:
+        raise ControlFailed(f"backend at {args.backend}: {exc or type(exc).__name__}") from exc
+    if not reply.get("ok"):
+        raise ControlFailed(f"{args.vgpu_cmd} refused: {reply.get('error', 'no reason given')}")
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+        return 0
+    print(_human(args.vgpu_cmd, reply))
+    return 0
+
+
+def _human(cmd: str, r: dict[str, Any]) -> str:
+    if cmd == "bind":
+        return f"bound: {r['bound']}"
+    if cmd == "unbind":
+        return f"unbound (was: {r.get('was') or 'nothing'})"
+    lines = [
+        f"binding : {r['binding']}" + (f" -> {r['target']}" if r.get("target") else ""),
+        f"counters: {r['commands']} commands, {r['submits']} submits, "
+        f"{r['rejected']} rejected, {r['errors']} errors; {r['resources']} resources",
+    ]
+    ctxs = r.get("contexts") or []
+    if ctxs:
+        lines.append(f"{'ctx':>5}  {'name':<20} {'res':>4} {'inflight':>8}  session")
+        for c in ctxs:
+            state = "lost" if c["lost"] else ("open" if c["session"] else "-")
+            name = c["name"][:20]
+            lines.append(
+                f"{c['id']:>5}  {name:<20} {c['resources']:>4} {c['inflight']:>8}  {state}"
+            )
+    else:
+        lines.append("no guest contexts")
+    return "\n".join(lines)
