@@ -203,13 +203,13 @@ async def bulk(c: TunnelClient, size: int, reps: int) -> tuple[float, float]:
     return h2d, d2h
 
 
-async def run(quick: bool) -> dict[str, Any]:
+async def run(quick: bool, executor: str = "cpu") -> dict[str, Any]:
     n_rtt = 2000 if quick else 20000
     n_pipe = 20000 if quick else 200000
     reps = 2 if quick else 5
     out: dict[str, Any] = {}
     raw = await raw_rtt(n_rtt)
-    with tempfile.TemporaryDirectory() as tmp, LocalAgent(Path(tmp)) as agent:
+    with tempfile.TemporaryDirectory() as tmp, LocalAgent(Path(tmp), executor=executor) as agent:
         assert agent.psk is not None
         c = await TunnelClient.connect(agent.host, agent.port, psk=agent.psk, name="bench")
         try:
@@ -241,6 +241,9 @@ def main() -> int:
         help="pin this process, the agent and the baseline servers to one CPU "
         "(round trips on a small VM depend on whether both ends share a vCPU)",
     )
+    ap.add_argument(
+        "--executor", choices=("cpu", "cuda"), default="cpu", help="the agent's executor"
+    )
     args = ap.parse_args()
     if args.pin_cpu is not None:
         os.sched_setaffinity(0, {args.pin_cpu})  # children inherit it
@@ -248,14 +251,16 @@ def main() -> int:
         import uvloop
 
         uvloop.install()
-    res = asyncio.run(run(args.quick))
+    res = asyncio.run(run(args.quick, args.executor))
+    res["executor"] = args.executor
     res["loop"] = "uvloop" if args.uvloop else "asyncio"
     res["quick"] = args.quick
     res["pinned_cpu"] = args.pin_cpu
     res["machine"] = common.machine()
     m = res["machine"]
     pin = f", all pinned to CPU {args.pin_cpu}" if args.pin_cpu is not None else ""
-    common.say(f"tunnel benchmark ({res['loop']} client, CPU-executor agent on loopback, PSK{pin})")
+    ex = "CPU-executor" if args.executor == "cpu" else "CUDA-executor"
+    common.say(f"tunnel benchmark ({res['loop']} client, {ex} agent on loopback, PSK{pin})")
     common.say(f"machine: {m['nproc']} x {m['cpu']}, kernel {m['kernel']}, Python {m['python']}")
     common.table(
         [
