@@ -131,6 +131,35 @@ def lane_of(records: list[Record]) -> int:
     return 0 if not streams else BARRIER
 
 
+_H2D, _D2H = int(Opcode.COPY_H2D), int(Opcode.COPY_D2H)
+
+
+def scan(records: list[Record]) -> tuple[int, int, int]:
+    """(lane, H2D bytes, D2H bytes) of a batch in one pass (the hot path of
+    every COMMAND); the same answers as lane_of and stream_total."""
+    h2d = d2h = 0
+    first = -1
+    mixed = False
+    for r in records:
+        s = r.stream
+        if first < 0:
+            first = s
+        elif s != first:
+            mixed = True
+        op = r.opcode
+        if op == _H2D or op == _D2H:
+            body = r.body
+            if isinstance(body, tuple) and body[1] == 0:
+                if op == _H2D:
+                    h2d += body[4]
+                else:
+                    d2h += body[4]
+    if first < 0:
+        return 0, h2d, d2h
+    lane = first if not mixed and first < MAX_STREAMS else BARRIER
+    return lane, h2d, d2h
+
+
 def inline_cost(records: list[Record], executor_synchronous: bool, gates: EventGates) -> int:
     """Rough bytes touched; INLINE_COST + 1 for anything that may block."""
     cost = 0

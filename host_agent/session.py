@@ -32,8 +32,7 @@ from host_agent.runner import (
     DataOut,
     EventGates,
     inline_cost,
-    lane_of,
-    stream_total,
+    scan,
 )
 from host_agent.wire import Buf, Sender
 from vpcie.errors import ErrorCode, ProtocolError, VgpuError
@@ -207,9 +206,8 @@ class Session:
             raise ProtocolError(f"COMMAND seq {f.seq} not above {self.last_seq}")
         self.last_seq = f.seq
         records = decode_batch(f.payload)
-        cmd = Command(f.seq, records, lane_of(records))
-        cmd.h2d_total = stream_total(records, Opcode.COPY_H2D)
-        cmd.d2h_total = stream_total(records, Opcode.COPY_D2H)
+        lane, h2d_total, d2h_total = scan(records)
+        cmd = Command(f.seq, records, lane, h2d_total, d2h_total)
         with self.lock:
             over = self.inflight >= self.cfg.max_inflight
             if not over:
@@ -333,7 +331,9 @@ class Session:
             self._idle(cmd.lane)
             and inline_cost(cmd.records, self.ex.synchronous, self.gates) <= INLINE_COST
         ):
-            payload = self._execute(cmd, self._inline_data(cmd.seq))
+            payload = self._execute(
+                cmd, self._inline_data(cmd.seq) if cmd.d2h_total else _no_data
+            )
             self._reply_completion(cmd.seq, payload)
             with self.lock:
                 self.inflight -= 1
@@ -438,3 +438,7 @@ class Session:
         for lane in self.lanes.values():
             lane.thread.join(CLOSE_DRAIN_S)
         self.ex.close()
+
+
+def _no_data(offset: int, view: memoryview, last: bool) -> None:
+    raise AssertionError("a batch without D2H bytes sent DATA")

@@ -69,6 +69,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--null-device", action="store_true", help="serve a null GPU (transport tests only)"
     )
+    p.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop (uvloop: ~10 µs less per guest command; asyncio if uvloop is missing)",
+    )
     args = p.parse_args(argv)
     if args.bind and not (args.psk_file or args.tls_dir):
         p.error("--bind needs --psk-file or --tls-dir")
@@ -138,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(CAPABILITIES))
         return 0
     setup_logging(args.verbose)
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            logging.getLogger("vpcie.backend").warning("uvloop missing: using asyncio")
     try:
         asyncio.run(run(args))
     except (VpcieError, OSError, ValueError) as exc:

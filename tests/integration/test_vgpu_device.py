@@ -213,3 +213,45 @@ async def test_bind_with_wrong_key_is_refused(tmp_path: Path, agent: AgentProc) 
         assert (await control_request(r.control, {"op": "status"}))["binding"] == "unbound"
         reply = await control_request(r.control, {"op": "frobnicate"})
         assert not reply["ok"] and "unknown op" in str(reply["error"])
+
+
+async def test_bind_over_mutual_tls(tmp_path: Path) -> None:
+    """The backend binds an agent with mutual TLS (certificates from
+    ``vpcie-agent pki``) and the guest computes through it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port, wait_port
+
+    pki = tmp_path / "pki"
+    agent_cli = [sys.executable, "-m", "host_agent.main", "pki"]
+    for args in (
+        ["init", "--dir", str(pki)],
+        ["issue", "--dir", str(pki), "--name", "agent1", "--server", "--san", "127.0.0.1"],
+        ["issue", "--dir", str(pki), "--name", "backend", "--client"],
+    ):
+        subprocess.run([*agent_cli, *args], check=True, cwd=ROOT, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "host_agent.main", "serve", "--listen", f"127.0.0.1:{port}",
+            "--tls-dir", str(pki), "--cert-name", "agent1", "--executor", "cpu",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_port("127.0.0.1", port, proc)
+        async with rig(tmp_path) as r:
+            req = {"op": "bind", "agent": f"127.0.0.1:{port}", "tls_dir": str(pki)}
+            assert (await control_request(r.control, req))["ok"]
+            ctx = await r.gpu.open()
+            assert len(await alloc(ctx, 4096)) == 1
+            # The backend's certificate is checked: a folder without one is refused.
+            bad = await control_request(r.control, {**req, "tls_name": "agent1-missing"})
+            assert not bad["ok"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -150,3 +150,31 @@ def test_null_executor_supports_nothing() -> None:
     ex = NullExecutor(SessionLimits(100, 1), DeviceIdentity())
     assert run(ex, [rec(Opcode.MEM_ALLOC, 1, 0)])[0] == ErrorCode.NOT_SUPPORTED
     assert query_info(ex.query_info())["executor"] == ExecutorKind.NONE
+
+
+def test_scan_agrees_with_lane_of_and_stream_total() -> None:
+    """runner.scan (the one-pass hot path) gives what lane_of/stream_total give."""
+    import random
+
+    from host_agent.runner import lane_of, scan, stream_total
+    from vpcie.protocol.batch import rec
+    from vpcie.protocol.codes import Opcode
+
+    rnd = random.Random(7)
+    for _ in range(500):
+        records = []
+        for _ in range(rnd.randrange(0, 6)):
+            stream = rnd.choice([0, 1, 5, 63, 64, 0xFFFFFFFF])
+            kind = rnd.randrange(3)
+            if kind == 0:
+                records.append(rec(Opcode.NOP, stream=stream))
+            else:
+                op = Opcode.COPY_H2D if kind == 1 else Opcode.COPY_D2H
+                res = rnd.choice([0, 0, 3])
+                records.append(rec(op, 1, res, 0, 0, rnd.randrange(100), stream=stream))
+        expect = (
+            lane_of(records),
+            stream_total(records, Opcode.COPY_H2D),
+            stream_total(records, Opcode.COPY_D2H),
+        )
+        assert scan(records) == expect

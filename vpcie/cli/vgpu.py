@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--agent", required=True, metavar="HOST:PORT")
     auth = b.add_mutually_exclusive_group(required=True)
     auth.add_argument("--psk-file", help="pre-shared key (loopback labs only)")
-    auth.add_argument("--tls-dir", help="PKI folder (ca.pem, NAME.pem, NAME.key)")
+    auth.add_argument("--tls-dir", help="PKI folder (ca.crt, NAME.crt, NAME.key)")
     b.add_argument("--tls-name", default="backend", help="client certificate name")
     b.add_argument("--device", default="", help="GPU or MIG UUID on the agent (default: any)")
     b.add_argument("--mem-quota", type=int, default=0, help="device memory bytes per context")

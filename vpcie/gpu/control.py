@@ -41,11 +41,11 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 def client_tls_context(tls_dir: str, name: str) -> ssl.SSLContext:
     """mTLS client context from a PKI folder made by ``vpcie-agent pki``:
-    ca.pem, NAME.pem (certificate) and NAME.key."""
+    ca.crt, NAME.crt (a client certificate) and NAME.key."""
     d = Path(tls_dir)
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(d / "ca.pem"))
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(d / "ca.crt"))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(str(d / f"{name}.pem"), str(d / f"{name}.key"))
+    ctx.load_cert_chain(str(d / f"{name}.crt"), str(d / f"{name}.key"))
     ctx.check_hostname = False  # agents are pinned by the fleet CA, not by DNS names
     return ctx
 
