@@ -255,3 +255,35 @@ async def test_bind_over_mutual_tls(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_hostile_chains_do_not_stop_the_device(tmp_path: Path) -> None:
+    """Descriptors pointing outside guest RAM, an oversized request and a
+    response buffer too small: each is answered (or returned empty) and the
+    next good command is served."""
+    import struct as st
+
+    from vpcie.gpu import wire
+    from vpcie.gpu.guest_driver import hdr
+
+    async with rig(tmp_path) as r:
+        fe = r.fe
+        # A readable descriptor far outside guest memory.
+        head = fe.ctrl.add(readable=[(1 << 40, 64)], writable=[(fe.alloc(64), 64)])
+        fe.kick(0)
+        assert await fe.wait_used(0, head) == 0
+        # A request larger than any command may be (SUBMIT_3D + 1 MiB cap).
+        big = fe.alloc(2 << 20, 4096)
+        resp = fe.alloc(64)
+        head = fe.ctrl.add(readable=[(big, 2 << 20)], writable=[(resp, 64)], indirect=True)
+        fe.kick(0)
+        assert await fe.wait_used(0, head) == 24
+        assert st.unpack_from("<I", fe.mem.read(resp, 4))[0] == wire.Resp.ERR_INVALID_PARAMETER
+        # A display-info request with a 4-byte response buffer: truncated, not a crash.
+        small = fe.alloc(4)
+        head = fe.ctrl.add(readable=[hdr(wire.Cmd.GET_DISPLAY_INFO)], writable=[(small, 4)])
+        fe.kick(0)
+        assert await fe.wait_used(0, head) == 4
+        # Still serving.
+        caps = decode_capset(await r.gpu.get_capset())
+        assert caps[1] == ExecutorKind.NONE

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import construct as cs
@@ -21,6 +22,7 @@ from vpcie.vhost_user.constants import VirtioFeature, bit
 if TYPE_CHECKING:
     from vpcie.memory import MemoryTable
     from vpcie.virtqueue import VirtQueue
+    from vpcie.virtqueue.chain import DescChain
 
 log = logging.getLogger(__name__)
 
@@ -164,22 +166,13 @@ class NullGpuDevice(Device):
         self.gpu_socket = fd
 
     def on_kick(self, queue_index: int, vq: VirtQueue) -> None:
-        for _ in range(MAX_CHAINS_PER_KICK):
-            try:
-                chain = vq.pop()
-            except GuestError as exc:
-                head = getattr(exc, "head", None)
-                log.warning("queue %d: bad chain: %s", queue_index, exc)
-                if head is not None:
-                    vq.push(head, 0)
-                continue
-            if chain is None:
-                return
-            written = 0
-            if queue_index == CONTROL_QUEUE:
-                written = chain.write(error_response(chain.read_all()[:CTRL_HDR_SIZE]))
-                self.commands += 1
-            vq.push(chain.head, written)
+        def serve(chain: DescChain) -> int:
+            if queue_index != CONTROL_QUEUE:
+                return 0
+            self.commands += 1
+            return chain.write(error_response(chain.read_all()[:CTRL_HDR_SIZE]))
+
+        drain_queue(queue_index, vq, serve)
 
     def reset(self) -> None:
         super().reset()
@@ -188,6 +181,24 @@ class NullGpuDevice(Device):
         if self.gpu_socket is not None:
             os.close(self.gpu_socket)
             self.gpu_socket = None
+
+
+def drain_queue(queue_index: int, vq: VirtQueue, serve: Callable[[DescChain], int]) -> None:
+    """Pop up to MAX_CHAINS_PER_KICK chains, ``serve`` each (it returns the
+    bytes written) and push it back. A malformed chain is a guest error: it is
+    logged and returned with nothing written, and the queue keeps going."""
+    for _ in range(MAX_CHAINS_PER_KICK):
+        try:
+            chain = vq.pop()
+        except GuestError as exc:
+            log.warning("queue %d: bad descriptor chain: %s", queue_index, exc)
+            head = getattr(exc, "head", None)
+            if head is not None:
+                vq.push(head, 0)
+            continue
+        if chain is None:
+            return
+        vq.push(chain.head, serve(chain))
 
 
 def error_response(request_header: bytes) -> bytes:

@@ -22,7 +22,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from vpcie.backend.device import BASE_FEATURES, GPU_FEATURES, VIRTIO_GPU_CONFIG, Device
+from vpcie.backend.device import (
+    BASE_FEATURES,
+    GPU_FEATURES,
+    VIRTIO_GPU_CONFIG,
+    Device,
+    drain_queue,
+)
 from vpcie.errors import ErrorCode, GuestError, ProtocolError, VgpuError
 from vpcie.gpu import wire
 from vpcie.gpu.binding import Binding, Session, info_bytes
@@ -50,11 +56,11 @@ from vpcie.protocol.batch import decode_batch
 from vpcie.protocol.codes import MAX_BATCH_BYTES, NO_INDEX, Opcode
 from vpcie.protocol.frames import encode_completion
 from vpcie.virtqueue import VirtQueue
+from vpcie.virtqueue.chain import DescChain
 
 log = logging.getLogger(__name__)
 
 CONTROL_QUEUE, CURSOR_QUEUE = 0, 1
-MAX_CHAINS_PER_KICK = 256
 MAX_REQUEST_BYTES = wire.SUBMIT_3D.sizeof() + MAX_BATCH_BYTES
 MAX_CONTEXTS = 1024
 MAX_CTX_INFLIGHT = 1024  # forwarded batches per context not yet completed
@@ -133,29 +139,20 @@ class GpuDevice(Device):
         )
 
     def on_kick(self, queue_index: int, vq: VirtQueue) -> None:
-        for _ in range(MAX_CHAINS_PER_KICK):
-            try:
-                chain = vq.pop()
-            except GuestError as exc:
-                log.warning("queue %d: bad descriptor chain: %s", queue_index, exc)
-                self.stats["errors"] += 1
-                head = getattr(exc, "head", None)
-                if head is not None:
-                    vq.push(head, 0)
-                continue
-            if chain is None:
-                return
-            if chain.read_len > MAX_REQUEST_BYTES or chain.read_len < wire.HDR_SIZE:
-                request = b""
-                if chain.read_len >= wire.HDR_SIZE:
-                    buf = bytearray(wire.HDR_SIZE)
-                    chain.read_into(buf)
-                    request = bytes(buf)
-                resp = self._error_reply(request, wire.Resp.ERR_INVALID_PARAMETER)
-            else:
-                resp = self.handle(chain.read_all())
-            written = chain.write(resp) if queue_index == CONTROL_QUEUE else 0
-            vq.push(chain.head, written)
+        drain_queue(queue_index, vq, functools.partial(self._serve_chain, queue_index))
+
+    def _serve_chain(self, queue_index: int, chain: DescChain) -> int:
+        if chain.read_len > MAX_REQUEST_BYTES or chain.read_len < wire.HDR_SIZE:
+            request = b""
+            if chain.read_len >= wire.HDR_SIZE:
+                buf = bytearray(wire.HDR_SIZE)
+                chain.read_into(buf)
+                request = bytes(buf)
+            resp = self._error_reply(request, wire.Resp.ERR_INVALID_PARAMETER)
+        else:
+            resp = self.handle(chain.read_all())
+        # The cursor queue has no response buffers (virtio 1.2 §5.7.6.10).
+        return chain.write(resp) if queue_index == CONTROL_QUEUE else 0
 
     def reset(self) -> None:
         super().reset()

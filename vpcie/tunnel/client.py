@@ -88,6 +88,7 @@ _NOP_BATCH = encode_batch([cmds.nop()])
 
 _OK_EMPTY = encode_completion(0, failed_index=NO_INDEX)
 
+
 class TunnelClient(asyncio.BufferedProtocol):
     """One session with a host agent. Create with ``await TunnelClient.connect(...)``.
 
