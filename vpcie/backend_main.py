@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -151,8 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         except ImportError:
             logging.getLogger("vpcie.backend").warning("uvloop missing: using asyncio")
+    profile_to = os.environ.get("VPCIE_BACKEND_PROFILE")  # operators: where time goes
     try:
-        asyncio.run(run(args))
+        if profile_to:
+            import cProfile
+
+            cProfile.runctx("asyncio.run(run(args))", globals(), {"args": args}, profile_to)
+        else:
+            asyncio.run(run(args))
     except (VpcieError, OSError, ValueError) as exc:
         logging.getLogger("vpcie.backend").error("fatal", extra={"fields": {"error": str(exc)}})
         print(f"vpcie-backend: {exc}", file=sys.stderr)
