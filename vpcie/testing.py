@@ -218,7 +218,9 @@ class VhostUserFrontend:
         await self.set_mem_table()
         event_idx = bool(self.features & bit(VirtioFeature.VIRTIO_RING_F_EVENT_IDX))
         for i, num in enumerate(queue_sizes):
-            dq = DriverQueue(self.mem, num, self._rings, event_idx=event_idx)
+            dq = DriverQueue(
+                self.mem, num, self._rings, event_idx=event_idx, hold_completed=True
+            )
             self.queues.append(dq)
             self._used.append({})
             await self.start_queue(i)
@@ -293,6 +295,9 @@ class VhostUserFrontend:
                 for h, n in self.queues[index].get_used():
                     used[h] = n
                 if head in used:
+                    # Only now may the head be reused: several chains can be
+                    # in flight, and another waiter may have collected ours.
+                    self.queues[index].release(head)
                     return used.pop(head)
                 fut: asyncio.Future[None] = loop.create_future()
 

@@ -94,7 +94,11 @@ class DriverQueue:
         alloc: GuestAllocator,
         *,
         event_idx: bool = False,
+        hold_completed: bool = False,
     ) -> None:
+        """``hold_completed``: descriptors of a returned chain stay taken until
+        ``release(head)``, so a head cannot be reused before whoever waits for
+        it has seen its completion (needed with several chains in flight)."""
         check_queue_size(num)
         self.mem = mem
         self.num = num
@@ -116,6 +120,8 @@ class DriverQueue:
         self._avail_idx = 0  # shadow; published by kick()
         self._published = 0
         self._last_used = 0
+        self.hold_completed = hold_completed
+        self._held: dict[int, list[int]] = {}
 
     @property
     def num_free(self) -> int:
@@ -212,6 +218,13 @@ class DriverQueue:
         """EVENT_IDX: interrupt me when used.idx passes ``idx`` (§2.7.10)."""
         self.mem.write_u16(self.avail_gpa + used_event_offset(self.num), idx & 0xFFFF)
 
+    def release(self, head: int) -> None:
+        """Free a returned chain held by ``hold_completed``."""
+        ids = self._held.pop(head, None)
+        if ids is None:
+            raise ValueError(f"head {head} is not a held, returned chain")
+        self._free.extend(reversed(ids))
+
     def get_used(self) -> list[tuple[int, int]]:
         """Collect (head, written_len) of every chain the device has returned."""
         used_idx = self.mem.read_u16(self.used_gpa + USED_IDX)
@@ -229,7 +242,10 @@ class DriverQueue:
             ids = self._chains.pop(head, None)
             if ids is None:
                 raise ProtocolError(f"device returned head {head}, which is not in flight")
-            self._free.extend(reversed(ids))
+            if self.hold_completed:
+                self._held[head] = ids
+            else:
+                self._free.extend(reversed(ids))
             out.append((head, length))
         self._last_used = used_idx
         if self.event_idx:
