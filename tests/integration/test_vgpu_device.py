@@ -287,3 +287,41 @@ async def test_hostile_chains_do_not_stop_the_device(tmp_path: Path) -> None:
         # Still serving.
         caps = decode_capset(await r.gpu.get_capset())
         assert caps[1] == ExecutorKind.NONE
+
+
+async def test_frontend_disconnect_mid_flight(tmp_path: Path, agent: AgentProc) -> None:
+    """QEMU goes away while a batch is held on the agent: the backend drops the
+    guest's contexts and agent sessions, keeps running, and serves the next
+    frontend."""
+    binding = Binding()
+    device = GpuDevice(binding)
+    server = BackendServer(device)
+    sock = str(tmp_path / "vgpu.sock")
+    task = asyncio.create_task(server.serve_path(sock))
+    try:
+        from vpcie.gpu.binding import AgentTarget
+
+        binding.bind(AgentTarget("127.0.0.1", agent.port, psk=agent.psk))
+        async with VhostUserFrontend.connect(sock, mem_size=64 << 20) as fe:
+            gpu = GuestGpu(FrontendTransport(fe), fe.mem, fe.alloc)
+            await gpu.load()
+            ctx = await gpu.open()
+            await alloc(ctx, 64)
+            await ctx.start([rec(Opcode.EVENT_WAIT, 9, stream=2)], stream=2)
+            await asyncio.sleep(0.2)
+            assert device.contexts and device.contexts[ctx.ctx_id].session is not None
+        # The frontend is gone: contexts and sessions with it.
+        for _ in range(100):
+            if not device.contexts:
+                break
+            await asyncio.sleep(0.02)
+        assert not device.contexts
+        async with VhostUserFrontend.connect(sock, mem_size=64 << 20) as fe:
+            gpu = GuestGpu(FrontendTransport(fe), fe.mem, fe.alloc)
+            await gpu.load()
+            ctx = await gpu.open()
+            assert len(await alloc(ctx, 64)) == 1
+    finally:
+        server.stop()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, 5)

@@ -164,7 +164,10 @@ class BackendCore:
 
     # -------------------------------------------------------------- lifecycle
     def disconnected(self) -> None:
-        """The front-end went away: stop every ring and drop guest memory."""
+        """The front-end went away: reset the device (its guest is gone: drop
+        contexts and remote sessions, end in-flight work), stop every ring and
+        drop guest memory."""
+        self.device.reset()
         for index in list(self._queues):
             self.stop_ring(index)
         if self._memory.in_flight == 0:
