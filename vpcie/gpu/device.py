@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class GpuDevice(Device):
         self.edid = make_edid(SCANOUT_W, SCANOUT_H)
         self.bound_info: bytes = unbound_info()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.gpu_socket: int | None = None
 
     # -- Device interface ---------------------------------------------------------
     def features(self) -> int:
@@ -154,6 +156,14 @@ class GpuDevice(Device):
         # The cursor queue has no response buffers (virtio 1.2 §5.7.6.10).
         return chain.write(resp) if queue_index == CONTROL_QUEUE else 0
 
+    def on_set_socket(self, fd: int) -> None:
+        # QEMU's end of the vhost-user-gpu socket (display updates). The null
+        # scanout sends nothing on it, but it stays open for the connection's
+        # life: QEMU treats a closed display socket as a broken backend.
+        if self.gpu_socket is not None:
+            os.close(self.gpu_socket)
+        self.gpu_socket = fd
+
     def reset(self) -> None:
         super().reset()
         for ctx in list(self.contexts.values()):
@@ -163,6 +173,9 @@ class GpuDevice(Device):
 
     def close(self) -> None:
         self.reset()
+        if self.gpu_socket is not None:
+            os.close(self.gpu_socket)
+            self.gpu_socket = None
 
     # -- the sans-IO core ---------------------------------------------------------
     def mem(self) -> GuestMemory:
