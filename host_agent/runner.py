@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from host_agent.executors.base import Executor, Landing, Region
 from vpcie.errors import ErrorCode, VgpuError
@@ -91,7 +91,7 @@ _ALREADY_DONE = threading.Event()
 _ALREADY_DONE.set()
 
 
-@dataclass
+@dataclass(slots=True)
 class Command:
     """A received COMMAND: its records and where its copy streams go."""
 
@@ -105,7 +105,7 @@ class Command:
     h2d_error: VgpuError | None = None  # why H2D bytes could not be taken
     # Set when the batch has run. Inline batches never wait in a lane, so they
     # share one already-set Event; _submit gives queued ones their own.
-    done: threading.Event = field(default_factory=lambda: _ALREADY_DONE)
+    done: threading.Event = _ALREADY_DONE
 
 
 BARRIER = -1
@@ -131,7 +131,29 @@ def lane_of(records: list[Record]) -> int:
     return 0 if not streams else BARRIER
 
 
-_H2D, _D2H = int(Opcode.COPY_H2D), int(Opcode.COPY_D2H)
+# Plain ints for the per-record dispatch (an IntEnum attribute costs a lookup
+# and a slower compare on every record of every batch).
+_NOP = int(Opcode.NOP)
+_QUERY = int(Opcode.QUERY)
+_ALLOC = int(Opcode.MEM_ALLOC)
+_FREE = int(Opcode.MEM_FREE)
+_H2D = int(Opcode.COPY_H2D)
+_D2H = int(Opcode.COPY_D2H)
+_D2D = int(Opcode.COPY_D2D)
+_MEMSET = int(Opcode.MEMSET)
+_MODULE_LOAD = int(Opcode.MODULE_LOAD)
+_MODULE_FREE = int(Opcode.MODULE_FREE)
+_LAUNCH = int(Opcode.LAUNCH)
+_GEMM = int(Opcode.GEMM)
+_AXPY = int(Opcode.AXPY)
+_REDUCE_SUM = int(Opcode.REDUCE_SUM)
+_EVENT_RECORD = int(Opcode.EVENT_RECORD)
+_EVENT_WAIT = int(Opcode.EVENT_WAIT)
+_SYNC = int(Opcode.SYNC)
+# The opcodes inline_cost looks at; every other one costs nothing.
+_COSTED = frozenset(
+    {_H2D, _D2D, _MEMSET, _D2H, _GEMM, _AXPY, _REDUCE_SUM, _EVENT_WAIT, _SYNC, _MODULE_LOAD}
+)
 
 
 def scan(records: list[Record]) -> tuple[int, int, int]:
@@ -140,15 +162,12 @@ def scan(records: list[Record]) -> tuple[int, int, int]:
     h2d = d2h = 0
     first = -1
     mixed = False
-    for r in records:
-        s = r.stream
+    for op, _flags, s, body in records:
         if first < 0:
             first = s
         elif s != first:
             mixed = True
-        op = r.opcode
         if op == _H2D or op == _D2H:
-            body = r.body
             if isinstance(body, tuple) and body[1] == 0:
                 if op == _H2D:
                     h2d += body[4]
@@ -164,26 +183,29 @@ def inline_cost(records: list[Record], executor_synchronous: bool, gates: EventG
     """Rough bytes touched; INLINE_COST + 1 for anything that may block."""
     cost = 0
     block = INLINE_COST + 1
-    for r in records:
-        op, body = r.opcode, r.body
-        if not isinstance(body, tuple):
-            continue
-        if op in (Opcode.COPY_H2D, Opcode.COPY_D2D, Opcode.MEMSET):
-            cost += body[4] if op != Opcode.MEMSET else body[3]
-        elif op == Opcode.COPY_D2H:
+    for op, _flags, _stream, body in records:
+        if op not in _COSTED or not isinstance(body, tuple):
+            continue  # NOP, QUERY, allocations, ...: nothing to touch
+        if op == _H2D or op == _D2D:
+            cost += body[4]
+        elif op == _MEMSET:
+            cost += body[3]
+        elif op == _D2H:
             if body[4] > INLINE_D2H:
                 return block
             cost += body[4]
-        elif op == Opcode.GEMM:
+        elif op == _GEMM:
             if body[3] * body[4] * body[5] > INLINE_GEMM_MNK:
                 return block
             cost += 4 * (body[3] * body[5] + body[5] * body[4] + body[3] * body[4])
-        elif op in (Opcode.AXPY, Opcode.REDUCE_SUM):
-            cost += 8 * body[4 if op == Opcode.AXPY else 3]
-        elif op == Opcode.EVENT_WAIT:
+        elif op == _AXPY:
+            cost += 8 * body[4]
+        elif op == _REDUCE_SUM:
+            cost += 8 * body[3]
+        elif op == _EVENT_WAIT:
             if not gates.is_set(body[0]):
                 return block
-        elif op in (Opcode.SYNC, Opcode.MODULE_LOAD) and not executor_synchronous:
+        elif not executor_synchronous:  # SYNC, MODULE_LOAD
             return block
         if cost > INLINE_COST:
             return block
@@ -238,55 +260,54 @@ class BatchRun:
 
     # One method per opcode keeps each check next to its use.
     def _record(self, r: Record) -> int | bytes | None:
-        op = r.opcode
-        if r.stream >= MAX_STREAMS and not (op == Opcode.SYNC and r.stream == ALL_STREAMS):
-            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"stream {r.stream} >= {MAX_STREAMS}")
-        body = r.body
+        op, _flags, s, body = r
+        if s >= MAX_STREAMS and not (op == _SYNC and s == ALL_STREAMS):
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"stream {s} >= {MAX_STREAMS}")
         if not isinstance(body, tuple):
             raise VgpuError(ErrorCode.NOT_SUPPORTED, f"unknown opcode {op}")
-        ex, s = self.ex, r.stream
-        if op == Opcode.NOP:
+        ex = self.ex
+        if op == _NOP:
             return None
-        if op == Opcode.QUERY:
+        if op == _QUERY:
             return ex.query_info()
-        if op == Opcode.MEM_ALLOC:
+        if op == _ALLOC:
             return ex.mem_alloc(body[0], body[1])
-        if op == Opcode.MEM_FREE:
+        if op == _FREE:
             ex.mem_free(body[0])
             return None
-        if op == Opcode.COPY_H2D:
+        if op == _H2D:
             self._h2d(body, s)
             return None
-        if op == Opcode.COPY_D2H:
+        if op == _D2H:
             self._d2h(body, s)
             return None
-        if op == Opcode.COPY_D2D:
+        if op == _D2D:
             dst_h, src_h, dst_off, src_off, size = body
             ex.copy_d2d(
                 ex.check_range(dst_h, dst_off, size), ex.check_range(src_h, src_off, size), s
             )
             return None
-        if op == Opcode.MEMSET:
+        if op == _MEMSET:
             handle, value, offset, size = body
             if value > 0xFF:
                 raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"MEMSET value {value} is not a byte")
             ex.memset(ex.check_range(handle, offset, size), value, s)
             return None
-        if op == Opcode.MODULE_LOAD:
+        if op == _MODULE_LOAD:
             kind, name, code = body
             if kind not in tuple(ModuleKind):
                 raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown module kind {kind}")
             return ex.module_load(kind, name, code)
-        if op == Opcode.MODULE_FREE:
+        if op == _MODULE_FREE:
             ex.module_free(body[0])
             return None
-        if op == Opcode.LAUNCH:
+        if op == _LAUNCH:
             self._launch(body, s)
             return None
-        if op == Opcode.GEMM:
+        if op == _GEMM:
             self._gemm(body, s)
             return None
-        if op == Opcode.AXPY:
+        if op == _AXPY:
             dt = _dtype(body[0], ex)
             x_h, y_h, alpha, n, x_off, y_off = body[1:]
             isz = DTYPE_SIZE[dt]
@@ -294,24 +315,24 @@ class BatchRun:
             y = ex.check_range(y_h, y_off, n * isz, isz)
             ex.axpy(dt, alpha, x, y, s)
             return None
-        if op == Opcode.REDUCE_SUM:
+        if op == _REDUCE_SUM:
             dt = _dtype(body[0], ex)
             x_h, out_h, n, x_off, out_off = body[1:]
             isz = DTYPE_SIZE[dt]
             x = ex.check_range(x_h, x_off, n * isz, isz)
             out = ex.check_range(out_h, out_off, isz, isz) if out_h else None
             return f64_bits(ex.reduce_sum(dt, x, out, s))
-        if op == Opcode.EVENT_RECORD:
+        if op == _EVENT_RECORD:
             self._check_event(body[0])
             ex.event_record(body[0], s)
             self.gates.set(body[0])
             return None
-        if op == Opcode.EVENT_WAIT:
+        if op == _EVENT_WAIT:
             self._check_event(body[0])
             self.gates.wait(body[0], self.event_wait_timeout)
             ex.event_wait(body[0], s)
             return None
-        if op == Opcode.SYNC:
+        if op == _SYNC:
             ex.sync(None if s == ALL_STREAMS else s)
             return None
         raise VgpuError(ErrorCode.NOT_SUPPORTED, f"opcode {op}")

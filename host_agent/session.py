@@ -34,10 +34,17 @@ from host_agent.runner import (
     inline_cost,
     scan,
 )
-from host_agent.wire import Buf, Sender
+from host_agent.wire import SEQ_LENGTH, Buf, Sender, completion_head
 from vpcie.errors import ErrorCode, ProtocolError, VgpuError
 from vpcie.protocol.batch import decode_batch
-from vpcie.protocol.codes import MAX_DATA_CHUNK, NO_INDEX, FrameFlag, FrameType, Opcode
+from vpcie.protocol.codes import (
+    MAX_DATA_CHUNK,
+    MAX_PAYLOAD,
+    NO_INDEX,
+    FrameFlag,
+    FrameType,
+    Opcode,
+)
 from vpcie.protocol.frames import (
     Frame,
     FrameReader,
@@ -49,6 +56,14 @@ from vpcie.protocol.frames import (
 )
 
 CLOSE_DRAIN_S = 5.0  # how long CLOSE waits for queued batches before freeing
+
+_COMMAND = int(FrameType.COMMAND)
+_DATA = int(FrameType.DATA)
+_PING = int(FrameType.PING)
+_PONG = int(FrameType.PONG)
+_CLOSE = int(FrameType.CLOSE)
+_ERROR = int(FrameType.ERROR)
+_COMPLETION_CAP = MAX_PAYLOAD[FrameType.COMPLETION]
 
 
 @dataclass
@@ -118,6 +133,8 @@ class Session:
         self.lane_last: dict[int, Command] = {}
         self.barrier_last: Command | None = None
         self._scratch = memoryview(bytearray(MAX_DATA_CHUNK))
+        self._inline_run = BatchRun(executor, self.gates, config.event_wait_timeout, _no_data)
+        self._completion_head = completion_head(self.sid)
         self.closed_by_client = False
         self.broken = False
 
@@ -129,10 +146,11 @@ class Session:
             if first_frames:
                 if self._handle_all(first_frames):
                     return "close"
+            reader, recv_into, handle_all = self.reader, self.sock.recv_into, self._handle_all
             while True:
-                buf = self.reader.get_buffer()
+                buf = reader.get_buffer()
                 try:
-                    n = self.sock.recv_into(buf)
+                    n = recv_into(buf)
                 except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
                     reason = "idle"
                     log(
@@ -141,7 +159,7 @@ class Session:
                     return reason
                 if n == 0:
                     return reason
-                if self._handle_all(self.reader.buffer_updated(n)):
+                if handle_all(reader.buffer_updated(n)):
                     return "close"
         except ProtocolError as exc:
             log("warning", "protocol_error", session=self.sid, error=str(exc))
@@ -158,16 +176,26 @@ class Session:
 
         The reader pauses after each COMMAND (stop_after) so that the DATA
         behind it, even in the same recv, lands straight where it belongs."""
+        reader, sid = self.reader, self.sid
         try:
             while True:
                 for f in frames:
-                    if self._handle(f):
+                    if f.session != sid:
+                        raise ProtocolError(f"frame for session {f.session} on session {sid}")
+                    if f.type == _COMMAND:  # the hot one: no dispatch chain
+                        self._command(f)
+                    elif self._handle(f):
                         return True
-                if not self.reader.more:
+                if not reader.more:
                     break
-                frames = self.reader.buffer_updated(0)
+                frames = reader.buffer_updated(0)
         finally:
-            self.flush()
+            if self.replies:
+                parts, self.replies = self.replies, []
+                if self.lanes:
+                    self.sender.send(parts)
+                else:  # lanes are started by this thread: none can be sending
+                    self.sender.send_alone(parts)
         return False
 
     def flush(self) -> None:
@@ -179,20 +207,20 @@ class Session:
         if f.session != self.sid:
             raise ProtocolError(f"frame for session {f.session} on session {self.sid}")
         t = f.type
-        if t == FrameType.DATA:
+        if t == _DATA:
             self._data(f)
-        elif t == FrameType.COMMAND:
+        elif t == _COMMAND:
             self._command(f)
-        elif t == FrameType.PING:
+        elif t == _PING:
             self.replies.append(
                 encode_frame(FrameType.PONG, bytes(f.payload), session=self.sid, seq=f.seq)
             )
-        elif t == FrameType.PONG:
+        elif t == _PONG:
             pass
-        elif t == FrameType.CLOSE:
+        elif t == _CLOSE:
             self._close()
             return True
-        elif t == FrameType.ERROR:
+        elif t == _ERROR:
             raise ProtocolError("client sent ERROR")
         else:
             raise ProtocolError(f"unexpected {FrameType(t).name} frame in a session")
@@ -200,34 +228,43 @@ class Session:
 
     # -- COMMAND and its DATA ---------------------------------------------------------
     def _command(self, f: Frame) -> None:
+        seq = f.seq
         if self.pending is not None:
-            raise ProtocolError(f"COMMAND {f.seq} before the DATA of {self.pending.cmd.seq}")
-        if f.seq <= self.last_seq:
-            raise ProtocolError(f"COMMAND seq {f.seq} not above {self.last_seq}")
-        self.last_seq = f.seq
+            raise ProtocolError(f"COMMAND {seq} before the DATA of {self.pending.cmd.seq}")
+        if seq <= self.last_seq:
+            raise ProtocolError(f"COMMAND seq {seq} not above {self.last_seq}")
+        self.last_seq = seq
         records = decode_batch(f.payload)
         lane, h2d_total, d2h_total = scan(records)
-        cmd = Command(f.seq, records, lane, h2d_total, d2h_total)
-        with self.lock:
-            over = self.inflight >= self.cfg.max_inflight
-            if not over:
-                self.inflight += 1
-        if over:
+        cmd = Command(seq, records, lane, h2d_total, d2h_total)
+        # Only this thread adds to ``inflight`` (lanes only take away), so
+        # reading it needs no lock; changing it does.
+        if self.inflight >= self.cfg.max_inflight:
             self._reply_completion(
-                f.seq,
+                seq,
                 encode_completion(
                     ErrorCode.QUOTA_EXCEEDED,
                     failed_index=NO_INDEX,
                     message=f"more than {self.cfg.max_inflight} commands in flight",
                 ),
             )
-            if cmd.h2d_total:
+            if h2d_total:
                 self.pending = _Pending(cmd, None, rejected=True)
             return
-        if cmd.h2d_total:
+        if (
+            not h2d_total
+            and ((not self.lane_last and self.barrier_last is None) or self._idle(lane))
+            and inline_cost(records, self.ex.synchronous, self.gates) <= INLINE_COST
+        ):
+            # Runs and completes before this thread reads on: never counted.
+            self._run_inline(cmd)
+            return
+        with self.lock:
+            self.inflight += 1
+        if h2d_total:
             self.pending = _Pending(cmd, self._landing(cmd))
             return
-        self._submit(cmd)
+        self._enqueue(cmd)
 
     def _landing(self, cmd: Command) -> Landing | None:
         total = cmd.h2d_total
@@ -326,18 +363,35 @@ class Session:
         last = self.lane_last.get(lane)
         return last is None or last.done.is_set()
 
+    def _run_inline(self, cmd: Command) -> None:
+        # One BatchRun serves every inline batch: they run one at a time, here.
+        run = self._inline_run
+        seq = cmd.seq
+        run.send_data = self._inline_data(seq) if cmd.d2h_total else _no_data
+        try:
+            payload = run.run(cmd)
+        except Exception as exc:  # an executor bug must fail the batch, not the worker
+            payload = self._crashed(cmd, exc)
+        n = len(payload)
+        if n > _COMPLETION_CAP:  # raises the same error as encode_header
+            encode_header(FrameType.COMPLETION, n, session=self.sid, seq=seq)
+        replies = self.replies  # as _reply_completion, one call less
+        replies.append(self._completion_head + SEQ_LENGTH.pack(seq, n))
+        replies.append(payload)
+
     def _submit(self, cmd: Command) -> None:
+        """Run or queue a counted batch (its DATA has all arrived)."""
         if (
             self._idle(cmd.lane)
             and inline_cost(cmd.records, self.ex.synchronous, self.gates) <= INLINE_COST
         ):
-            payload = self._execute(
-                cmd, self._inline_data(cmd.seq) if cmd.d2h_total else _no_data
-            )
-            self._reply_completion(cmd.seq, payload)
+            self._run_inline(cmd)
             with self.lock:
                 self.inflight -= 1
             return
+        self._enqueue(cmd)
+
+    def _enqueue(self, cmd: Command) -> None:
         # Replies of earlier inline batches of this stream must go out first.
         self.flush()
         cmd.done = threading.Event()
@@ -359,7 +413,13 @@ class Session:
     def run_queued(self, cmd: Command) -> None:
         """Run a batch on its lane thread and send its completion."""
         try:
-            payload = self._execute(cmd, self._direct_data(cmd.seq))
+            run = BatchRun(
+                self.ex, self.gates, self.cfg.event_wait_timeout, self._direct_data(cmd.seq)
+            )
+            try:
+                payload = run.run(cmd)
+            except Exception as exc:  # an executor bug must fail the batch, not the worker
+                payload = self._crashed(cmd, exc)
             self.sender.send(
                 [
                     encode_header(
@@ -376,15 +436,11 @@ class Session:
                 self.inflight -= 1
             cmd.done.set()
 
-    def _execute(self, cmd: Command, send_data: DataOut) -> bytes:
-        run = BatchRun(self.ex, self.gates, self.cfg.event_wait_timeout, send_data)
-        try:
-            return run.run(cmd)
-        except Exception as exc:  # an executor bug must fail the batch, not the worker
-            log("error", "batch_crashed", session=self.sid, seq=cmd.seq, error=repr(exc))
-            return encode_completion(
-                ErrorCode.INTERNAL, failed_index=NO_INDEX, message=f"internal error: {exc!r}"[:500]
-            )
+    def _crashed(self, cmd: Command, exc: Exception) -> bytes:
+        log("error", "batch_crashed", session=self.sid, seq=cmd.seq, error=repr(exc))
+        return encode_completion(
+            ErrorCode.INTERNAL, failed_index=NO_INDEX, message=f"internal error: {exc!r}"[:500]
+        )
 
     def _inline_data(self, seq: int) -> DataOut:
         def send(offset: int, view: memoryview, last: bool) -> None:
@@ -401,10 +457,12 @@ class Session:
         return send
 
     def _reply_completion(self, seq: int, payload: bytes) -> None:
-        self.replies.append(
-            encode_header(FrameType.COMPLETION, len(payload), session=self.sid, seq=seq)
-        )
-        self.replies.append(payload)
+        n = len(payload)
+        if n > _COMPLETION_CAP:  # raises the same error as encode_header
+            encode_header(FrameType.COMPLETION, n, session=self.sid, seq=seq)
+        replies = self.replies
+        replies.append(self._completion_head + SEQ_LENGTH.pack(seq, n))
+        replies.append(payload)
 
     # -- ending -----------------------------------------------------------------------
     def _drain(self, timeout: float) -> None:

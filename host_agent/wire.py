@@ -13,9 +13,20 @@ import ssl
 import threading
 from collections.abc import Sequence
 
+from vpcie.protocol.codes import FrameType
+from vpcie.protocol.frames import SEQ_LENGTH, header_prefix
+
+__all__ = ["MAX_IOV", "SEQ_LENGTH", "Buf", "Sender", "completion_head"]
+
 Buf = bytes | bytearray | memoryview
 MAX_IOV = 512  # below IOV_MAX (1024 on Linux)
 _JOIN_LIMIT = 64 * 1024  # TLS: parts smaller than this are joined
+
+
+def completion_head(session: int) -> bytes:
+    """The bytes of every COMPLETION header of ``session`` before seq
+    (append ``SEQ_LENGTH.pack(seq, n)``)."""
+    return header_prefix(FrameType.COMPLETION, session)
 
 
 class Sender:
@@ -27,19 +38,26 @@ class Sender:
     def send(self, parts: Sequence[Buf]) -> None:
         """Send all parts, in order, as one write where the kernel allows."""
         with self.lock:
-            if self.tls:
-                self._send_tls(parts)
-            else:
-                self._send_plain(parts)
+            self.send_alone(parts)
+
+    def send_alone(self, parts: Sequence[Buf]) -> None:
+        """``send`` without the lock, for a caller that knows no other thread
+        can be sending now (a session's reader before it started any lane)."""
+        if self.tls:
+            self._send_tls(parts)
+        elif len(parts) <= MAX_IOV:
+            # Common case (replies of one recv): one sendmsg takes everything.
+            total = 0
+            for p in parts:  # mostly bytes; a view may be typed (nbytes != len)
+                total += len(p) if type(p) is bytes else memoryview(p).nbytes
+            sent = self.sock.sendmsg(parts)
+            if sent != total:
+                self._send_plain(_skip(parts, sent))
+        else:
+            self._send_plain(parts)
 
     def _send_plain(self, parts: Sequence[Buf]) -> None:
-        if len(parts) <= MAX_IOV:
-            # Common case (replies of one recv): one sendmsg takes everything.
-            total = sum(memoryview(p).nbytes for p in parts)
-            sent = self.sock.sendmsg(parts)
-            if sent == total:
-                return
-            parts = _skip(parts, sent)
+        """Send all ``parts``, MAX_IOV at a time, until the kernel took them."""
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         i = 0
         while i < len(views):

@@ -218,9 +218,7 @@ class VhostUserFrontend:
         await self.set_mem_table()
         event_idx = bool(self.features & bit(VirtioFeature.VIRTIO_RING_F_EVENT_IDX))
         for i, num in enumerate(queue_sizes):
-            dq = DriverQueue(
-                self.mem, num, self._rings, event_idx=event_idx, hold_completed=True
-            )
+            dq = DriverQueue(self.mem, num, self._rings, event_idx=event_idx, hold_completed=True)
             self.queues.append(dq)
             self._used.append({})
             await self.start_queue(i)

@@ -53,6 +53,7 @@ class FakeAgent:
     hold: bool = False  # keep completions back
     silent: bool = False  # stop sending anything (no PONG either)
     garbage_on_command: bool = False
+    bad_completion: bool = False  # answer COMMANDs with an undecodable COMPLETION
     writers: list[asyncio.Transport] = field(default_factory=list)
     held: list[tuple[asyncio.Transport, bytes]] = field(default_factory=list)
     pings: int = 0
@@ -124,6 +125,11 @@ class _FakeConn(asyncio.Protocol):
         elif f.type == FrameType.COMMAND:
             if self.agent.garbage_on_command:
                 self.t.write(b"\xde\xad" * 20)
+                return
+            if self.agent.bad_completion:  # a well-framed COMPLETION whose payload lies
+                self.t.write(
+                    encode_frame(FrameType.COMPLETION, b"\x01", session=SESSION, seq=f.seq)
+                )
                 return
             recs = decode_batch(f.payload)
             need = sum(
@@ -296,6 +302,25 @@ async def test_garbage_from_agent_loses_the_session(agent: tuple[FakeAgent, int]
     assert "protocol" in done.message
     with pytest.raises(VgpuError):
         done.check()
+
+
+async def test_malformed_completion_ends_its_command(agent: tuple[FakeAgent, int]) -> None:
+    """The command a malformed COMPLETION names ends with DEVICE_LOST too
+    (it had already left the in-flight table when decoding failed)."""
+    fake, port = agent
+    c = await TunnelClient.connect("127.0.0.1", port, psk=PSK)
+    fake.hold = True
+    held = c.send([cmds.nop()])  # in flight, completion held back
+    for _ in range(100):  # until the fake agent has taken it
+        if fake.held:
+            break
+        await asyncio.sleep(0.01)
+    assert fake.held
+    fake.bad_completion = True
+    done = await asyncio.wait_for(c.submit([cmds.nop()]), 3)
+    assert done.status is ErrorCode.DEVICE_LOST and "malformed" in done.message
+    other = await asyncio.wait_for(held, 3)
+    assert other.status is ErrorCode.DEVICE_LOST
 
 
 async def test_bad_arguments_are_refused_before_sending(agent: tuple[FakeAgent, int]) -> None:

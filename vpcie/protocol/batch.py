@@ -160,6 +160,7 @@ class Record(NamedTuple):
         return self.body[fast.names.index(name)]
 
 
+_new_tuple = tuple.__new__  # Record(...) without NamedTuple's keyword handling (hot path)
 FAST_BODIES: dict[Opcode, FastStruct] = {op: FastStruct(body) for op, body in BODIES.items()}
 _FAST_BY_INT: dict[int, FastStruct] = {int(op): fs for op, fs in FAST_BODIES.items()}
 _BATCH_HDR = FastStruct(BATCH_HEADER)
@@ -205,11 +206,15 @@ def decode_batch(data: bytes | bytearray | memoryview) -> list[Record]:
         fast = _FAST_BY_INT.get(opcode)
         if fast is None:
             body: tuple[Any, ...] | bytes = bytes(data[body_start:end])
+        elif fast.fixed_size == 0:  # NOP, QUERY, SYNC: nothing to decode
+            if end != body_start:
+                raise ProtocolError(f"record {i}: {end - body_start} trailing bytes in body")
+            body = ()
         else:
             body, used = fast.decode(memoryview(data)[:end], body_start)
             if used != end:
                 raise ProtocolError(f"record {i}: {end - used} trailing bytes in body")
-        out.append(Record(opcode, rflags, stream, body))
+        out.append(_new_tuple(Record, (opcode, rflags, stream, body)))
         pos = end
     if pos != length:
         raise ProtocolError(f"batch has {length - pos} trailing bytes")

@@ -130,7 +130,8 @@ FAST: dict[str, FastStruct] = {name: FastStruct(st) for name, st in PAYLOADS.ite
 _HDR = FastStruct(HEADER).fixed_struct()
 HEADER_SIZE = _HDR.size
 _DATA_HDR = struct.Struct("<Q")
-_TYPES = frozenset(int(t) for t in FrameType)
+_CAPS: dict[int, int] = {int(t): MAX_PAYLOAD[t] for t in FrameType}  # known type -> its cap
+_DATA_TYPE = int(FrameType.DATA)
 
 
 class Frame(NamedTuple):
@@ -143,6 +144,11 @@ class Frame(NamedTuple):
     data_len: int = 0  # DATA only: payload bytes (sunk or in ``payload``)
 
 
+# Frame(...) without the NamedTuple __new__ frame (the reader's hot path):
+# _frame(Frame, (all seven fields)).
+_frame = tuple.__new__
+
+
 def encode_header(
     ftype: int, length: int, *, session: int = 0, seq: int = 0, flags: int = 0
 ) -> bytes:
@@ -150,6 +156,22 @@ def encode_header(
     if cap is None or length > cap:
         raise ProtocolError(f"frame type {ftype} with {length} bytes is not sendable")
     return _HDR.pack(FRAME_MAGIC, PROTOCOL_VERSION, ftype, flags, session, seq, length)
+
+
+# A session's frames of one type differ only in HEADER's last two fields (seq,
+# length): ``header_prefix(type, session) + SEQ_LENGTH.pack(seq, n)`` equals
+# ``encode_header(type, n, session=session, seq=seq)`` for n within the cap.
+# Hot paths (COMMAND in the client, COMPLETION in the agent) build the
+# constant part once per session.
+_TAIL = HEADER.subcons[-2:]
+if [sc.name for sc in _TAIL] != ["seq", "length"]:
+    raise AssertionError("frames.HEADER no longer ends with seq, length")
+SEQ_LENGTH = FastStruct(c.Struct(*_TAIL)).fixed_struct()
+
+
+def header_prefix(ftype: int, session: int) -> bytes:
+    """The bytes of every ``ftype`` header of ``session`` before seq and length."""
+    return encode_header(ftype, 0, session=session)[: HEADER_SIZE - SEQ_LENGTH.size]
 
 
 def encode_frame(
@@ -306,22 +328,29 @@ class FrameReader:
             self._seg += 1
 
     def _parse(self, out: list[Frame]) -> None:
-        buf, view = self._buf, self._view
+        # The hot loop of both sides: locals instead of attributes, one dict
+        # lookup for "known type" and its cap, tuples built without the
+        # NamedTuple constructor's Python frame.
+        buf, view, end = self._buf, self._view, self._end
+        start = self._start
+        stop_after = self.stop_after
+        unpack = _HDR.unpack_from
         while not self._segs:
-            avail = self._end - self._start
+            avail = end - start
             if avail < HEADER_SIZE:
                 break
-            magic, version, ftype, flags, session, seq, length = _HDR.unpack_from(buf, self._start)
+            magic, version, ftype, flags, session, seq, length = unpack(buf, start)
             if magic != FRAME_MAGIC:
                 raise ProtocolError(f"bad frame magic {magic:#010x}")
             if version != PROTOCOL_VERSION:
                 raise ProtocolError(f"frame version {version} not supported")
-            if ftype not in _TYPES:
+            cap = _CAPS.get(ftype)
+            if cap is None:
                 raise ProtocolError(f"unknown frame type {ftype}")
-            if length > MAX_PAYLOAD[ftype]:
+            if length > cap:
                 raise ProtocolError(f"{FrameType(ftype).name} frame of {length} bytes over cap")
-            pstart = self._start + HEADER_SIZE
-            if ftype == FrameType.DATA:
+            pstart = start + HEADER_SIZE
+            if ftype == _DATA_TYPE:
                 if length < 8:
                     raise ProtocolError("DATA frame shorter than its offset field")
                 if avail < HEADER_SIZE + 8:
@@ -329,44 +358,48 @@ class FrameReader:
                 (offset,) = _DATA_HDR.unpack_from(buf, pstart)
                 n = length - 8
                 dstart = pstart + 8
+                self._start = start  # the sink may raise: leave the reader consistent
                 dest = self.sink(session, seq, offset, n) if self.sink is not None else None
-                have = min(self._end - dstart, n)
+                have = min(end - dstart, n)
                 if dest is not None:
-                    frame = Frame(ftype, flags, session, seq, b"", offset, n)
+                    frame = _frame(Frame, (ftype, flags, session, seq, b"", offset, n))
                     self._start = dstart + have
-                    if self._start_big(dest, view[dstart : dstart + have], frame, None):
+                    complete = self._start_big(dest, view[dstart : dstart + have], frame, None)
+                    start, end = self._start, self._end
+                    if complete:
                         out.append(frame)
                         continue
                     break
                 if have == n:
-                    out.append(
-                        Frame(
-                            ftype, flags, session, seq, bytes(view[dstart : dstart + n]), offset, n
-                        )
-                    )
-                    self._start = dstart + n
+                    payload = bytes(view[dstart : dstart + n])
+                    out.append(_frame(Frame, (ftype, flags, session, seq, payload, offset, n)))
+                    start = dstart + n
                     continue
                 owned = bytearray(n)
                 self._start = dstart + have
-                frame = Frame(ftype, flags, session, seq, b"", offset, n)
+                frame = _frame(Frame, (ftype, flags, session, seq, b"", offset, n))
                 self._start_big([memoryview(owned)], view[dstart : dstart + have], frame, owned)
+                start, end = self._start, self._end
                 break
             if avail >= HEADER_SIZE + length:
-                out.append(Frame(ftype, flags, session, seq, bytes(view[pstart : pstart + length])))
-                self._start = pstart + length
-                if ftype in self.stop_after:
-                    self.more = self._end > self._start
+                payload = bytes(view[pstart : pstart + length])
+                out.append(_frame(Frame, (ftype, flags, session, seq, payload, 0, 0)))
+                start = pstart + length
+                if ftype in stop_after:
+                    self.more = end > start
                     break
                 continue
             if length > len(buf) - HEADER_SIZE:
                 owned = bytearray(length)
-                head = view[pstart : self._end]
-                self._start = self._end
-                frame = Frame(ftype, flags, session, seq, b"")
+                head = view[pstart:end]
+                self._start = end
+                frame = _frame(Frame, (ftype, flags, session, seq, b"", 0, 0))
                 self._start_big([memoryview(owned)], head, frame, owned)
+                start, end = self._start, self._end
             break
-        if self._start == self._end:
-            self._start = self._end = 0
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
 
     def _start_big(
         self, segs: list[memoryview], head: memoryview, frame: Frame, owned: bytearray | None

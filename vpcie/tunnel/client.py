@@ -38,6 +38,7 @@ from vpcie.errors import AuthError, ConfigError, ErrorCode, ProtocolError, VgpuE
 from vpcie.protocol.batch import Record, encode_batch
 from vpcie.protocol.codes import (
     MAX_DATA_CHUNK,
+    MAX_PAYLOAD,
     NO_INDEX,
     PROTOCOL_VERSION,
     AuthMode,
@@ -48,6 +49,7 @@ from vpcie.protocol.codes import (
 from vpcie.protocol.frames import (
     MAC_SIZE,
     NONCE_SIZE,
+    SEQ_LENGTH,
     Frame,
     FrameReader,
     data_frame_header,
@@ -56,6 +58,7 @@ from vpcie.protocol.frames import (
     encode_frame,
     encode_header,
     encode_payload,
+    header_prefix,
     macs_equal,
     psk_mac,
 )
@@ -83,10 +86,19 @@ _CLOSE = int(FrameType.CLOSE)
 _REPLY = int(FrameFlag.REPLY)
 _OK = ErrorCode.OK
 _STAMP = struct.Struct("<Q")
+_monotonic = time.monotonic
 _NOP_BATCH = encode_batch([cmds.nop()])
 
 
 _OK_EMPTY = encode_completion(0, failed_index=NO_INDEX)
+_READY = Runstate.READY
+_COMMAND_CAP = MAX_PAYLOAD[FrameType.COMMAND]
+_SEQ_LENGTH = SEQ_LENGTH
+
+
+def _command_head(session: int) -> bytes:
+    """The bytes of every COMMAND header of ``session`` before seq."""
+    return header_prefix(_COMMAND, session)
 
 
 class TunnelClient(asyncio.BufferedProtocol):
@@ -112,6 +124,7 @@ class TunnelClient(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader(self._sink)
         self._seq = 0
+        self._head = _command_head(0)
         self._pending: dict[int, asyncio.Future[Completion]] = {}
         self._d2h: dict[int, Scatter] = {}
         self._handshake: asyncio.Queue[Frame | None] = asyncio.Queue()
@@ -250,7 +263,10 @@ class TunnelClient(asyncio.BufferedProtocol):
 
     def send_nop(self) -> asyncio.Future[Completion]:
         """A one-record NOP batch (pre-encoded): the cheapest command there is."""
-        self._check_ready("send_nop()")
+        if self._state is not _READY or (
+            self.max_inflight and len(self._pending) >= self.max_inflight
+        ):
+            self._check_ready("send_nop()")  # raises
         return self._command(_NOP_BATCH, None, None)
 
     async def nop(self) -> Completion:
@@ -376,7 +392,16 @@ class TunnelClient(asyncio.BufferedProtocol):
         self._pending[seq] = fut
         if d2h is not None:
             self._d2h[seq] = d2h
-        self._queue(encode_header(_COMMAND, len(data), session=self.session, seq=seq) + data)
+        n = len(data)
+        if n > _COMMAND_CAP:  # raises the same error as encode_header
+            encode_header(_COMMAND, n, session=self.session, seq=seq)
+        frame = self._head + _SEQ_LENGTH.pack(seq, n) + data
+        if h2d is None and len(self._pending) <= 1:  # _queue's lone-command case
+            transport = self._transport
+            if transport is not None and not self._outq and not self._paused:
+                transport.write(frame)
+                return fut
+        self._queue(frame)
         if h2d is not None:
             # docs/PROTOCOL.md: DATA frames follow the COMMAND before any other COMMAND
             session, outq = self.session, self._outq
@@ -454,10 +479,9 @@ class TunnelClient(asyncio.BufferedProtocol):
         return self._reader.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._last_life = time.monotonic()
+        self._last_life = _monotonic()
         try:
-            frames = self._reader.buffer_updated(nbytes)
-            for f in frames:
+            for f in self._reader.buffer_updated(nbytes):
                 t = f.type
                 if t == _COMPLETION:
                     self._on_completion(f)
@@ -481,20 +505,35 @@ class TunnelClient(asyncio.BufferedProtocol):
     def _on_completion(self, f: Frame) -> None:
         if f.session != self.session:
             raise ProtocolError(f"COMPLETION for session {f.session}, this is {self.session}")
-        fut = self._pending.pop(f.seq, None)
+        seq = f.seq
+        fut = self._pending.pop(seq, None)
         if fut is None:
-            raise ProtocolError(f"COMPLETION for seq {f.seq}, which is not in flight")
-        if f.payload == _OK_EMPTY:  # the most common completion: skip the decoder
-            status, failed, message, results, blob = 0, NO_INDEX, "", [], b""
+            raise ProtocolError(f"COMPLETION for seq {seq}, which is not in flight")
+        scatter = self._d2h.pop(seq, None) if self._d2h else None
+        payload = f.payload
+        if payload == _OK_EMPTY and scatter is None:  # the most common completion
+            done = Completion(_OK, NO_INDEX, "", {}, b"")
         else:
-            status, failed, message, _n, results, blob = decode_payload("COMPLETION", f.payload)
-        code = _OK if status == 0 else error_code(status)
-        scatter = self._d2h.pop(f.seq, None) if self._d2h else None
-        if scatter is not None and code is _OK and scatter.got < scatter.total:
-            code, failed = ErrorCode.PROTOCOL, NO_INDEX
-            message = f"agent sent {scatter.got} of {scatter.total} D2H bytes"
+            if payload == _OK_EMPTY:
+                status, failed, message, results, blob = 0, NO_INDEX, "", [], b""
+            else:
+                try:
+                    status, failed, message, _n, results, blob = decode_payload(
+                        "COMPLETION", payload
+                    )
+                except ProtocolError as exc:
+                    # The tunnel is about to fail; this command is already out
+                    # of the in-flight table, so end it here (never a hang).
+                    if not fut.done():
+                        fut.set_result(Completion.lost(f"malformed COMPLETION: {exc}"))
+                    raise
+            code = _OK if status == 0 else error_code(status)
+            if scatter is not None and code is _OK and scatter.got < scatter.total:
+                code, failed = ErrorCode.PROTOCOL, NO_INDEX
+                message = f"agent sent {scatter.got} of {scatter.total} D2H bytes"
+            done = Completion(code, failed, message, dict(results), blob)
         if not fut.done():  # a caller may have cancelled it
-            fut.set_result(Completion(code, failed, message, dict(results), blob))
+            fut.set_result(done)
 
     def _on_control(self, f: Frame) -> None:
         t = f.type
@@ -583,6 +622,7 @@ class TunnelClient(asyncio.BufferedProtocol):
         if status != 0:
             raise VgpuError(error_code(status), f"agent {agent!r} refused OPEN: {message}")
         self.session = session
+        self._head = _command_head(session)
         self._info = QueryInfo.decode(info)
         self.max_inflight = self._info.max_inflight
 
