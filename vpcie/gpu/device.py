@@ -125,6 +125,7 @@ class GpuDevice(Device):
         self.bound_info: bytes = unbound_info()
         self._tasks: set[asyncio.Task[None]] = set()
         self.gpu_socket: int | None = None
+        self._servers: dict[int, Callable[[DescChain], int]] = {}
 
     # -- Device interface ---------------------------------------------------------
     def features(self) -> int:
@@ -141,7 +142,10 @@ class GpuDevice(Device):
         )
 
     def on_kick(self, queue_index: int, vq: VirtQueue) -> None:
-        drain_queue(queue_index, vq, functools.partial(self._serve_chain, queue_index))
+        serve = self._servers.get(queue_index)
+        if serve is None:
+            serve = self._servers[queue_index] = functools.partial(self._serve_chain, queue_index)
+        drain_queue(queue_index, vq, serve)
 
     def _serve_chain(self, queue_index: int, chain: DescChain) -> int:
         if chain.read_len > MAX_REQUEST_BYTES or chain.read_len < wire.HDR_SIZE:
@@ -187,31 +191,36 @@ class GpuDevice(Device):
 
     def handle(self, request: bytes) -> bytes:
         """One control/cursor command in, its response out; never raises."""
-        self.stats["commands"] += 1
+        stats = self.stats
+        stats["commands"] += 1
         if len(request) < wire.HDR_SIZE:
-            self.stats["errors"] += 1
+            stats["errors"] += 1
             return wire.response(wire.Resp.ERR_UNSPEC, 0, 0, 0, 0)
-        ctype = wire.HDR.unpack_from(request, 0)[0]
-        fast = wire.FAST.get(ctype)
-        handler = self._handlers.get(ctype)
-        if fast is None or handler is None:
+        ctype = _U32.unpack_from(request, 0)[0]
+        entry = _DISPATCH.get(ctype)
+        if entry is None:
             log.info("unsupported virtio-gpu command %#x", ctype)
             return self._error_reply(request, wire.Resp.ERR_UNSPEC)
+        fast, handler = entry
         try:
             fields, end = fast.decode(request, 0)
         except ProtocolError:
             return self._error_reply(request, wire.Resp.ERR_INVALID_PARAMETER)
         try:
-            rtype, payload = handler(self, fields, request[end:])
+            rtype, payload = handler(self, fields, request[end:] if end < len(request) else b"")
         except GuestError as exc:
-            self.stats["errors"] += 1
+            stats["errors"] += 1
             log.info("virtio-gpu command %#x refused: %s", ctype, exc)
             for cls, resp in _RESP_FOR_ERROR:
                 if isinstance(exc, cls):
                     return self._error_reply(request, resp)
             return self._error_reply(request, wire.Resp.ERR_UNSPEC)
-        flags, fence_id, ctx_id, ring_idx = fields[1], fields[2], fields[3], fields[4]
-        return wire.response(rtype, flags, fence_id, ctx_id, ring_idx) + payload
+        flags = fields[1]
+        if flags & wire.FLAG_FENCE:  # virtio 1.2 §5.7.6.8: echo the fence
+            head = _HDR_PACK(rtype, flags & _ECHO_FLAGS, fields[2], fields[3], fields[4], _PAD3)
+        else:
+            head = _PLAIN_HEAD.get(rtype) or wire.response(rtype, 0, 0, 0, 0)
+        return head + payload if payload else head
 
     def _error_reply(self, request: bytes, rtype: wire.Resp) -> bytes:
         self.stats["errors"] += 1
@@ -679,6 +688,16 @@ class GpuDevice(Device):
         wire.Cmd.UPDATE_CURSOR: _cursor,
         wire.Cmd.MOVE_CURSOR: _cursor,
     }
+
+
+_U32 = struct.Struct("<I")
+_HDR_PACK = wire.HDR.pack
+_PAD3 = b"\0\0\0"
+_ECHO_FLAGS = wire.FLAG_FENCE | wire.FLAG_INFO_RING_IDX
+_PLAIN_HEAD = {int(r): wire.response(r, 0, 0, 0, 0) for r in wire.Resp}
+_DISPATCH: dict[int, tuple[Any, Any]] = {
+    int(cmd): (wire.FAST[int(cmd)], handler) for cmd, handler in GpuDevice._handlers.items()
+}
 
 
 def _window(session: Session) -> int:

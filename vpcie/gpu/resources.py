@@ -30,7 +30,7 @@ class ParameterError(GuestError):
     """A request field out of range (ERR_INVALID_PARAMETER)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Resource:
     resource_id: int
     size: int  # bytes the guest may address through this resource
