@@ -74,7 +74,13 @@ class NativeDescChain(DescChain):
         write_len: int,
         pre: bytes | None,
     ) -> None:
-        super().__init__(mem, head, None, None, read_len, write_len)
+        # DescChain.__init__, inlined: one chain per guest request (hot path).
+        self.mem = mem
+        self.head = head
+        self._readable = None
+        self._writable = None
+        self.read_len = read_len
+        self.write_len = write_len
         self._regs = regs
         self._raw = raw
         self._nsegs = nsegs
@@ -126,13 +132,16 @@ class NativeDescChain(DescChain):
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
-        ffi, lib = native()
+        ffi, lib = _FFI_LIB if _FFI_LIB is not None else native()
         regs = self._live()
         src = ffi.from_buffer(data)
         n = lib.vq_scatter(regs.table, regs.n, self._raw, self._nsegs, offset, src, len(src))
         if n < 0:
             raise GuestError("descriptor chain buffer left guest memory")
         return int(n)
+
+
+_FFI_LIB: tuple[Any, Any] | None = None  # native(), once a NativeWalker exists
 
 
 class NativeWalker:
@@ -143,7 +152,8 @@ class NativeWalker:
     def __init__(
         self, max_segments: int = MAX_CHAIN_SEGMENTS, gather_max: int = GATHER_INLINE_MAX
     ) -> None:
-        ffi, lib = native()
+        global _FFI_LIB
+        ffi, lib = _FFI_LIB = native()
         self._ffi, self._lib = ffi, lib
         self.max_segments = max_segments
         self._segs = ffi.new("struct vq_seg[]", max(1, max_segments))
@@ -159,10 +169,12 @@ class NativeWalker:
         head: int,
         desc_view: memoryview | None = None,
     ) -> DescChain:
-        regs = mem.native if mem.native is not None else native_regions(mem)
+        regs = mem.native
+        if regs is None or mem.closed:
+            regs = native_regions(mem)  # builds it, or raises for a closed table
+            if mem.closed:
+                raise GuestError("guest memory table was closed (replaced or device reset)")
         assert isinstance(regs, NativeRegions)
-        if mem.closed:
-            raise GuestError("guest memory table was closed (replaced or device reset)")
         out = self._out
         rc = self._lib.vq_walk(
             regs.table,

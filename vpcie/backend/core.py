@@ -198,17 +198,21 @@ class BackendCore:
         except BlockingIOError:
             pass
         self.kicks += 1
-        self._service(index)
+        self._serve(index, q)
 
     def _service(self, index: int) -> None:
         q = self._queues.get(index)
-        if q is None:
-            return
+        if q is not None:
+            self._serve(index, q)
+
+    def _serve(self, index: int, q: _Queue) -> None:
         try:
             self.device.on_kick(index, q.vq)
         except GuestError as exc:
             log.warning("queue %d: guest error: %s", index, exc)
-        self.notify(index)
+        if q.call_fd is not None and q.vq.needs_notify():  # notify(index), inlined
+            os.eventfd_write(q.call_fd, 1)
+            self.notifies += 1
 
 
 def _with_base(cfg: RingConfig, base: int) -> RingConfig:

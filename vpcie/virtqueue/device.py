@@ -95,6 +95,7 @@ class VirtQueue:
         self.avail_gpa = avail_gpa
         self.used_gpa = used_gpa
         self.event_idx = event_idx
+        self._avail_event_off = avail_event_offset(num)
         self._walker = select_walker(impl, max_segments)
         self.impl = self._walker.name
         self._map(mem)
@@ -194,9 +195,9 @@ class VirtQueue:
         # and x86-64 does not reorder loads.
         last = self._last_avail
         head = _U16.unpack_from(self._avail, AVAIL_RING + 2 * (last & (self.num - 1)))[0]
-        self._last_avail = (last + 1) & 0xFFFF
-        if self.event_idx:
-            self.set_avail_event()
+        self._last_avail = last = (last + 1) & 0xFFFF
+        if self.event_idx:  # set_avail_event(), inlined (hot path)
+            _U16.pack_into(self._used, self._avail_event_off, last)
         try:
             return self._walker.walk(self.mem, self.desc_gpa, self.num, head, self._desc)
         except ChainError as exc:
