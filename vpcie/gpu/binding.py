@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from vpcie.errors import ErrorCode, VgpuError
+from vpcie.protocol.batch import Record
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,14 @@ class Session(Protocol):
 
     def send(
         self,
-        batch: bytes,
+        batch: bytes | Sequence[Record],
         *,
         h2d: Sequence[memoryview] = (),
         d2h: Sequence[memoryview] = (),
+        on_done: Callable[[Any], None] | None = None,
     ) -> asyncio.Future[Any]:
-        """Queue one batch on the wire now; the future gives its Completion."""
+        """Queue one batch on the wire now; the future gives its Completion,
+        and ``on_done`` gets it synchronously (every way the command ends)."""
         ...
 
     async def close(self) -> None: ...

@@ -17,7 +17,7 @@ from vpcie.errors import ErrorCode, GuestError, VgpuError
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE
 from vpcie.gpu.resources import ResourceTable
 from vpcie.memory import GuestMemory
-from vpcie.protocol.batch import Record, encode_batch
+from vpcie.protocol.batch import Record
 from vpcie.protocol.codes import ALL_STREAMS, MAX_STREAMS, Opcode
 
 _COPY_HOST = (int(Opcode.COPY_H2D), int(Opcode.COPY_D2H))
@@ -41,9 +41,6 @@ class Prepared:
     d2h: list[memoryview] = field(default_factory=list)
     signals: list[Signal] = field(default_factory=list)
     fence_page: memoryview | None = None  # set by FENCE_PAGE_SET
-
-    def encoded(self) -> bytes:
-        return encode_batch(self.forward)
 
     def original_index(self, fwd: int) -> int:
         return self.fwd_index[fwd] if 0 <= fwd < len(self.fwd_index) else fwd

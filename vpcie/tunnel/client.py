@@ -30,7 +30,7 @@ import ssl as ssl_mod
 import struct
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, cast
 
@@ -99,6 +99,22 @@ _SEQ_LENGTH = SEQ_LENGTH
 def _command_head(session: int) -> bytes:
     """The bytes of every COMMAND header of ``session`` before seq."""
     return header_prefix(_COMMAND, session)
+
+
+class _SyncFuture(asyncio.Future[Completion]):
+    """A Future that also calls ``on_done(result)`` synchronously when its
+    result is set, before any awaiting task runs (the vGPU backend publishes
+    completions on the guest's fence page from there, a loop turn sooner).
+    Every completion path (COMPLETION, loss, close) sets results, so every
+    one reaches ``on_done``."""
+
+    on_done: Callable[[Completion], None] | None = None
+
+    def set_result(self, result: Completion) -> None:
+        super().set_result(result)
+        cb, self.on_done = self.on_done, None
+        if cb is not None:
+            cb(result)
 
 
 class TunnelClient(asyncio.BufferedProtocol):
@@ -216,8 +232,13 @@ class TunnelClient(asyncio.BufferedProtocol):
         *,
         h2d: Sequence[Any] = (),
         d2h: Sequence[Any] = (),
+        on_done: Callable[[Completion], None] | None = None,
     ) -> asyncio.Future[Completion]:
         """Queue one COMMAND; the Future resolves to its Completion.
+
+        ``on_done``, if given, is called with the Completion synchronously as
+        the Future gets it (whatever ends the command: its COMPLETION, a lost
+        tunnel, close), before tasks awaiting the Future resume.
 
         ``h2d``/``d2h`` are scatter lists (buffer objects, e.g. guest pages)
         whose total sizes must equal the batch's resource-0 COPY_H2D/COPY_D2H
@@ -249,7 +270,7 @@ class TunnelClient(asyncio.BufferedProtocol):
                     ErrorCode.INVALID_ARGUMENT,
                     f"the batch copies {need} bytes but the {what} list holds {have}",
                 )
-        return self._command(data, h2d_scatter, d2h_scatter)
+        return self._command(data, h2d_scatter, d2h_scatter, on_done)
 
     async def submit(
         self,
@@ -385,10 +406,19 @@ class TunnelClient(asyncio.BufferedProtocol):
             )
 
     def _command(
-        self, data: bytes, h2d: Scatter | None, d2h: Scatter | None
+        self,
+        data: bytes,
+        h2d: Scatter | None,
+        d2h: Scatter | None,
+        on_done: Callable[[Completion], None] | None = None,
     ) -> asyncio.Future[Completion]:
         self._seq = seq = self._seq + 1
-        fut: asyncio.Future[Completion] = self._loop.create_future()
+        fut: asyncio.Future[Completion]
+        if on_done is None:
+            fut = self._loop.create_future()
+        else:
+            fut = _SyncFuture(loop=self._loop)
+            fut.on_done = on_done
         self._pending[seq] = fut
         if d2h is not None:
             self._d2h[seq] = d2h
