@@ -326,8 +326,9 @@ async def part_a(procs: Procs, quick: bool) -> dict[str, Any]:
     per = n // rounds
     port, psk_file = start_agent(procs)
     sock = start_vpcie_backend(
-        procs, "vpcie-bound", "--bind", f"127.0.0.1:{port}", "--psk-file", str(psk_file)
-    )
+        procs, "vpcie-bound", "--bind", f"127.0.0.1:{port}", "--psk-file", str(psk_file),
+        "--poll-us", str(POLL_US),
+    )  # fmt: skip
     direct = await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="bench-direct")
     spin: list[float] = []
     backoff: list[float] = []
@@ -500,11 +501,23 @@ async def run(quick: bool) -> dict[str, Any]:
     return res
 
 
+POLL_US = 0  # --poll-us: the bound backend's busy-poll window (part a only)
+
+
 def main() -> int:
+    global POLL_US
     ap = common.parser((__doc__ or "").split("\n")[0])
+    ap.add_argument(
+        "--poll-us",
+        type=int,
+        default=0,
+        help="run the bound vpcie-backend with --poll-us N (busy polling; part a only)",
+    )
     args = ap.parse_args()
+    POLL_US = args.poll_us
     res = asyncio.run(run(args.quick))
     res["quick"] = args.quick
+    res["backend_poll_us"] = args.poll_us
     res["machine"] = common.machine()
     res["c_backend"] = (
         f"{C_BACKEND} (qemu-system-gui {c_backend_version()})"
@@ -512,7 +525,8 @@ def main() -> int:
         else f"{C_BACKEND} missing: 2D comparison not measured"
     )
     m = res["machine"]
-    common.say("vgpu_path benchmark (vpcie-backend + CPU-executor agent on loopback, PSK)")
+    poll = f", backend busy-polls {args.poll_us} µs" if args.poll_us else ""
+    common.say(f"vgpu_path benchmark (vpcie-backend + CPU-executor agent on loopback, PSK{poll})")
     common.say(f"machine: {m['nproc']} x {m['cpu']}, kernel {m['kernel']}, Python {m['python']}")
     common.table(
         [

@@ -71,6 +71,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--null-device", action="store_true", help="serve a null GPU (transport tests only)"
     )
     p.add_argument(
+        "--poll-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="busy-poll this long after each guest kick (0: off; costs a CPU while polling)",
+    )
+    p.add_argument(
         "--loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
@@ -79,6 +86,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.bind and not (args.psk_file or args.tls_dir):
         p.error("--bind needs --psk-file or --tls-dir")
+    if not 0 <= args.poll_us <= 10_000:
+        p.error("--poll-us must be between 0 and 10000")
     if not args.print_capabilities and args.socket_path is None and args.fd is None:
         p.error("one of --socket-path or --fd is required")
     return args
@@ -123,7 +132,7 @@ async def run(args: argparse.Namespace) -> None:
         ctl_path = args.control_socket or (args.socket_path + ".ctl" if args.socket_path else None)
         if ctl_path:
             await control.start(ctl_path)
-    server = BackendServer(device)
+    server = BackendServer(device, poll_s=args.poll_us / 1e6)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vpcie.backend.device import Device
+from vpcie.backend.poller import BusyPoller
 from vpcie.errors import GuestError, ProtocolError
 from vpcie.memory import GuestMemory, MemoryRegion, MemoryTable
 from vpcie.vhost_user.connection import RingConfig
@@ -43,9 +44,16 @@ class _Queue:
 class BackendCore:
     """Guest memory, started queues and the device, driven by vhost-user messages."""
 
-    def __init__(self, device: Device, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        device: Device,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        poll_s: float = 0.0,
+    ) -> None:
         self.device = device
         self._loop = loop
+        self.poller = BusyPoller(poll_s, loop)
         self._memory = MemoryTable()
         self._queues: dict[int, _Queue] = {}
         self.kicks = 0
@@ -199,6 +207,7 @@ class BackendCore:
             pass
         self.kicks += 1
         self._serve(index, q)
+        self.poller.touch()
 
     def _service(self, index: int) -> None:
         q = self._queues.get(index)

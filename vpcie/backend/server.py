@@ -75,9 +75,11 @@ async def recvmsg_fds(sock: socket.socket, size: int = RECV_SIZE) -> tuple[bytes
 class BackendServer:
     """Serves vhost-user connections for one Device, one at a time."""
 
-    def __init__(self, device: Device, *, event: EventSink | None = None) -> None:
+    def __init__(
+        self, device: Device, *, event: EventSink | None = None, poll_s: float = 0.0
+    ) -> None:
         self.device = device
-        self.core = BackendCore(device)
+        self.core = BackendCore(device, poll_s=poll_s)
         self.connection: Connection | None = None
         self.connections = 0
         self._event = event or _default_event
