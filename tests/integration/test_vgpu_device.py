@@ -325,3 +325,24 @@ async def test_frontend_disconnect_mid_flight(tmp_path: Path, agent: AgentProc) 
         server.stop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, 5)
+
+
+async def test_signal_alone_waits_for_earlier_work(tmp_path: Path, agent: AgentProc) -> None:
+    """A batch holding only a SIGNAL must not publish while work submitted
+    before it on that stream is still running (else a guest would read D2H
+    results that have not landed)."""
+    from vpcie.protocol.batch import encode_batch
+
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx = await r.gpu.open()
+        await alloc(ctx, 64)
+        # Stream 0 held on the agent behind an event nobody has recorded yet.
+        await ctx.submit(encode_batch([rec(Opcode.EVENT_WAIT, 5), rec(Opcode.NOP)]))
+        seq = await ctx.start([], stream=0)  # a batch of just SIGNAL(seq) on stream 0
+        await asyncio.sleep(0.3)
+        assert ctx.fence_slot(0)[0] < seq, "SIGNAL published before the work ahead of it"
+        released = await ctx.run([rec(Opcode.EVENT_RECORD, 5, stream=1)], stream=1)
+        assert released.status == ErrorCode.OK
+        reply = await ctx.wait(0, seq, timeout=5)
+        assert reply.status == ErrorCode.OK

@@ -53,8 +53,8 @@ from vpcie.gpu.resources import (
 )
 from vpcie.gpu.submit import Prepared, prepare
 from vpcie.memory import GuestMemory
-from vpcie.protocol.batch import decode_batch
-from vpcie.protocol.codes import MAX_BATCH_BYTES, NO_INDEX, Opcode
+from vpcie.protocol.batch import Record, decode_batch
+from vpcie.protocol.codes import MAX_BATCH_BYTES, MAX_STREAMS, NO_INDEX, Opcode
 from vpcie.protocol.frames import encode_completion
 from vpcie.virtqueue import VirtQueue
 from vpcie.virtqueue.chain import DescChain
@@ -411,13 +411,21 @@ class GpuDevice(Device):
             return
         ctx.fence.reject(int(code))
         for r in records:
-            if r.opcode == Opcode.SIGNAL and isinstance(r.body, tuple) and r.stream < 64:
+            if r.opcode == Opcode.SIGNAL and isinstance(r.body, tuple) and r.stream < MAX_STREAMS:
                 ctx.fence.complete(r.stream, r.body[0], int(code), max(index, 0))
 
     def _dispatch(self, ctx: Context, prepared: Prepared) -> None:
         if not prepared.forward:
-            self._finish(Pending(prepared, ctx), ErrorCode.OK, NO_INDEX, "", {}, b"")
-            return
+            if not (prepared.signals and ctx.inflight):
+                self._finish(Pending(prepared, ctx), ErrorCode.OK, NO_INDEX, "", {}, b"")
+                return
+            # SIGNALs alone while earlier batches are still running: a SIGNAL
+            # must not publish before the work queued ahead of it on its
+            # stream is done, so a NOP per stream goes to the agent, which
+            # orders it behind that work (and completes it after).
+            streams = sorted({sig.stream for sig in prepared.signals})
+            prepared.forward = [Record(int(Opcode.NOP), 0, s, ()) for s in streams]
+            prepared.fwd_index = [0] * len(streams)
         gen = self.binding.generation
         if self.binding.target is None:
             self._answer_unbound(ctx, prepared)
