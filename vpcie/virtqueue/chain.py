@@ -10,6 +10,7 @@ to it); change one, change the other.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 from vpcie.errors import GuestError
@@ -77,21 +78,11 @@ class DescChain:
 
     def read_into(self, buf: bytearray | memoryview, offset: int = 0) -> int:
         """Copy readable bytes starting at ``offset`` into ``buf``; returns the count."""
-        if offset < 0:
-            raise ValueError(f"negative offset {offset}")
         dst = memoryview(buf).cast("B")
-        want = max(0, min(len(dst), self.read_len - offset))
-        pos, skip = 0, offset
-        for gpa, n in self.readable:
-            if pos >= want:
-                break
-            if skip >= n:
-                skip -= n
-                continue
-            take = min(n - skip, want - pos)
-            self.mem.read_into(gpa + skip, dst[pos : pos + take])
+        pos = 0
+        for gpa, pos, take in _spans(self.readable, self.read_len, len(dst), offset):
+            self.mem.read_into(gpa, dst[pos : pos + take])
             pos += take
-            skip = 0
         return pos
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
@@ -100,22 +91,33 @@ class DescChain:
         Returns how many bytes fitted (the rest is dropped: the guest's buffer
         is too small, which the caller reports).
         """
-        if offset < 0:
-            raise ValueError(f"negative offset {offset}")
         src = memoryview(data).cast("B")
-        want = max(0, min(len(src), self.write_len - offset))
-        pos, skip = 0, offset
-        for gpa, n in self.writable:
-            if pos >= want:
-                break
-            if skip >= n:
-                skip -= n
-                continue
-            take = min(n - skip, want - pos)
-            self.mem.write(gpa + skip, src[pos : pos + take])
+        pos = 0
+        for gpa, pos, take in _spans(self.writable, self.write_len, len(src), offset):
+            self.mem.write(gpa, src[pos : pos + take])
             pos += take
-            skip = 0
         return pos
+
+
+def _spans(
+    segments: list[Segment], total: int, size: int, offset: int
+) -> Iterator[tuple[int, int, int]]:
+    """(gpa, position in the caller's buffer, length) for the chain bytes
+    [offset, offset + size) that exist (at most ``total - offset``)."""
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
+    want = max(0, min(size, total - offset))
+    pos, skip = 0, offset
+    for gpa, n in segments:
+        if pos >= want:
+            break
+        if skip >= n:
+            skip -= n
+            continue
+        take = min(n - skip, want - pos)
+        yield gpa + skip, pos, take
+        pos += take
+        skip = 0
 
 
 def _table_view(mem: GuestMemory, gpa: int, entries: int) -> memoryview | None:
