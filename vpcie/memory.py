@@ -22,14 +22,16 @@ Rules that every accessor follows (the native walker follows the same ones):
 from __future__ import annotations
 
 import bisect
+import ctypes
 import itertools
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from vpcie.errors import GuestError, ProtocolError
 
@@ -40,6 +42,33 @@ MAX_REGIONS = 512  # vhost-user lets QEMU send any number; cap what we map
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+WordFormat = Literal["H", "I", "Q"]
+_WORD_SIZES: dict[str, int] = {"H": 2, "I": 4, "Q": 8}
+
+
+def word_view(view: memoryview, fmt: WordFormat) -> memoryview[int]:
+    """``view`` as little-endian words (``fmt`` "H", "I" or "Q") for fields a
+    guest reads while we write them (used.idx, avail_event, fence sequences).
+
+    Item assignment on the result is one aligned store of the word's width
+    (CPython's memoryview packs an item with a single fixed-size memcpy), so a
+    concurrent reader sees the old value or the new one. ``struct.pack_into``
+    is not safe there: it zero-fills its target before packing, and a reader in
+    between sees 0. The view must start word-aligned and hold whole words.
+    """
+    size = _WORD_SIZES.get(fmt)
+    if size is None:
+        raise ValueError(f"word format {fmt!r} is not one of H, I, Q")
+    if sys.byteorder != "little":  # the cast is native order; virtio is little-endian
+        raise ValueError("shared guest words need a little-endian host")
+    raw = view.cast("B") if view.format != "B" else view
+    if not len(raw) or len(raw) % size:
+        raise ValueError(f"{len(raw)} bytes are not a whole number of {size}-byte words")
+    if ctypes.addressof(ctypes.c_char.from_buffer(raw)) % size:
+        raise ValueError(f"view does not start {size}-byte aligned")
+    return raw.cast(fmt)
 
 
 @dataclass(frozen=True, slots=True)

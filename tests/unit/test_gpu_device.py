@@ -187,3 +187,32 @@ async def test_unref_before_ctx_destroy(gpu: GuestGpu, dev: GpuDevice) -> None:
     assert bo.resource_id not in dev.contexts[ctx.ctx_id].resources
     await ctx.destroy()
     assert not dev.contexts
+
+
+async def test_fence_page_must_be_word_aligned(
+    gpu: GuestGpu, dev: GpuDevice, mem: GuestMemory
+) -> None:
+    """Fence words are single aligned stores: a fence page at an odd resource
+    offset or on backing at an odd guest address is refused, nothing written."""
+    ctx = await gpu.open()
+    bo = await ctx.create_bo(8192)
+    with pytest.raises(CommandFailed) as err:
+        await ctx.submit(encode_batch([rec(Opcode.FENCE_PAGE_SET, bo.resource_id, 4)]))
+    assert err.value.resp == wire.Resp.ERR_INVALID_PARAMETER
+    # Re-back the buffer at a guest address 4 bytes past a page.
+    rid = bo.resource_id
+    odd = bo.segments[0][0] + 4
+    assert rtype(
+        dev.handle(hdr(wire.Cmd.RESOURCE_DETACH_BACKING) + struct.pack("<II", rid, 0))
+    ) == (wire.Resp.OK_NODATA)
+    attach = hdr(wire.Cmd.RESOURCE_ATTACH_BACKING) + struct.pack("<IIQII", rid, 1, odd, 4096, 0)
+    assert rtype(dev.handle(attach)) == wire.Resp.OK_NODATA
+    mem.write(odd, b"\xaa" * 64)
+    with pytest.raises(CommandFailed) as err:
+        await ctx.submit(encode_batch([rec(Opcode.FENCE_PAGE_SET, rid, 0)]))
+    assert err.value.resp == wire.Resp.ERR_INVALID_PARAMETER
+    assert mem.read(odd, 64) == b"\xaa" * 64  # nothing was written there
+    assert dev.contexts[ctx.ctx_id].fence is None
+    # An aligned fence page still works afterwards.
+    await ctx.setup_fences()
+    assert (await ctx.run([rec(Opcode.QUERY)])).status == ErrorCode.OK

@@ -22,10 +22,9 @@ increments ``rejected`` and sets ``last_reject``.
 
 from __future__ import annotations
 
-import struct
-
 import construct as c
 
+from vpcie.memory import word_view
 from vpcie.protocol.codes import MAX_STREAMS
 from vpcie.protocol.fastcodec import FastStruct
 
@@ -48,21 +47,24 @@ SLOT = c.Struct(
 HEADER_ST = FastStruct(HEADER).fixed_struct()
 SLOT_ST = FastStruct(SLOT).fixed_struct()
 FENCE_PAGE_SIZE = HEADER_ST.size + MAX_STREAMS * SLOT_ST.size
-_U64 = struct.Struct("<Q")
-_ERR = struct.Struct("<QII")  # error_seq, error_code, failed_index
+_REJECTED, _LAST_REJECT = 2, 3  # header fields, as u32 indices
 
 
 class FencePage:
     """Writes one context's fence page through a checked view of guest memory.
 
     ``view`` is a memoryview of exactly FENCE_PAGE_SIZE bytes obtained through
-    GuestMemory (the device checks the range when FENCE_PAGE_SET arrives).
+    GuestMemory (the device checks the range and its 8-byte alignment when
+    FENCE_PAGE_SET arrives). The guest reads the page while we write it, so
+    every field is written with one store of its width (``word_view``).
     """
 
     def __init__(self, view: memoryview) -> None:
         if len(view) != FENCE_PAGE_SIZE:
             raise ValueError("fence page view has the wrong size")
         self.view = view
+        self._u32 = word_view(view, "I")
+        self._u64 = word_view(view, "Q")
         self.rejected = 0
         view[:FENCE_PAGE_SIZE] = bytes(FENCE_PAGE_SIZE)
         HEADER_ST.pack_into(view, 0, FENCE_MAGIC, FENCE_VERSION, MAX_STREAMS, 0, 0)
@@ -73,16 +75,19 @@ class FencePage:
 
     def complete(self, stream: int, seq: int, error_code: int = 0, failed_index: int = 0) -> None:
         """Publish ``seq`` on ``stream``; error fields first, then the sequence."""
-        off = self.slot_offset(stream)
+        q = (HEADER_ST.size + stream * SLOT_ST.size) >> 3  # completed_seq, as a u64 index
         if error_code:
-            _ERR.pack_into(self.view, off + 8, seq, error_code, failed_index)
-        _U64.pack_into(self.view, off, seq)
+            w = (q + 2) << 1  # error_code, as a u32 index
+            self._u32[w] = error_code
+            self._u32[w + 1] = failed_index
+            self._u64[q + 1] = seq  # error_seq
+        self._u64[q] = seq
 
     def reject(self, error_code: int) -> None:
+        """Count a rejected submission: its reason first, then the count."""
         self.rejected += 1
-        HEADER_ST.pack_into(
-            self.view, 0, FENCE_MAGIC, FENCE_VERSION, MAX_STREAMS, self.rejected, error_code
-        )
+        self._u32[_LAST_REJECT] = error_code
+        self._u32[_REJECTED] = self.rejected & 0xFFFF_FFFF
 
     def read_slot(self, stream: int) -> tuple[int, int, int, int]:
         values: tuple[int, int, int, int] = SLOT_ST.unpack_from(self.view, self.slot_offset(stream))

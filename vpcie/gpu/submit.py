@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from vpcie.errors import ErrorCode, GuestError, VgpuError
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE
 from vpcie.gpu.resources import ResourceTable
-from vpcie.memory import GuestMemory
+from vpcie.memory import GuestMemory, word_view
 from vpcie.protocol.batch import Record
 from vpcie.protocol.codes import ALL_STREAMS, MAX_STREAMS, Opcode
 
@@ -76,6 +76,12 @@ def prepare(
                         ErrorCode.INVALID_ARGUMENT, "fence page must not cross backing entries", i
                     )
                 out.fence_page = mem.view(*segs[0])
+                try:  # the backing GPA too: fence words are single aligned stores
+                    word_view(out.fence_page, "Q")
+                except ValueError:
+                    raise VgpuError(
+                        ErrorCode.INVALID_ARGUMENT, "fence page must be 8-aligned in guest RAM", i
+                    ) from None
                 continue
             if op == Opcode.SIGNAL:
                 assert isinstance(body, tuple)

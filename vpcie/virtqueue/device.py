@@ -9,12 +9,11 @@ native walker when built (one C call per chain) or by the Python twin.
 from __future__ import annotations
 
 import platform
-import struct
 import threading
 
 from vpcie._native import Impl, native, native_available, select_walker
 from vpcie.errors import GuestError, ProtocolError
-from vpcie.memory import GuestMemory
+from vpcie.memory import GuestMemory, word_view
 from vpcie.virtqueue.chain import DescChain
 from vpcie.virtqueue.faults import ChainError
 from vpcie.virtqueue.layout import (
@@ -25,7 +24,6 @@ from vpcie.virtqueue.layout import (
     DESC_ALIGN,
     MAX_QUEUE_SIZE,
     USED_ALIGN,
-    USED_ELEM,
     USED_ELEM_SIZE,
     USED_FLAGS,
     USED_IDX,
@@ -40,7 +38,6 @@ from vpcie.virtqueue.layout import (
     vring_need_event,
 )
 
-_U16 = struct.Struct("<H")
 # x86-64 keeps store->store and load->load order; only weakly ordered hosts need
 # a fence between the used element and used.idx (§2.7.8).
 _WEAK_ORDER = platform.machine() not in ("x86_64", "AMD64", "i686", "i386")
@@ -95,12 +92,12 @@ class VirtQueue:
         self.avail_gpa = avail_gpa
         self.used_gpa = used_gpa
         self.event_idx = event_idx
-        self._avail_event_off = avail_event_offset(num)
+        self._avail_event_word = avail_event_offset(num) >> 1
         self._walker = select_walker(impl, max_segments)
         self.impl = self._walker.name
         self._map(mem)
         self._last_avail: int = 0
-        self._used_idx: int = _U16.unpack_from(self._used, USED_IDX)[0]
+        self._used_idx: int = self._used16[USED_IDX >> 1]
         self._signalled_used = 0
         self._signalled_valid = False
 
@@ -144,6 +141,11 @@ class VirtQueue:
                 raise GuestError(f"virtqueue {name} unusable: {exc}") from exc
         self.mem = mem
         self._desc, self._avail, self._used = views
+        # The driver reads used.idx, used.flags and avail_event while we write
+        # them: single stores only (word_view), never struct.pack_into.
+        self._used16 = word_view(self._used, "H")
+        self._avail16 = word_view(self._avail, "H")
+        self._used32 = word_view(self._used[: USED_RING + USED_ELEM_SIZE * num], "I")
 
     def rebind(self, mem: GuestMemory) -> None:
         """Use a new memory table (same ring GPAs, indices kept)."""
@@ -176,7 +178,7 @@ class VirtQueue:
     # ------------------------------------------------------------------ avail
     def avail_pending(self) -> int:
         """How many chains the driver has made available and we have not popped."""
-        avail_idx = _U16.unpack_from(self._avail, AVAIL_IDX)[0]
+        avail_idx = self._avail16[AVAIL_IDX >> 1]
         pending: int = (avail_idx - self._last_avail) & 0xFFFF
         if pending > self.num:
             # §2.7.13.1: idx only ever moves ahead by at most the queue size.
@@ -194,10 +196,10 @@ class VirtQueue:
         # Read avail.idx before the ring entry (§2.7.13.2): program order here,
         # and x86-64 does not reorder loads.
         last = self._last_avail
-        head = _U16.unpack_from(self._avail, AVAIL_RING + 2 * (last & (self.num - 1)))[0]
+        head = self._avail16[(AVAIL_RING >> 1) + (last & (self.num - 1))]
         self._last_avail = last = (last + 1) & 0xFFFF
         if self.event_idx:  # set_avail_event(), inlined (hot path)
-            _U16.pack_into(self._used, self._avail_event_off, last)
+            self._used16[self._avail_event_word] = last
         try:
             return self._walker.walk(self.mem, self.desc_gpa, self.num, head, self._desc)
         except ChainError as exc:
@@ -207,13 +209,13 @@ class VirtQueue:
     def set_avail_event(self) -> None:
         """EVENT_IDX (§2.7.10): ask for a kick once the driver passes last_avail_idx."""
         if self.event_idx:
-            _U16.pack_into(self._used, avail_event_offset(self.num), self._last_avail)
+            self._used16[self._avail_event_word] = self._last_avail
 
     def set_no_notify(self, suppress: bool) -> None:
         """Without EVENT_IDX: VIRTQ_USED_F_NO_NOTIFY (§2.7.7.1) asks the driver not to kick."""
-        flags = _U16.unpack_from(self._used, USED_FLAGS)[0]
+        flags = self._used16[USED_FLAGS >> 1]
         flags = flags | VIRTQ_USED_F_NO_NOTIFY if suppress else flags & ~VIRTQ_USED_F_NO_NOTIFY
-        _U16.pack_into(self._used, USED_FLAGS, flags)
+        self._used16[USED_FLAGS >> 1] = flags
 
     # ------------------------------------------------------------------ used
     def push(self, head: int, written_len: int) -> None:
@@ -223,12 +225,14 @@ class VirtQueue:
         if not 0 <= written_len <= 0xFFFF_FFFF:
             raise ValueError(f"written length {written_len} is not a u32")
         used_idx = self._used_idx
-        off = USED_RING + USED_ELEM_SIZE * (used_idx & (self.num - 1))
-        USED_ELEM.pack_into(self._used, off, head, written_len)
+        word = (USED_RING >> 2) + 2 * (used_idx & (self.num - 1))  # used elem: id, len
+        used32 = self._used32
+        used32[word] = head
+        used32[word + 1] = written_len
         if _WEAK_ORDER:
             full_fence()
         self._used_idx = used_idx = (used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, USED_IDX, used_idx)
+        self._used16[USED_IDX >> 1] = used_idx
 
     def needs_notify(self) -> bool:
         """Should the device interrupt the driver now? (§2.7.7.2, §2.7.10)
@@ -237,10 +241,10 @@ class VirtQueue:
         """
         full_fence()  # used.idx store before the used_event / flags load
         if not self.event_idx:
-            flags = _U16.unpack_from(self._avail, AVAIL_FLAGS)[0]
+            flags = self._avail16[AVAIL_FLAGS >> 1]
             return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
         valid, old = self._signalled_valid, self._signalled_used
         new = self._used_idx
         self._signalled_valid, self._signalled_used = True, new
-        used_event = _U16.unpack_from(self._avail, used_event_offset(self.num))[0]
+        used_event = self._avail16[used_event_offset(self.num) >> 1]
         return not valid or vring_need_event(used_event, new, old)

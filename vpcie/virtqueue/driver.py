@@ -12,7 +12,7 @@ import struct
 from collections.abc import Sequence
 
 from vpcie.errors import ProtocolError
-from vpcie.memory import GuestMemory
+from vpcie.memory import GuestMemory, word_view
 from vpcie.virtqueue.device import check_queue_size, full_fence
 from vpcie.virtqueue.layout import (
     AVAIL_ALIGN,
@@ -114,6 +114,9 @@ class DriverQueue:
             (self.used_gpa, used_ring_size(num)),
         ):
             mem.write(gpa, bytes(size))
+        # The device reads these while we write them: single stores (word_view).
+        self._avail16 = word_view(mem.view(self.avail_gpa, avail_ring_size(num)), "H")
+        self._used16 = word_view(mem.view(self.used_gpa, used_ring_size(num)), "H")
         self._free: list[int] = list(range(num - 1, -1, -1))
         self._chains: dict[int, list[int]] = {}
         self._tables: dict[int, tuple[int, int]] = {}  # head -> (gpa, entries), reused
@@ -137,7 +140,7 @@ class DriverQueue:
 
     def add_raw_head(self, head: int) -> None:
         """Put any head in the avail ring (hostile tests); publish with kick()."""
-        self.mem.write_u16(self.avail_gpa + AVAIL_RING + 2 * (self._avail_idx % self.num), head)
+        self._avail16[(AVAIL_RING >> 1) + self._avail_idx % self.num] = head
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
 
     def add(
@@ -200,23 +203,21 @@ class DriverQueue:
         """Publish avail.idx (§2.7.13.3); True when the device wants a notification
         (avail_event with EVENT_IDX §2.7.10, else no VIRTQ_USED_F_NO_NOTIFY)."""
         old, new = self._published, self._avail_idx
-        self.mem.write_u16(self.avail_gpa + AVAIL_IDX, new)
+        self._avail16[AVAIL_IDX >> 1] = new
         self._published = new
         full_fence()
         if self.event_idx:
-            event = self.mem.read_u16(self.used_gpa + avail_event_offset(self.num))
+            event = self._used16[avail_event_offset(self.num) >> 1]
             return vring_need_event(event, new, old)
-        return not self.mem.read_u16(self.used_gpa + USED_FLAGS) & VIRTQ_USED_F_NO_NOTIFY
+        return not self._used16[USED_FLAGS >> 1] & VIRTQ_USED_F_NO_NOTIFY
 
     def set_interrupts(self, enabled: bool) -> None:
         """Without EVENT_IDX: VIRTQ_AVAIL_F_NO_INTERRUPT (§2.7.7.1)."""
-        self.mem.write_u16(
-            self.avail_gpa + AVAIL_FLAGS, 0 if enabled else VIRTQ_AVAIL_F_NO_INTERRUPT
-        )
+        self._avail16[AVAIL_FLAGS >> 1] = 0 if enabled else VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def set_used_event(self, idx: int) -> None:
         """EVENT_IDX: interrupt me when used.idx passes ``idx`` (§2.7.10)."""
-        self.mem.write_u16(self.avail_gpa + used_event_offset(self.num), idx & 0xFFFF)
+        self._avail16[used_event_offset(self.num) >> 1] = idx & 0xFFFF
 
     def release(self, head: int) -> None:
         """Free a returned chain held by ``hold_completed``."""
@@ -227,7 +228,7 @@ class DriverQueue:
 
     def get_used(self) -> list[tuple[int, int]]:
         """Collect (head, written_len) of every chain the device has returned."""
-        used_idx = self.mem.read_u16(self.used_gpa + USED_IDX)
+        used_idx = self._used16[USED_IDX >> 1]
         count = (used_idx - self._last_used) & 0xFFFF
         if count > len(self._chains):
             raise ProtocolError(
