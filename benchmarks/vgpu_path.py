@@ -57,7 +57,9 @@ import numpy as np
 
 from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
+from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
 from vpcie.gpu.guest_driver import Bo, FrontendTransport, GuestContext, GuestGpu, hdr
+from vpcie.memory import word_view
 from vpcie.protocol.batch import Record, encode_batch, rec
 from vpcie.protocol.codes import Opcode
 from vpcie.protocol.frames import FAST
@@ -247,6 +249,12 @@ class VgpuOps:
         self.req_gpa = fe.alloc(PAGE, PAGE)
         self.resp_gpa = fe.alloc(PAGE, PAGE)
         self.seq = 0
+        # The guest reads its slot of the fence page as u64 words, as a vCPU
+        # would (GUEST_ABI.md): completed_seq, then error_seq.
+        assert ctx.fence_bo is not None
+        gpa, _ = ctx.fence_bo.segments[0]
+        slot = (HEADER_ST.size + self.STREAM * SLOT_ST.size) >> 3
+        self.fence_words = word_view(fe.mem.view(gpa, FENCE_PAGE_SIZE), "Q")[slot : slot + 2]
 
     @classmethod
     async def create(cls, fe: VhostUserFrontend, gpu: GuestGpu, ctx: GuestContext) -> VgpuOps:
@@ -258,12 +266,14 @@ class VgpuOps:
         """EXECBUFFER as the guest kernel does it (write the fenced SUBMIT_3D,
         add it to the control ring, notify), then poll the fence page, as a
         vCPU spinning on it would (``poll_s`` 0: yield only; else sleep that
-        long between looks); µs until done. The device's SUBMIT_3D response
-        ("accepted") is collected afterwards, untimed."""
+        long between looks); µs until the fence page says done. The device's
+        SUBMIT_3D response ("accepted") and the COMPLETION reply are checked
+        afterwards, untimed."""
         fe, ctx = self.fe, self.ctx
         self.seq += 1
+        seq, words = self.seq, self.fence_words
         t0 = time.perf_counter_ns()
-        sig = rec(Opcode.SIGNAL, self.seq, self.reply.resource_id, 0, PAGE, stream=self.STREAM)
+        sig = rec(Opcode.SIGNAL, seq, self.reply.resource_id, 0, PAGE, stream=self.STREAM)
         batch = encode_batch([*records, sig])
         req = (
             hdr(wire.Cmd.SUBMIT_3D, ctx_id=ctx.ctx_id, fence_id=self.gpu.next_fence())
@@ -276,18 +286,19 @@ class VgpuOps:
         )
         fe.kick(0)
         deadline = time.monotonic() + OP_TIMEOUT
-        while ctx.fence_slot(self.STREAM)[0] < self.seq:
+        while words[0] < seq:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"fence page never reached {self.seq}")
+                raise TimeoutError(f"fence page never reached {seq}")
             if poll_s:
                 time.sleep(poll_s)
             else:
                 os.sched_yield()
-        status = FAST["COMPLETION"].decode(self.reply.read(0, PAGE), 0)[0][0]
+        failed = words[1] == seq
         dt = (time.perf_counter_ns() - t0) / 1000
+        status = FAST["COMPLETION"].decode(self.reply.read(0, PAGE), 0)[0][0]
         await fe.wait_used(0, head)
         (rtype,) = struct.unpack("<I", fe.mem.read(self.resp_gpa, 4))
-        if rtype != wire.Resp.OK_NODATA or status != 0:
+        if rtype != wire.Resp.OK_NODATA or status != 0 or failed:
             raise SystemExit(f"vGPU batch failed: response {rtype:#x}, status {status}")
         return dt
 

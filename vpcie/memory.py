@@ -355,16 +355,20 @@ class GuestMemory:
 
 
 class MemoryTable:
-    """Holder of the current GuestMemory; swaps tables only when no chain is in flight.
+    """Holder of the current GuestMemory; a replaced table stays mapped while in use.
 
-    The device model wraps each descriptor chain it holds (views into guest
-    RAM, DMA in progress) in ``with table.chain():``; ``replace()`` refuses while
-    any is open, so no view outlives the mapping it points into.
+    Whoever holds views into guest RAM beyond one call (a descriptor chain
+    being served, a vGPU batch whose DMA is on the wire) takes the table with
+    ``acquire()`` and gives it back with ``release(mem)``. ``replace()`` (a new
+    vhost-user memory table: memory hotplug) installs the new table at once;
+    the old one is retired and closed when its last user releases it, so
+    in-flight work finishes on the mapping it started on and nothing is lost.
     """
 
     def __init__(self, mem: GuestMemory | None = None) -> None:
         self._mem = mem
-        self._in_flight = 0
+        self._users: dict[int, int] = {}  # id(GuestMemory) -> acquire count
+        self._retired: dict[int, GuestMemory] = {}  # replaced, closed at count 0
 
     @property
     def mem(self) -> GuestMemory:
@@ -378,17 +382,31 @@ class MemoryTable:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        """Users of any table, current or retired."""
+        return sum(self._users.values())
+
+    @property
+    def retired(self) -> int:
+        """Replaced tables still mapped for their in-flight users."""
+        return len(self._retired)
 
     def acquire(self) -> GuestMemory:
         mem = self.mem
-        self._in_flight += 1
+        self._users[id(mem)] = self._users.get(id(mem), 0) + 1
         return mem
 
-    def release(self) -> None:
-        if self._in_flight <= 0:
+    def release(self, mem: GuestMemory) -> None:
+        key = id(mem)
+        count = self._users.get(key, 0)
+        if count <= 0:
             raise RuntimeError("MemoryTable.release() without acquire()")
-        self._in_flight -= 1
+        if count > 1:
+            self._users[key] = count - 1
+            return
+        del self._users[key]
+        old = self._retired.pop(key, None)
+        if old is not None:
+            old.close()
 
     @contextmanager
     def chain(self) -> Iterator[GuestMemory]:
@@ -396,17 +414,19 @@ class MemoryTable:
         try:
             yield mem
         finally:
-            self.release()
+            self.release(mem)
 
     def replace(self, new: GuestMemory | None) -> None:
-        """Install ``new`` (None: drop the table) and close the old one."""
-        if self._in_flight > 0:
-            raise ProtocolError(
-                f"memory table replaced while {self._in_flight} descriptor chain(s) in flight"
-            )
+        """Install ``new`` (None: drop the table); close the old one now, or
+        when its last in-flight user releases it."""
         old, self._mem = self._mem, new
-        if old is not None and old is not new:
+        if old is None or old is new:
+            return
+        if self._users.get(id(old)):
+            self._retired[id(old)] = old
+        else:
             old.close()
 
     def close(self) -> None:
+        """Drop the table. Retired tables close as their users release them."""
         self.replace(None)

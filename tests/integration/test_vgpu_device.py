@@ -346,3 +346,39 @@ async def test_signal_alone_waits_for_earlier_work(tmp_path: Path, agent: AgentP
         assert released.status == ErrorCode.OK
         reply = await ctx.wait(0, seq, timeout=5)
         assert reply.status == ErrorCode.OK
+
+
+async def test_new_memory_table_mid_flight(tmp_path: Path, agent: AgentProc) -> None:
+    """QEMU sends a new memory table (memory hotplug) while a D2H copy waits on
+    the agent: the connection stays up, the copy lands in the guest's pages,
+    and the old mapping is closed once nothing uses it."""
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx = await r.gpu.open()
+        blob = np.random.default_rng(3).integers(0, 256, 64 << 10, dtype=np.uint8).tobytes()
+        src, dst = await ctx.create_bo(len(blob), scatter=True), await ctx.create_bo(len(blob))
+        src.write(blob)
+        (h,) = await alloc(ctx, len(blob))
+        reply = await ctx.run([rec(Opcode.COPY_H2D, h, src.resource_id, 0, 0, len(blob))])
+        assert reply.status == ErrorCode.OK
+        seq = await ctx.start(
+            [
+                rec(Opcode.EVENT_WAIT, 11, stream=1),
+                rec(Opcode.COPY_D2H, h, dst.resource_id, 0, 0, len(blob), stream=1),
+            ],
+            stream=1,
+        )
+        await asyncio.sleep(0.2)
+        assert ctx.fence_slot(1)[0] < seq
+        table = r.device.host.memory if r.device.host is not None else None
+        assert table is not None
+        before = table.mem
+        await r.fe.set_mem_table()  # same RAM, a fresh mapping in the backend
+        assert table.mem is not before and table.retired == 1 and not before.closed
+        released = await ctx.run([rec(Opcode.EVENT_RECORD, 11, stream=2)], stream=2)
+        assert released.status == ErrorCode.OK
+        reply = await ctx.wait(1, seq, timeout=5)
+        assert reply.status == ErrorCode.OK, reply
+        assert hashlib.sha256(dst.read()).digest() == hashlib.sha256(blob).digest()
+        assert table.retired == 0 and before.closed
+        assert (await ctx.run([rec(Opcode.QUERY)])).status == ErrorCode.OK

@@ -168,18 +168,36 @@ def test_closed_memory_refuses_access() -> None:
     mem.close()  # idempotent
 
 
-def test_memory_table_replace_refused_while_in_flight() -> None:
+def test_memory_table_retires_a_table_in_use() -> None:
+    """A new table (memory hotplug) is installed at once; the old one stays
+    mapped for the work that holds it and is closed by its last release."""
     old = GuestMemory.anonymous([(0, MiB)])
     new = GuestMemory.anonymous([(0, 2 * MiB)])
     table = MemoryTable(old)
     with table.chain() as mem:
-        assert mem is old
-        assert table.in_flight == 1
-        with pytest.raises(ProtocolError, match="in flight"):
-            table.replace(new)
-    table.replace(new)
-    assert old.closed and table.mem is new
+        assert mem is old and table.in_flight == 1
+        held = table.acquire()  # a second user of the same table (a batch on the wire)
+        table.replace(new)
+        assert table.mem is new and table.retired == 1 and not old.closed
+        old.write(0, b"still mapped")
+    assert not old.closed  # the batch still holds it
+    with table.chain() as cur:
+        assert cur is new
+    table.release(held)
+    assert old.closed and table.retired == 0 and table.in_flight == 0
+    with pytest.raises(RuntimeError):
+        table.release(held)
     table.close()
     assert new.closed and not table.present
     with pytest.raises(ProtocolError):
         _ = table.mem
+
+
+def test_memory_table_close_with_users_defers_unmap() -> None:
+    mem = GuestMemory.anonymous([(0, MiB)])
+    table = MemoryTable(mem)
+    held = table.acquire()
+    table.close()  # the frontend went away while a batch was on the wire
+    assert not table.present and not mem.closed
+    table.release(held)
+    assert mem.closed

@@ -105,13 +105,10 @@ class BackendCore:
             ]
         )
         running = [q.config for q in self._queues.values()]
-        # Rings restart on the new table where they stopped (memory hotplug).
+        # Rings restart on the new table where they stopped (memory hotplug);
+        # work in flight finishes on the old mapping, closed after it.
         bases = {cfg.index: self.stop_ring(cfg.index) for cfg in running}
-        try:
-            self._memory.replace(new)
-        except ProtocolError:
-            new.close()
-            raise
+        self._memory.replace(new)
         for cfg in running:
             self.start_ring(_with_base(cfg, bases[cfg.index]))
         log.info(
@@ -178,8 +175,7 @@ class BackendCore:
         self.device.reset()
         for index in list(self._queues):
             self.stop_ring(index)
-        if self._memory.in_flight == 0:
-            self._memory.replace(None)
+        self._memory.replace(None)
 
     def close(self) -> None:
         self.disconnected()

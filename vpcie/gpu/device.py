@@ -86,6 +86,7 @@ class Pending:
     prepared: Prepared
     ctx: Context
     done: bool = False
+    mem: GuestMemory | None = None  # the table its views point into, held until done
 
 
 @dataclass(eq=False)
@@ -452,8 +453,8 @@ class GpuDevice(Device):
             return
         pending = Pending(prepared, ctx)
         ctx.inflight.append(pending)
-        if self.host is not None:
-            self.host.memory.acquire()  # guest memory must stay mapped until it completes
+        if self.host is not None:  # its views stay mapped until it completes
+            pending.mem = self.host.memory.acquire()
         session = ctx.session
         if (
             session is not None
@@ -578,8 +579,9 @@ class GpuDevice(Device):
         ctx, p = pending.ctx, pending.prepared
         if pending in ctx.inflight:
             ctx.inflight.remove(pending)
-            if self.host is not None:
-                self.host.memory.release()
+        if pending.mem is not None and self.host is not None:
+            self.host.memory.release(pending.mem)
+        pending.mem = None
         orig_failed = NO_INDEX if code == ErrorCode.OK else p.original_index(failed_index)
         reply = b""
         if any(sig.reply for sig in p.signals):
