@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from vpcie._native import Impl, native_available
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST, FencePage
 from vpcie.memory import GuestMemory, word_view
 from vpcie.virtqueue import DriverQueue, GuestAllocator, VirtQueue
@@ -103,10 +104,19 @@ def _watched(mem: GuestMemory, gpa: int, size: int, writer: Callable[[int], None
     assert bad == 0, f"a reader saw {bad} transient value(s) in {reads} reads"
 
 
-def test_used_idx_is_one_store(mem: GuestMemory) -> None:
+IMPLS = [
+    "python",
+    pytest.param(
+        "native", marks=pytest.mark.skipif(not native_available(), reason="native module not built")
+    ),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_used_idx_is_one_store(mem: GuestMemory, impl: Impl) -> None:
     alloc = GuestAllocator(mem, 0x1000, RAM // 2)
     drv = DriverQueue(mem, NUM, alloc, event_idx=True)
-    vq = VirtQueue(mem, NUM, drv.desc_gpa, drv.avail_gpa, drv.used_gpa, event_idx=True)
+    vq = VirtQueue(mem, NUM, drv.desc_gpa, drv.avail_gpa, drv.used_gpa, event_idx=True, impl=impl)
     state = {"n": 0}
 
     def publish(_value: int) -> None:

@@ -49,6 +49,23 @@ int64_t vq_gather(const struct vq_region *regs, uint32_t nregs, const char *segs
 int64_t vq_scatter(const struct vq_region *regs, uint32_t nregs, const char *segs_raw,
                    uint32_t nsegs, uint64_t offset, const char *src, uint64_t len);
 void vq_fence(void);
+
+struct vq_ring {
+    uint8_t *avail; uint8_t *used;
+    uint64_t desc_gpa;
+    uint32_t num; uint32_t event_idx;
+    uint32_t last_avail; uint32_t used_idx;
+    uint32_t signalled_used; uint32_t signalled_valid;
+};
+int vq_ring_pop(struct vq_ring *r, const struct vq_region *regs, uint32_t nregs,
+                uint32_t max_segs, uint64_t max_bytes, uint32_t max_indirect,
+                struct vq_seg *segs, char *gather, uint64_t gather_cap,
+                struct vq_walk_out *out, uint32_t *head);
+void vq_ring_push(struct vq_ring *r, uint32_t head, uint32_t len);
+int64_t vq_ring_reply(struct vq_ring *r, const struct vq_region *regs, uint32_t nregs,
+                      const struct vq_seg *segs, uint32_t nsegs, uint32_t head,
+                      const char *data, uint64_t len);
+int vq_ring_needs_notify(struct vq_ring *r);
 """
 
 ffibuilder = FFI()

@@ -1,5 +1,6 @@
 /* vpcie native hot path: walk split-virtqueue descriptor chains and copy bytes
- * between guest memory and flat buffers. Nothing else lives here.
+ * between guest memory and flat buffers, and the device side of the ring
+ * (pop, push, reply, notify) over those. Nothing else lives here.
  *
  * Mirrors vpcie/virtqueue/chain.py check for check, in the same order
  * (virtio 1.2 §2.7.5, §2.7.5.3, §2.7.4.2); fault numbers are those of
@@ -235,3 +236,107 @@ int64_t vq_scatter(const struct vq_region *regs, uint32_t nregs, const char *seg
 /* Full barrier between the used element and used->idx stores (§2.7.8) on
  * weakly ordered hosts; x86-64 needs none for store->store. */
 void vq_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+/* ---- the ring itself: device side of a split virtqueue (§2.7) ----
+ *
+ * avail and used point at the two rings inside guest RAM; Python checked them
+ * against the memory table and their alignment when the queue was set up
+ * (VirtQueue._map), and they stay valid while the table is mapped. The guest
+ * writes avail and reads used while we do the opposite: avail.idx is loaded
+ * with acquire (the ring entry is read after it, §2.7.13.2), a used element is
+ * written before used.idx, which is published with one release store (§2.7.8),
+ * and avail_event is one 16-bit store: a reader never sees a torn or zeroed
+ * index. Mirrors VirtQueue's Python paths step for step. */
+#define VQ_AVAIL_FLAGS 0
+#define VQ_AVAIL_IDX 2
+#define VQ_AVAIL_RING 4
+#define VQ_USED_IDX 2
+#define VQ_USED_RING 4
+#define VQ_AVAIL_F_NO_INTERRUPT 1
+
+struct vq_ring {
+    uint8_t *avail; uint8_t *used;
+    uint64_t desc_gpa;
+    uint32_t num; uint32_t event_idx;
+    uint32_t last_avail; uint32_t used_idx;
+    uint32_t signalled_used; uint32_t signalled_valid;
+};
+
+static uint16_t vq_load16(const uint8_t *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
+static void vq_store16(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
+
+/* 1: a chain was popped (*head, out and segs set; gathered when it fit).
+ * 0: nothing available.
+ * -1: the chain is malformed (out->fault...); its entry is consumed and *head
+ *     set: give it back with vq_ring_push(head, 0).
+ * -2: avail.idx is more than num entries ahead of last_avail (§2.7.13.1):
+ *     nothing consumed; out->value is the distance. */
+int vq_ring_pop(struct vq_ring *r, const struct vq_region *regs, uint32_t nregs,
+                uint32_t max_segs, uint64_t max_bytes, uint32_t max_indirect,
+                struct vq_seg *segs, char *gather, uint64_t gather_cap,
+                struct vq_walk_out *out, uint32_t *head)
+{
+    uint16_t avail_idx = vq_load16(r->avail + VQ_AVAIL_IDX);
+    uint32_t pending = (uint16_t)(avail_idx - (uint16_t)r->last_avail);
+    if (pending == 0)
+        return 0;
+    if (pending > r->num) {
+        memset(out, 0, sizeof(*out));
+        out->value = pending;
+        return -2;
+    }
+    uint32_t last = r->last_avail;
+    uint16_t h = __atomic_load_n(
+        (const uint16_t *)(r->avail + VQ_AVAIL_RING + 2u * (last & (r->num - 1))), __ATOMIC_RELAXED);
+    last = (last + 1) & 0xFFFFu;
+    r->last_avail = last;
+    if (r->event_idx) /* avail_event: kick me when the driver passes last_avail (§2.7.10) */
+        vq_store16(r->used + VQ_USED_RING + 8u * r->num, (uint16_t)last);
+    *head = h;
+    if (vq_walk(regs, nregs, r->desc_gpa, r->num, h, max_segs, max_bytes, max_indirect, segs,
+                gather, gather_cap, out))
+        return -1;
+    return 1;
+}
+
+/* Return chain `head` with `len` bytes written: element first, then used.idx. */
+void vq_ring_push(struct vq_ring *r, uint32_t head, uint32_t len)
+{
+    uint32_t idx = r->used_idx;
+    uint8_t *elem = r->used + VQ_USED_RING + 8u * (idx & (r->num - 1));
+    __atomic_store_n((uint32_t *)elem, head, __ATOMIC_RELAXED);
+    __atomic_store_n((uint32_t *)(elem + 4), len, __ATOMIC_RELAXED);
+    idx = (idx + 1) & 0xFFFFu;
+    r->used_idx = idx;
+    vq_store16(r->used + VQ_USED_IDX, (uint16_t)idx);
+}
+
+/* Write `data` into the writable segments of the chain just popped (segs),
+ * then return the chain with the bytes written. Returns those bytes, or -1
+ * when a segment left guest memory (the chain is returned with 0). */
+int64_t vq_ring_reply(struct vq_ring *r, const struct vq_region *regs, uint32_t nregs,
+                      const struct vq_seg *segs, uint32_t nsegs, uint32_t head,
+                      const char *data, uint64_t len)
+{
+    int64_t n = 0;
+    if (len)
+        n = vq_stream(regs, nregs, (const char *)segs, nsegs, VQ_SEG_WRITE, 0, (uint8_t *)data,
+                      len, 1);
+    vq_ring_push(r, head, n < 0 ? 0u : (uint32_t)n);
+    return n;
+}
+
+/* Should the device interrupt the driver now? (§2.7.7.2, §2.7.10; QEMU's
+ * virtio_split_should_notify). The fence orders the used.idx store before the
+ * used_event / flags load. */
+int vq_ring_needs_notify(struct vq_ring *r)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (!r->event_idx)
+        return !(vq_load16(r->avail + VQ_AVAIL_FLAGS) & VQ_AVAIL_F_NO_INTERRUPT);
+    uint32_t valid = r->signalled_valid, old = r->signalled_used, now = r->used_idx;
+    r->signalled_valid = 1;
+    r->signalled_used = now;
+    uint16_t event = vq_load16(r->avail + VQ_AVAIL_RING + 2u * r->num); /* used_event */
+    return !valid || (uint16_t)(now - event - 1) < (uint16_t)(now - old);
+}

@@ -169,12 +169,7 @@ class NativeWalker:
         head: int,
         desc_view: memoryview | None = None,
     ) -> DescChain:
-        regs = mem.native
-        if regs is None or mem.closed:
-            regs = native_regions(mem)  # builds it, or raises for a closed table
-            if mem.closed:
-                raise GuestError("guest memory table was closed (replaced or device reset)")
-        assert isinstance(regs, NativeRegions)
+        regs = self.regions(mem)
         out = self._out
         rc = self._lib.vq_walk(
             regs.table,
@@ -191,11 +186,31 @@ class NativeWalker:
             out,
         )
         if rc:
-            raise ChainError(ChainFault(out.fault), out.index, out.value, bool(out.indirect))
-        ffi = self._ffi
+            raise self.fault()
+        return self.chain(mem, head, regs)
+
+    @staticmethod
+    def regions(mem: GuestMemory) -> NativeRegions:
+        """The C region table of ``mem`` (built once); GuestError once it is closed."""
+        regs = mem.native
+        if regs is None or mem.closed:
+            regs = native_regions(mem)  # builds it, or raises for a closed table
+            if mem.closed:
+                raise GuestError("guest memory table was closed (replaced or device reset)")
+        assert isinstance(regs, NativeRegions)
+        return regs
+
+    def fault(self) -> ChainError:
+        """The ChainError the last failed walk described in ``out``."""
+        out = self._out
+        return ChainError(ChainFault(out.fault), out.index, out.value, bool(out.indirect))
+
+    def chain(self, mem: GuestMemory, head: int, regs: NativeRegions) -> NativeDescChain:
+        """The chain the last successful walk left in ``segs`` / ``out``."""
+        out = self._out
         nsegs = out.nsegs
-        raw = ffi.buffer(self._segs, nsegs * _SEG.size)[:]
-        pre = ffi.unpack(self._gather, out.read_len) if out.gathered else None
+        raw = self._ffi.buffer(self._segs, nsegs * _SEG.size)[:]
+        pre = self._ffi.unpack(self._gather, out.read_len) if out.gathered else None
         return NativeDescChain(
             mem, head, regs, raw, nsegs, out.nreadable, out.read_len, out.write_len, pre
         )

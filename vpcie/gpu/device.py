@@ -26,9 +26,9 @@ from typing import Any
 from vpcie.backend.device import (
     BASE_FEATURES,
     GPU_FEATURES,
+    MAX_CHAINS_PER_KICK,
     VIRTIO_GPU_CONFIG,
     Device,
-    drain_queue,
 )
 from vpcie.errors import ErrorCode, GuestError, ProtocolError, VgpuError
 from vpcie.gpu import wire
@@ -57,7 +57,6 @@ from vpcie.protocol.batch import Record, decode_batch
 from vpcie.protocol.codes import MAX_BATCH_BYTES, MAX_STREAMS, NO_INDEX, Opcode
 from vpcie.protocol.frames import encode_completion
 from vpcie.virtqueue import VirtQueue
-from vpcie.virtqueue.chain import DescChain
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class GpuDevice(Device):
         self.bound_info: bytes = unbound_info()
         self._tasks: set[asyncio.Task[None]] = set()
         self.gpu_socket: int | None = None
-        self._servers: dict[int, Callable[[DescChain], int]] = {}
+        self._servers: dict[int, Callable[[bytes, int], bytes]] = {}
 
     # -- Device interface ---------------------------------------------------------
     def features(self) -> int:
@@ -145,21 +144,22 @@ class GpuDevice(Device):
     def on_kick(self, queue_index: int, vq: VirtQueue) -> None:
         serve = self._servers.get(queue_index)
         if serve is None:
-            serve = self._servers[queue_index] = functools.partial(self._serve_chain, queue_index)
-        drain_queue(queue_index, vq, serve)
+            serve = self._servers[queue_index] = (
+                self._serve_control if queue_index == CONTROL_QUEUE else self._serve_cursor
+            )
+        vq.serve(serve, MAX_CHAINS_PER_KICK, MAX_REQUEST_BYTES)
 
-    def _serve_chain(self, queue_index: int, chain: DescChain) -> int:
-        if chain.read_len > MAX_REQUEST_BYTES or chain.read_len < wire.HDR_SIZE:
-            request = b""
-            if chain.read_len >= wire.HDR_SIZE:
-                buf = bytearray(wire.HDR_SIZE)
-                chain.read_into(buf)
-                request = bytes(buf)
-            resp = self._error_reply(request, wire.Resp.ERR_INVALID_PARAMETER)
-        else:
-            resp = self.handle(chain.read_all())
+    def _serve_control(self, request: bytes, read_len: int) -> bytes:
+        if read_len > MAX_REQUEST_BYTES or read_len < wire.HDR_SIZE:
+            # Too long: ``request`` is its leading bytes; too short: nothing to echo.
+            head = request[: wire.HDR_SIZE] if read_len >= wire.HDR_SIZE else b""
+            return self._error_reply(head, wire.Resp.ERR_INVALID_PARAMETER)
+        return self.handle(request)
+
+    def _serve_cursor(self, request: bytes, read_len: int) -> bytes:
         # The cursor queue has no response buffers (virtio 1.2 §5.7.6.10).
-        return chain.write(resp) if queue_index == CONTROL_QUEUE else 0
+        self._serve_control(request, read_len)
+        return b""
 
     def on_set_socket(self, fd: int) -> None:
         # QEMU's end of the vhost-user-gpu socket (display updates). The null

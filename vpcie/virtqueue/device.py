@@ -8,10 +8,13 @@ native walker when built (one C call per chain) or by the Python twin.
 
 from __future__ import annotations
 
+import logging
 import platform
 import threading
 
 from vpcie._native import Impl, native, native_available, select_walker
+from vpcie._native.ring import NativeRing, RequestHandler
+from vpcie._native.walker import NativeWalker
 from vpcie.errors import GuestError, ProtocolError
 from vpcie.memory import GuestMemory, word_view
 from vpcie.virtqueue.chain import DescChain
@@ -23,6 +26,7 @@ from vpcie.virtqueue.layout import (
     AVAIL_RING,
     DESC_ALIGN,
     MAX_QUEUE_SIZE,
+    REQUEST_PREFIX,
     USED_ALIGN,
     USED_ELEM_SIZE,
     USED_FLAGS,
@@ -38,6 +42,7 @@ from vpcie.virtqueue.layout import (
     vring_need_event,
 )
 
+log = logging.getLogger(__name__)
 # x86-64 keeps store->store and load->load order; only weakly ordered hosts need
 # a fence between the used element and used.idx (§2.7.8).
 _WEAK_ORDER = platform.machine() not in ("x86_64", "AMD64", "i686", "i386")
@@ -95,11 +100,18 @@ class VirtQueue:
         self._avail_event_word = avail_event_offset(num) >> 1
         self._walker = select_walker(impl, max_segments)
         self.impl = self._walker.name
+        # Native: the ring state lives in C (struct vq_ring) and every hot step
+        # is one C call; Python: the same state and steps here. Same behaviour.
+        self._ring: NativeRing | None = None
+        if isinstance(self._walker, NativeWalker):
+            self._ring = NativeRing(self._walker, num, desc_gpa, event_idx)
         self._map(mem)
         self._last_avail: int = 0
         self._used_idx: int = self._used16[USED_IDX >> 1]
         self._signalled_used = 0
         self._signalled_valid = False
+        if self._ring is not None:
+            self._ring.r.used_idx = self._used_idx
 
     @classmethod
     def from_uva(
@@ -146,6 +158,8 @@ class VirtQueue:
         self._used16 = word_view(self._used, "H")
         self._avail16 = word_view(self._avail, "H")
         self._used32 = word_view(self._used[: USED_RING + USED_ELEM_SIZE * num], "I")
+        if self._ring is not None:
+            self._ring.map(self._avail, self._used)
 
     def rebind(self, mem: GuestMemory) -> None:
         """Use a new memory table (same ring GPAs, indices kept)."""
@@ -155,6 +169,8 @@ class VirtQueue:
     @property
     def last_avail_idx(self) -> int:
         """Next avail entry to consume (GET_VRING_BASE answers this)."""
+        if self._ring is not None:
+            return int(self._ring.r.last_avail)
         return self._last_avail
 
     @last_avail_idx.setter
@@ -163,9 +179,13 @@ class VirtQueue:
         if not 0 <= value <= 0xFFFF:
             raise ProtocolError(f"vring base {value} is not a 16-bit index")
         self._last_avail = value
+        if self._ring is not None:
+            self._ring.r.last_avail = value
 
     @property
     def used_idx(self) -> int:
+        if self._ring is not None:
+            return int(self._ring.r.used_idx)
         return self._used_idx
 
     def reset(self) -> None:
@@ -174,23 +194,29 @@ class VirtQueue:
         self._used_idx = 0
         self._signalled_used = 0
         self._signalled_valid = False
+        if self._ring is not None:
+            r = self._ring.r
+            r.last_avail = r.used_idx = r.signalled_used = r.signalled_valid = 0
 
     # ------------------------------------------------------------------ avail
     def avail_pending(self) -> int:
         """How many chains the driver has made available and we have not popped."""
         avail_idx = self._avail16[AVAIL_IDX >> 1]
-        pending: int = (avail_idx - self._last_avail) & 0xFFFF
+        last = self.last_avail_idx
+        pending: int = (avail_idx - last) & 0xFFFF
         if pending > self.num:
             # §2.7.13.1: idx only ever moves ahead by at most the queue size.
             raise GuestError(
                 f"avail.idx {avail_idx} is {pending} entries ahead of last_avail_idx "
-                f"{self._last_avail}, more than queue size {self.num}"
+                f"{last}, more than queue size {self.num}"
             )
         return pending
 
     def pop(self) -> DescChain | None:
         """The next available chain, or None. A ChainError carries ``.head``:
         the entry is consumed and the head should be returned with push(head, 0)."""
+        if self._ring is not None:
+            return self._ring.pop(self.mem)
         if not self.avail_pending():
             return None
         # Read avail.idx before the ring entry (§2.7.13.2): program order here,
@@ -209,7 +235,7 @@ class VirtQueue:
     def set_avail_event(self) -> None:
         """EVENT_IDX (§2.7.10): ask for a kick once the driver passes last_avail_idx."""
         if self.event_idx:
-            self._used16[self._avail_event_word] = self._last_avail
+            self._used16[self._avail_event_word] = self.last_avail_idx
 
     def set_no_notify(self, suppress: bool) -> None:
         """Without EVENT_IDX: VIRTQ_USED_F_NO_NOTIFY (§2.7.7.1) asks the driver not to kick."""
@@ -224,6 +250,9 @@ class VirtQueue:
             raise ValueError(f"head {head} not below queue size {self.num}")
         if not 0 <= written_len <= 0xFFFF_FFFF:
             raise ValueError(f"written length {written_len} is not a u32")
+        if self._ring is not None:
+            self._ring.push(head, written_len)
+            return
         used_idx = self._used_idx
         word = (USED_RING >> 2) + 2 * (used_idx & (self.num - 1))  # used elem: id, len
         used32 = self._used32
@@ -239,6 +268,8 @@ class VirtQueue:
 
         Call after a batch of push(); mirrors QEMU's virtio_split_should_notify.
         """
+        if self._ring is not None:
+            return self._ring.needs_notify()
         full_fence()  # used.idx store before the used_event / flags load
         if not self.event_idx:
             flags = self._avail16[AVAIL_FLAGS >> 1]
@@ -248,3 +279,40 @@ class VirtQueue:
         self._signalled_valid, self._signalled_used = True, new
         used_event = self._avail16[used_event_offset(self.num) >> 1]
         return not valid or vring_need_event(used_event, new, old)
+
+    # ------------------------------------------------------------------ serve
+    def serve(self, handle: RequestHandler, limit: int, max_request: int) -> int:
+        """Serve up to ``limit`` available requests; returns how many.
+
+        ``handle(request, read_len)`` gets each chain's readable bytes (all of
+        them when ``read_len <= max_request``, else the first REQUEST_PREFIX)
+        and returns the response, which is written into the chain's writable
+        buffers before the chain is returned. A malformed chain is logged and
+        returned with nothing written; avail.idx running too far ahead raises
+        GuestError. Native: two C calls per request, no chain object.
+        """
+        if self._ring is not None:
+            return self._ring.serve(self.mem, handle, limit, max_request)
+        for n in range(limit):
+            try:
+                chain = self.pop()
+            except ChainError as exc:
+                log.warning("bad descriptor chain (head %s): %s", exc.head, exc)
+                if exc.head is not None:
+                    self.push(exc.head, 0)
+                continue
+            if chain is None:
+                return n
+            if chain.read_len <= max_request:
+                request = chain.read_all()
+            else:  # over max_request: the device answers from the header alone
+                prefix = bytearray(min(chain.read_len, REQUEST_PREFIX))
+                chain.read_into(prefix)
+                request = bytes(prefix)
+            try:
+                response = handle(request, chain.read_len)
+            except BaseException:
+                self.push(chain.head, 0)  # never leave a popped chain behind
+                raise
+            self.push(chain.head, chain.write(response) if response else 0)
+        return limit

@@ -42,6 +42,9 @@ USED_ALIGN = 4
 MAX_CHAIN_SEGMENTS = 1024  # buffers in one chain, direct + indirect together
 MAX_INDIRECT_ENTRIES = 1024  # entries in one indirect table (§2.7.5.3)
 MAX_CHAIN_BYTES = 0xFFFF_FFFF  # total bytes of a chain: used.len is a le32 (§2.7.8)
+# VirtQueue.serve: a request longer than the device's limit reaches it as this
+# many leading bytes (enough for any header it answers an error from).
+REQUEST_PREFIX = 64
 
 
 def desc_table_size(num: int) -> int:
