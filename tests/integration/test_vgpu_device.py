@@ -284,6 +284,16 @@ async def test_hostile_chains_do_not_stop_the_device(tmp_path: Path) -> None:
         head = fe.ctrl.add(readable=[hdr(wire.Cmd.GET_DISPLAY_INFO)], writable=[(small, 4)])
         fe.kick(0)
         assert await fe.wait_used(0, head) == 4
+        # An avail entry naming a head past the queue size, then a good request
+        # in the same kick: the bad entry is dropped (there is no id to give
+        # back), the good one is answered.
+        fe.ctrl.add_raw_head(fe.ctrl.num + 44)
+        resp = fe.alloc(64)
+        head = fe.ctrl.add(readable=[hdr(wire.Cmd.GET_DISPLAY_INFO)], writable=[(resp, 64)])
+        fe.kick(0)
+        assert await fe.wait_used(0, head) == 64
+        assert r.device.host is not None
+        assert r.device.host.queue(0) is not None
         # Still serving.
         caps = decode_capset(await r.gpu.get_capset())
         assert caps[1] == ExecutorKind.NONE

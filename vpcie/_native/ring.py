@@ -97,7 +97,8 @@ class NativeRing:
                 if rc == -2:
                     raise exc
                 log.warning("bad descriptor chain (head %d): %s", headp[0], exc)
-                lib.vq_ring_push(r, headp[0], 0)
+                if headp[0] < r.num:  # else no id to return
+                    lib.vq_ring_push(r, headp[0], 0)
                 continue
             read_len = out.read_len
             if out.gathered:

@@ -193,7 +193,7 @@ def drain_queue(queue_index: int, vq: VirtQueue, serve: Callable[[DescChain], in
         except GuestError as exc:
             log.warning("queue %d: bad descriptor chain: %s", queue_index, exc)
             head = getattr(exc, "head", None)
-            if head is not None:
+            if head is not None and head < vq.num:  # a head past the ring has no used entry
                 vq.push(head, 0)
             continue
         if chain is None:

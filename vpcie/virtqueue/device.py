@@ -288,8 +288,9 @@ class VirtQueue:
         them when ``read_len <= max_request``, else the first REQUEST_PREFIX)
         and returns the response, which is written into the chain's writable
         buffers before the chain is returned. A malformed chain is logged and
-        returned with nothing written; avail.idx running too far ahead raises
-        GuestError. Native: two C calls per request, no chain object.
+        returned with nothing written (a head past the queue size, which has no
+        used entry to go back in, is consumed and dropped); avail.idx running
+        too far ahead raises GuestError. Native: two C calls per request, no chain object.
         """
         if self._ring is not None:
             return self._ring.serve(self.mem, handle, limit, max_request)
@@ -298,7 +299,7 @@ class VirtQueue:
                 chain = self.pop()
             except ChainError as exc:
                 log.warning("bad descriptor chain (head %s): %s", exc.head, exc)
-                if exc.head is not None:
+                if exc.head is not None and exc.head < self.num:  # else no id to return
                     self.push(exc.head, 0)
                 continue
             if chain is None:
