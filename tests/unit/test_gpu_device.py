@@ -216,3 +216,36 @@ async def test_fence_page_must_be_word_aligned(
     # An aligned fence page still works afterwards.
     await ctx.setup_fences()
     assert (await ctx.run([rec(Opcode.QUERY)])).status == ErrorCode.OK
+
+
+def test_forwarded_records_keep_the_guest_bytes(mem: GuestMemory) -> None:
+    """prepare() + Prepared.encoded(): records forwarded unchanged are the
+    guest's own bytes (no second encoding), rewritten copies are encoded
+    again, backend-local records are gone, and the result decodes to
+    ``forward``."""
+    from vpcie.gpu.resources import Resource, ResourceTable
+    from vpcie.gpu.submit import prepare
+    from vpcie.protocol.batch import decode_batch, encode_record
+
+    table = ResourceTable()
+    res = Resource(9, 8192, True, 8192, 1, 0)
+    res.backing, res.backing_bytes = [(0x10000, 8192)], 8192
+    table.create(res)
+    raw = encode_batch(
+        [
+            rec(Opcode.NOP, stream=2),
+            rec(Opcode.COPY_H2D, 77, 9, 16, 128, 256, stream=2),
+            rec(Opcode.MEM_ALLOC, 4096, 0),
+            rec(Opcode.SIGNAL, 1, 9, 0, 64, stream=2),
+        ]
+    )
+    spans: list[tuple[int, int]] = []
+    records = decode_batch(raw, spans)
+    p = prepare(records, table, {9}, mem, raw, spans)
+    data = p.encoded()
+    assert decode_batch(data) == p.forward and len(p.forward) == 3
+    assert raw[spans[0][0] : spans[0][1]] in data and raw[spans[2][0] : spans[2][1]] in data
+    rewritten = p.forward[1]
+    assert rewritten.body == (77, 0, 16, 0, 256)  # the guest resource became the copy stream
+    assert encode_record(rewritten.opcode, rewritten.body, stream=2) in data
+    assert p.copy_totals() == (256, 0)

@@ -339,6 +339,23 @@ async def test_bad_arguments_are_refused_before_sending(agent: tuple[FakeAgent, 
         assert (await c.submit(encode_batch([cmds.nop()]))).ok
 
 
+async def test_send_encoded_checks_the_copy_totals(agent: tuple[FakeAgent, int]) -> None:
+    """The pre-encoded path (the vGPU device's) is not decoded again, but the
+    scatter lists must still hold exactly the totals the caller names."""
+    _fake, port = agent
+    async with await TunnelClient.connect("127.0.0.1", port, psk=PSK) as c:
+        h = await c.alloc(64)
+        data = encode_batch([cmds.copy_h2d(h, 0, 5)])
+        with pytest.raises(VgpuError) as err:
+            c.send_encoded(data, 5, 0, h2d=[b"1234"])
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT and c.inflight == 0
+        assert (await c.send_encoded(data, 5, 0, h2d=[b"12", b"345"])).ok
+        back = bytearray(5)
+        read = encode_batch([cmds.copy_d2h(h, 0, 5)])
+        assert (await c.send_encoded(read, 0, 5, d2h=[back])).ok
+        assert back == b"12345"
+
+
 async def test_wrong_state_errors(agent: tuple[FakeAgent, int]) -> None:
     _fake, port = agent
     c = await TunnelClient.connect("127.0.0.1", port, psk=PSK)

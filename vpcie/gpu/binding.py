@@ -16,7 +16,6 @@ from enum import Enum
 from typing import Any, Protocol
 
 from vpcie.errors import ErrorCode, VgpuError
-from vpcie.protocol.batch import Record
 
 
 @dataclass(frozen=True)
@@ -51,16 +50,19 @@ class Session(Protocol):
     @property
     def inflight(self) -> int: ...
 
-    def send(
+    def send_encoded(
         self,
-        batch: bytes | Sequence[Record],
+        data: bytes,
+        h2d_total: int,
+        d2h_total: int,
         *,
         h2d: Sequence[memoryview] = (),
         d2h: Sequence[memoryview] = (),
         on_done: Callable[[Any], None] | None = None,
     ) -> asyncio.Future[Any]:
-        """Queue one batch on the wire now; the future gives its Completion,
-        and ``on_done`` gets it synchronously (every way the command ends)."""
+        """Queue one encoded, already checked batch whose copies move
+        ``h2d_total``/``d2h_total`` bytes; the future gives its Completion, and
+        ``on_done`` gets it synchronously (every way the command ends)."""
         ...
 
     async def close(self) -> None: ...

@@ -387,13 +387,14 @@ class GpuDevice(Device):
         if size != len(rest) or size > MAX_BATCH_BYTES:
             raise ParameterError(f"SUBMIT_3D size {size} but {len(rest)} bytes follow")
         self.stats["submits"] += 1
+        spans: list[tuple[int, int]] = []
         try:
-            records = decode_batch(rest)
+            records = decode_batch(rest, spans)
         except ProtocolError as exc:
             self._reject(ctx, ErrorCode.PROTOCOL, [], str(exc))
             raise ParameterError(f"malformed vGPU batch: {exc}") from exc
         try:
-            prepared = prepare(records, self.resources, ctx.resources, self.mem())
+            prepared = prepare(records, self.resources, ctx.resources, self.mem(), rest, spans)
         except VgpuError as exc:
             self._reject(ctx, exc.code, records, exc.message, exc.index)
             raise ParameterError(f"vGPU batch refused: {exc}") from exc
@@ -517,9 +518,16 @@ class GpuDevice(Device):
     def _send(self, ctx: Context, session: Session, pending: Pending) -> None:
         p = pending.prepared
         try:
-            session.send(
-                p.forward, h2d=p.h2d, d2h=p.d2h, on_done=functools.partial(self._done, pending)
-            )
+            data = p.encoded()
+        except ProtocolError as exc:  # over the batch caps once rewritten
+            self._finish(pending, ErrorCode.INVALID_ARGUMENT, 0, str(exc), {}, b"")
+            return
+        h2d_total, d2h_total = p.copy_totals()
+        try:
+            session.send_encoded(
+                data, h2d_total, d2h_total, h2d=p.h2d, d2h=p.d2h,
+                on_done=functools.partial(self._done, pending),
+            )  # fmt: skip
         except VgpuError as exc:
             self._finish(pending, exc.code, 0, exc.message, {}, b"")
             if exc.code == ErrorCode.DEVICE_LOST:

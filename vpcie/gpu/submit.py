@@ -17,7 +17,7 @@ from vpcie.errors import ErrorCode, GuestError, VgpuError
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE
 from vpcie.gpu.resources import ResourceTable
 from vpcie.memory import GuestMemory, word_view
-from vpcie.protocol.batch import Record
+from vpcie.protocol.batch import Record, encode_batch
 from vpcie.protocol.codes import ALL_STREAMS, MAX_STREAMS, Opcode
 
 _COPY_HOST = (int(Opcode.COPY_H2D), int(Opcode.COPY_D2H))
@@ -41,9 +41,30 @@ class Prepared:
     d2h: list[memoryview] = field(default_factory=list)
     signals: list[Signal] = field(default_factory=list)
     fence_page: memoryview | None = None  # set by FENCE_PAGE_SET
+    # The guest's batch and its records' spans (decode_batch(spans=)): records
+    # forwarded unchanged are sent as the guest's bytes, not encoded again.
+    records: list[Record] | None = None
+    raw: bytes = b""
+    spans: list[tuple[int, int]] | None = None
 
     def original_index(self, fwd: int) -> int:
         return self.fwd_index[fwd] if 0 <= fwd < len(self.fwd_index) else fwd
+
+    def encoded(self) -> bytes:
+        """The batch to send: ``forward`` encoded (ProtocolError if over the caps)."""
+        records, spans, raw = self.records, self.spans, self.raw
+        parts: list[Record | bytes] = []
+        for r, i in zip(self.forward, self.fwd_index, strict=True):
+            if records is not None and spans is not None and r is records[i]:
+                start, end = spans[i]
+                parts.append(raw[start:end])
+            else:
+                parts.append(r)
+        return encode_batch(parts)
+
+    def copy_totals(self) -> tuple[int, int]:
+        """Bytes of the H2D and D2H copy streams (every forwarded copy is one)."""
+        return sum(map(len, self.h2d)), sum(map(len, self.d2h))
 
 
 def _attached(table: ResourceTable, ctx_resources: set[int], rid: int, index: int) -> None:
@@ -54,10 +75,16 @@ def _attached(table: ResourceTable, ctx_resources: set[int], rid: int, index: in
 
 
 def prepare(
-    records: list[Record], table: ResourceTable, ctx_resources: set[int], mem: GuestMemory
+    records: list[Record],
+    table: ResourceTable,
+    ctx_resources: set[int],
+    mem: GuestMemory,
+    raw: bytes = b"",
+    spans: list[tuple[int, int]] | None = None,
 ) -> Prepared:
-    """Stage-2 validation; raises VgpuError(code, msg, index) for the first bad record."""
-    out = Prepared([], [])
+    """Stage-2 validation; raises VgpuError(code, msg, index) for the first bad
+    record. ``raw``/``spans``: the batch bytes and decode_batch's record spans."""
+    out = Prepared([], [], records=records, raw=raw, spans=spans)
     for i, r in enumerate(records):
         op = r.opcode
         if r.stream >= MAX_STREAMS and not (op == Opcode.SYNC and r.stream == ALL_STREAMS):

@@ -176,8 +176,13 @@ def fields(opcode: Opcode) -> tuple[str, ...]:
     return FAST_BODIES[opcode].names
 
 
-def decode_batch(data: bytes | bytearray | memoryview) -> list[Record]:
-    """Parse a batch; ProtocolError on anything malformed (never another error)."""
+def decode_batch(
+    data: bytes | bytearray | memoryview, spans: list[tuple[int, int]] | None = None
+) -> list[Record]:
+    """Parse a batch; ProtocolError on anything malformed (never another error).
+
+    ``spans``, if given, gets each record's (start, end) in ``data``, so a
+    caller can forward records unchanged without encoding them again."""
     n = len(data)
     if n < BATCH_HEADER_SIZE:
         raise ProtocolError(f"batch truncated: {n} bytes < header {BATCH_HEADER_SIZE}")
@@ -215,6 +220,8 @@ def decode_batch(data: bytes | bytearray | memoryview) -> list[Record]:
             if used != end:
                 raise ProtocolError(f"record {i}: {end - used} trailing bytes in body")
         out.append(_new_tuple(Record, (opcode, rflags, stream, body)))
+        if spans is not None:
+            spans.append((pos, end))
         pos = end
     if pos != length:
         raise ProtocolError(f"batch has {length - pos} trailing bytes")

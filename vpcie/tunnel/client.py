@@ -245,7 +245,6 @@ class TunnelClient(asyncio.BufferedProtocol):
         bytes. Raises VgpuError at once: DEVICE_LOST (tunnel lost),
         QUOTA_EXCEEDED (over the granted in-flight limit), INVALID_ARGUMENT.
         """
-        self._check_ready("send()")
         if isinstance(batch, bytes | bytearray | memoryview):
             data = bytes(batch)
             h2d_need, d2h_need = cmds.copy_stream_sizes(data)
@@ -255,6 +254,24 @@ class TunnelClient(asyncio.BufferedProtocol):
                 data = encode_batch(batch)
             except ProtocolError as exc:
                 raise VgpuError(ErrorCode.INVALID_ARGUMENT, str(exc)) from exc
+        return self.send_encoded(data, h2d_need, d2h_need, h2d=h2d, d2h=d2h, on_done=on_done)
+
+    def send_encoded(
+        self,
+        data: bytes,
+        h2d_total: int,
+        d2h_total: int,
+        *,
+        h2d: Sequence[Any] = (),
+        d2h: Sequence[Any] = (),
+        on_done: Callable[[Completion], None] | None = None,
+    ) -> asyncio.Future[Completion]:
+        """send() for a caller that has decoded and checked the batch itself
+        (the vGPU device): ``data`` is a well-formed batch whose resource-0
+        copies move ``h2d_total`` and ``d2h_total`` bytes; it is not decoded
+        again. The scatter lists must hold exactly those totals."""
+        self._check_ready("send()")
+        h2d_need, d2h_need = h2d_total, d2h_total
         limit = self._info.max_batch_bytes if self._info is not None else 0
         if limit and len(data) > limit:
             raise VgpuError(
