@@ -266,3 +266,18 @@ def test_serve_differential_python_vs_c(
         )  # fmt: skip
         event(f"served {outcome}" if isinstance(outcome, int) else "avail too far ahead")
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["vpcie._native.ring", "vpcie._native.walker", "vpcie.virtqueue.device", "vpcie.gpu.device"],
+)
+def test_modules_import_first(module: str) -> None:
+    """No import cycle: each module can be the first one a program imports."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

@@ -13,8 +13,7 @@ the same state in Python otherwise; the tests run both.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vpcie._native import native
 from vpcie._native.walker import NativeWalker
@@ -23,12 +22,10 @@ from vpcie.memory import GuestMemory
 from vpcie.virtqueue.chain import DescChain
 from vpcie.virtqueue.layout import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES, REQUEST_PREFIX
 
-log = logging.getLogger("vpcie.virtqueue")
+if TYPE_CHECKING:
+    from vpcie.virtqueue.device import RequestHandler
 
-# What a device answers a request with: (request bytes, the chain's readable
-# length) -> response bytes (b"": nothing written). The request is all the
-# readable bytes, or the first REQUEST_PREFIX when they exceed max_request.
-RequestHandler = Callable[[bytes, int], bytes]
+log = logging.getLogger("vpcie.virtqueue")
 
 
 class NativeRing:
@@ -104,7 +101,7 @@ class NativeRing:
             if out.gathered:
                 request = ffi.unpack(gather, read_len)
             else:  # over max_request: the device answers from the header alone
-                k = min(read_len, REQUEST_PREFIX)
+                k = min(read_len, REQUEST_PREFIX, len(gather))
                 lib.vq_gather(table, nregs, self._segs_raw, out.nsegs, 0, gather, k)
                 request = ffi.unpack(gather, k)
             try:
@@ -117,9 +114,11 @@ class NativeRing:
 
     # ------------------------------------------------------------- helpers
     def _gather_buffer(self, size: int) -> tuple[Any, int]:
+        """A buffer for requests up to ``size`` bytes (the walk gathers those)
+        that also holds the REQUEST_PREFIX of a longer one."""
         buf, cap = self._big
-        if cap != size:
-            buf, cap = self._ffi.new("char[]", max(1, size)), size
+        if cap != size or len(buf) < REQUEST_PREFIX:
+            buf, cap = self._ffi.new("char[]", max(size, REQUEST_PREFIX)), size
             self._big = (buf, cap)
         return buf, cap
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import platform
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from vpcie._native import Impl, native, native_available, select_walker
-from vpcie._native.ring import NativeRing, RequestHandler
-from vpcie._native.walker import NativeWalker
 from vpcie.errors import GuestError, ProtocolError
 from vpcie.memory import GuestMemory, word_view
 from vpcie.virtqueue.chain import DescChain
@@ -42,7 +42,13 @@ from vpcie.virtqueue.layout import (
     vring_need_event,
 )
 
+if TYPE_CHECKING:
+    from vpcie._native.ring import NativeRing
+
 log = logging.getLogger(__name__)
+# What a device answers a request with (VirtQueue.serve): (request bytes, the
+# chain's readable length) -> response bytes (b"": nothing written).
+RequestHandler = Callable[[bytes, int], bytes]
 # x86-64 keeps store->store and load->load order; only weakly ordered hosts need
 # a fence between the used element and used.idx (§2.7.8).
 _WEAK_ORDER = platform.machine() not in ("x86_64", "AMD64", "i686", "i386")
@@ -103,7 +109,11 @@ class VirtQueue:
         # Native: the ring state lives in C (struct vq_ring) and every hot step
         # is one C call; Python: the same state and steps here. Same behaviour.
         self._ring: NativeRing | None = None
-        if isinstance(self._walker, NativeWalker):
+        if self.impl == "native":
+            from vpcie._native.ring import NativeRing  # here: no import cycle
+            from vpcie._native.walker import NativeWalker
+
+            assert isinstance(self._walker, NativeWalker)
             self._ring = NativeRing(self._walker, num, desc_gpa, event_idx)
         self._map(mem)
         self._last_avail: int = 0
