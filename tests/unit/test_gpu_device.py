@@ -3,6 +3,7 @@ and the error response the spec names for each bad request."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Iterator
 
@@ -15,7 +16,7 @@ from vpcie.gpu.device import GpuDevice
 from vpcie.gpu.guest_driver import CommandFailed, DirectTransport, GuestGpu, hdr
 from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import encode_batch, rec
-from vpcie.protocol.codes import ExecutorKind, Opcode
+from vpcie.protocol.codes import NO_INDEX, ExecutorKind, Opcode
 from vpcie.protocol.frames import decode_payload
 from vpcie.virtqueue.driver import GuestAllocator
 
@@ -249,3 +250,72 @@ def test_forwarded_records_keep_the_guest_bytes(mem: GuestMemory) -> None:
     assert rewritten.body == (77, 0, 16, 0, 256)  # the guest resource became the copy stream
     assert encode_record(rewritten.opcode, rewritten.body, stream=2) in data
     assert p.copy_totals() == (256, 0)
+
+
+class _HeldSession:
+    """An agent session whose batches never complete (the GPU is busy)."""
+
+    def __init__(self) -> None:
+        from vpcie.tunnel.results import QueryInfo
+
+        self.info = QueryInfo(
+            1, ExecutorKind.CPU, 0, 1 << 30, 1 << 30, 0, 0, 4096, 1 << 20, 64, 0, 0, 0,
+            "held", "uuid", "test",
+        )  # fmt: skip
+        self.sent: list[tuple[bytes, object]] = []
+
+    @property
+    def inflight(self) -> int:
+        return len(self.sent)
+
+    def send_encoded(self, data: bytes, h2d_total: int, d2h_total: int, **kw: object) -> object:
+        self.sent.append((data, kw["on_done"]))
+        return None
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
+    """A guest cannot make the backend hold unbounded work: past the byte
+    budget of batches in flight on the vGPU, a submission ends at once with
+    QUOTA_EXCEEDED on its fence slot; completions free the budget again."""
+    from types import SimpleNamespace
+
+    from vpcie.gpu.binding import AgentTarget, Binding
+    from vpcie.gpu.device import MAX_CTX_INFLIGHT, MAX_INFLIGHT_BATCH_BYTES
+
+    held = _HeldSession()
+
+    async def factory(target: AgentTarget, name: str) -> _HeldSession:
+        return held
+
+    binding = Binding(factory)  # type: ignore[arg-type]
+    dev = GpuDevice(binding, memory=lambda: mem)
+    heap = GuestAllocator(mem, 0x1000, MEM - 0x1000)
+    gpu = GuestGpu(DirectTransport(dev), mem, heap.alloc)
+    binding.bind(AgentTarget("127.0.0.1", 9, psk=b"k" * 16))
+    ctx = await gpu.open()
+    await ctx.setup_fences()
+    code = bytes(200_000)  # a 200 KB MODULE_LOAD: real payload the backend must keep
+    big = [rec(Opcode.MODULE_LOAD, 1, "m", code, stream=1)]
+    seqs = []
+    for _ in range(MAX_INFLIGHT_BATCH_BYTES // 200_000 + 2):
+        seqs.append(await ctx.start(big, stream=1))
+        await asyncio.sleep(0)  # the forwarder task opens the session, then sends
+    assert dev.inflight_bytes <= MAX_INFLIGHT_BATCH_BYTES
+    done, err_seq, err, _ = ctx.fence_slot(1)
+    assert err == ErrorCode.QUOTA_EXCEEDED and err_seq == seqs[-1] and done == seqs[-1]
+    assert "MiB of batches in flight" in (await ctx.wait(1, seqs[-1], timeout=1)).message
+    # The agent finishes everything it holds: the budget is free again.
+    for _data, on_done in held.sent:
+        on_done(SimpleNamespace(status=0, failed_index=NO_INDEX, message="", results={}, blob=b""))
+    assert dev.inflight_bytes == 0
+    ok = await ctx.start(big, stream=1)
+    await asyncio.sleep(0)
+    assert ctx.fence_slot(1)[0] < ok  # held again, not refused
+    # The count of batches in flight per context is bounded too.
+    for _ in range(MAX_CTX_INFLIGHT):
+        last = await ctx.start([rec(Opcode.NOP, stream=2)], stream=2)
+    reply = await ctx.wait(2, last, timeout=1)
+    assert reply.status == ErrorCode.QUOTA_EXCEEDED and "1024 batches" in reply.message

@@ -64,6 +64,10 @@ CONTROL_QUEUE, CURSOR_QUEUE = 0, 1
 MAX_REQUEST_BYTES = wire.SUBMIT_3D.sizeof() + MAX_BATCH_BYTES
 MAX_CONTEXTS = 1024
 MAX_CTX_INFLIGHT = 1024  # forwarded batches per context not yet completed
+# Guest batch bytes this vGPU holds for work not yet completed (queued behind
+# the agent's window, or on the wire): a guest resubmitting 1 MiB batches must
+# not grow the backend's memory without bound.
+MAX_INFLIGHT_BATCH_BYTES = 64 << 20
 SCANOUT_W, SCANOUT_H = 1024, 768
 _BPP_2D = 4  # every virtio-gpu 2D format is 32 bits per pixel
 PIPE_BUFFER = 0  # gallium pipe_texture_target for buffers
@@ -86,6 +90,7 @@ class Pending:
     ctx: Context
     done: bool = False
     mem: GuestMemory | None = None  # the table its views point into, held until done
+    nbytes: int = 0  # its share of the device's in-flight batch bytes
 
 
 @dataclass(eq=False)
@@ -121,6 +126,7 @@ class GpuDevice(Device):
         self.contexts: dict[int, Context] = {}
         self.scanout_resource = 0
         self.stats = {"commands": 0, "errors": 0, "submits": 0, "rejected": 0}
+        self.inflight_bytes = 0  # guest batch bytes held for uncompleted work
         self.edid = make_edid(SCANOUT_W, SCANOUT_H)
         self.bound_info: bytes = unbound_info()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -442,17 +448,17 @@ class GpuDevice(Device):
                 b"",
             )
             return
+        nbytes = len(prepared.raw)
+        over = ""
         if len(ctx.inflight) >= MAX_CTX_INFLIGHT:
-            self._finish(
-                Pending(prepared, ctx),
-                ErrorCode.QUOTA_EXCEEDED,
-                0,
-                f"more than {MAX_CTX_INFLIGHT} batches in flight",
-                {},
-                b"",
-            )
+            over = f"more than {MAX_CTX_INFLIGHT} batches in flight"
+        elif self.inflight_bytes + nbytes > MAX_INFLIGHT_BATCH_BYTES:
+            over = f"more than {MAX_INFLIGHT_BATCH_BYTES >> 20} MiB of batches in flight"
+        if over:
+            self._finish(Pending(prepared, ctx), ErrorCode.QUOTA_EXCEEDED, 0, over, {}, b"")
             return
-        pending = Pending(prepared, ctx)
+        pending = Pending(prepared, ctx, nbytes=nbytes)
+        self.inflight_bytes += nbytes
         ctx.inflight.append(pending)
         if self.host is not None:  # its views stay mapped until it completes
             pending.mem = self.host.memory.acquire()
@@ -519,6 +525,7 @@ class GpuDevice(Device):
         p = pending.prepared
         try:
             data = p.encoded()
+            p.records, p.spans, p.raw = None, None, b""  # the wire copy is all that is needed
         except ProtocolError as exc:  # over the batch caps once rewritten
             self._finish(pending, ErrorCode.INVALID_ARGUMENT, 0, str(exc), {}, b"")
             return
@@ -587,6 +594,8 @@ class GpuDevice(Device):
         ctx, p = pending.ctx, pending.prepared
         if pending in ctx.inflight:
             ctx.inflight.remove(pending)
+        self.inflight_bytes -= pending.nbytes
+        pending.nbytes = 0
         if pending.mem is not None and self.host is not None:
             self.host.memory.release(pending.mem)
         pending.mem = None
@@ -666,6 +675,7 @@ class GpuDevice(Device):
                 for c in self.contexts.values()
             ],
             "resources": len(self.resources),
+            "inflight_bytes": self.inflight_bytes,
             **self.stats,
         }
 
