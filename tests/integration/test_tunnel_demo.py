@@ -13,7 +13,7 @@ from vpcie.cli.main import main
 
 def test_demo_runs_and_says_it_is_not_a_gpu() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "vpcie.cli.main", "demo", "--size", "48", "--json"],
+        [sys.executable, "-m", "vpcie.cli.main", "demo", "--tunnel", "--size", "48", "--json"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -28,7 +28,7 @@ def test_demo_runs_and_says_it_is_not_a_gpu() -> None:
 
 def test_demo_human_report() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "vpcie.cli.main", "demo", "--size", "16"],
+        [sys.executable, "-m", "vpcie.cli.main", "demo", "--tunnel", "--size", "16"],
         capture_output=True,
         text=True,
         timeout=60,

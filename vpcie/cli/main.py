@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     d = sub.add_parser(
         "demo",
-        help="start a local agent, run a GEMM through the tunnel, verify it",
-        description="Start a vpcie-agent on loopback (CPU executor, PSK), run a GEMM "
-        "through the tunnel and check it against NumPy.",
+        help="boot a QEMU guest whose vGPU runs a GEMM on a local agent; verify it",
+        description="Start a vpcie-agent on loopback (CPU executor, PSK) and a "
+        "vpcie-backend bound to it, boot a QEMU guest (TCG) with that vGPU, and run a "
+        "GEMM and a 1 MiB round trip through the guest's virtio_gpu driver; the guest "
+        "checks the results. --tunnel: only the tunnel, from this process.",
     )
     demo_args(d)
     d.set_defaults(func=cmd_demo)
@@ -52,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def demo_args(d: argparse.ArgumentParser) -> None:
-    d.add_argument("--size", type=int, default=256, help="matrix size N (N x N fp32)")
+    d.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="matrix size N (N x N fp32; default 32 in the guest, 256 with --tunnel)",
+    )
+    d.add_argument("--tunnel", action="store_true", help="tunnel only: no guest, no backend")
+    d.add_argument("--timeout", type=float, default=300.0, help="seconds the guest may take")
     d.add_argument("--json", action="store_true", help="print one JSON object")
 
 

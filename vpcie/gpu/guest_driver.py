@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from guest_tools.vgpu import REPLY_SLOT, REPLY_SLOTS, Reply, decode_reply
 from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.capset import CAPSET_SIZE, VGPU_CAPSET_ID
@@ -29,8 +30,6 @@ from vpcie.protocol.codes import Opcode
 from vpcie.protocol.frames import decode_payload
 
 PAGE = 4096
-REPLY_SLOT = 4096  # bytes of COMPLETION reply per in-flight SIGNAL
-REPLY_SLOTS = 16
 _HDR_FMT = wire.HDR
 _PIPE_BUFFER, _R8_UNORM = 0, 64
 _BIND_CUSTOM = 1 << 17  # VIRGL_BIND_CUSTOM (guest tools' buffers)
@@ -123,21 +122,6 @@ class Bo:
                 fn(gpa + lo - base, lo - offset, hi - lo)
                 pos += hi - lo
             base += length
-
-
-@dataclass
-class Reply:
-    status: ErrorCode
-    failed_index: int
-    message: str
-    results: dict[int, int]
-    blob: bytes
-
-    def value(self, index: int) -> int:
-        return self.results[index]
-
-    def value_f64(self, index: int) -> float:
-        return float(struct.unpack("<d", struct.pack("<Q", self.results[index]))[0])
 
 
 class GuestGpu:
@@ -320,7 +304,7 @@ class GuestContext:
         assert self.reply_bo is not None
         raw = self.reply_bo.read(slot * REPLY_SLOT, REPLY_SLOT)
         try:
-            status, failed_index, message, _n, results, blob = _decode_reply(raw)
+            status, failed_index, message, _n, results, blob = decode_reply(raw)
         except Exception:  # no reply written (e.g. rejected before running)
             if err_seq == seq:
                 return Reply(ErrorCode(code), failed, "", {}, b"")
@@ -328,14 +312,6 @@ class GuestContext:
         if err_seq == seq and status == 0:
             status = code  # the reply did not fit: the fence page says why
         return Reply(ErrorCode(status), failed_index, message, dict(results), bytes(blob))
-
-
-def _decode_reply(raw: bytes) -> tuple[Any, ...]:
-    # The COMPLETION occupies a prefix of the slot; find its end by decoding.
-    from vpcie.protocol.frames import FAST
-
-    values, _end = FAST["COMPLETION"].decode(raw, 0)
-    return values
 
 
 def fence_page_size() -> int:

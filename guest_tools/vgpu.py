@@ -1,0 +1,244 @@
+"""``vgpu``: the tenant's API to a vpcie vGPU, inside the guest.
+
+A ``Device`` is one open render node (one virtio-gpu context). Work goes to
+the GPU as vGPU batches (``vpcie.protocol.batch``) in EXECBUFFER; buffers are
+guest-backed resources the remote GPU copies from and into directly (COPY_H2D /
+COPY_D2H name them). The ioctl's fence only means "accepted": completion is
+the fence page (docs/GUEST_ABI.md), a buffer the backend writes and this
+module polls, and each batch's COMPLETION reply lands in a reply buffer.
+
+    dev = Device()
+    a = dev.buffer(4096); a.write(data)
+    reply = dev.run([rec(Opcode.MEM_ALLOC, 4096, 0)])
+    h = reply.value(0)
+    dev.run([rec(Opcode.COPY_H2D, h, a.resource_id, 0, 0, 4096)]).check()
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from guest_tools.drm import PARAM_SUPPORTED_CAPSET_IDS, RENDER_NODE, RenderNode
+from vpcie.errors import ErrorCode, VgpuError
+from vpcie.protocol.batch import Record, encode_batch, rec
+from vpcie.protocol.codes import ExecutorKind, Opcode
+from vpcie.protocol.frames import FAST
+
+# The guest ABI (docs/GUEST_ABI.md); tests check these against the backend's.
+CAPSET_ID = 17
+CAPSET_VERSION = 1
+CAPSET_SIZE = 256
+FENCE_HEADER_SIZE = 16  # magic, version, nslots, rejected, last_reject
+FENCE_SLOT_SIZE = 24  # completed_seq u64, error_seq u64, error_code u32, failed u32
+FENCE_MAGIC = 0x31504656  # "VFP1"
+REPLY_SLOT = 4096  # bytes of COMPLETION per SIGNAL in flight
+REPLY_SLOTS = 16
+PAGE = 4096
+SPIN_S = 0.005  # wait(): busy-poll this long before sleeping between looks
+
+
+class VgpuInfo(NamedTuple):
+    """The capset: a QUERY_INFO of the bound GPU (or of none)."""
+
+    proto_version: int
+    executor: int
+    flags: int
+    mem_total: int
+    mem_free: int
+    mem_quota: int
+    mem_used: int
+    max_inflight: int
+    max_batch_bytes: int
+    max_streams: int
+    sm_count: int
+    cc_major: int
+    cc_minor: int
+    name: str
+    uuid: str
+    agent: str
+
+    @property
+    def executor_kind(self) -> ExecutorKind:
+        return ExecutorKind(self.executor)
+
+    def describe(self) -> str:
+        kind = self.executor_kind
+        if kind is ExecutorKind.NONE:
+            return "no GPU bound to this vGPU"
+        what = "NOT a GPU (CPU executor)" if kind is ExecutorKind.CPU else "GPU"
+        return f"{self.name} [{what}] via agent {self.agent!r}"
+
+
+@dataclass
+class Reply:
+    """A batch's COMPLETION: status, failing record, results by record index."""
+
+    status: ErrorCode
+    failed_index: int
+    message: str
+    results: dict[int, int]
+    blob: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.status == ErrorCode.OK
+
+    def check(self) -> Reply:
+        if not self.ok:
+            raise VgpuError(self.status, f"record {self.failed_index}: {self.message}")
+        return self
+
+    def value(self, index: int) -> int:
+        return self.results[index]
+
+    def value_f64(self, index: int) -> float:
+        return float(struct.unpack("<d", struct.pack("<Q", self.results[index]))[0])
+
+
+def decode_reply(raw: bytes | memoryview) -> tuple[Any, ...]:
+    """(status, failed_index, message, nresults, results, blob) of the COMPLETION
+    at the start of ``raw`` (a reply slot); ProtocolError when there is none."""
+    values, _end = FAST["COMPLETION"].decode(raw, 0)
+    return tuple(values)
+
+
+class Buffer:
+    """A guest-backed buffer resource, mapped into this process."""
+
+    def __init__(self, node: RenderNode, size: int) -> None:
+        self.node = node
+        self.handle, self.resource_id, self.size = node.create_buffer(size)
+        self.map: mmap.mmap = node.map(self.handle, self.size)
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise ValueError(f"{len(data)} bytes at {offset} do not fit {self.size}")
+        self.map[offset : offset + len(data)] = data
+
+    def read(self, offset: int = 0, size: int | None = None) -> bytes:
+        size = self.size - offset if size is None else size
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ValueError(f"{size} bytes at {offset} are outside {self.size}")
+        return self.map[offset : offset + size]
+
+    def close(self) -> None:
+        self.map.close()
+        self.node.close_buffer(self.handle)
+
+
+class Device:
+    """A vpcie vGPU as one guest process sees it."""
+
+    def __init__(self, path: str = RENDER_NODE) -> None:
+        self.node = RenderNode(path)
+        try:
+            ids = self.node.getparam(PARAM_SUPPORTED_CAPSET_IDS)
+            if not ids & (1 << CAPSET_ID):
+                raise VgpuError(
+                    ErrorCode.NO_DEVICE,
+                    f"{path} is a virtio-gpu without the vpcie capset {CAPSET_ID}",
+                )
+            self.info = self.query_caps()
+            self.fence = Buffer(self.node, PAGE)
+            self.replies = Buffer(self.node, REPLY_SLOT * REPLY_SLOTS)
+            self._words = memoryview(self.fence.map).cast("Q")  # fence page, u64 words
+            fence_set = rec(Opcode.FENCE_PAGE_SET, self.fence.resource_id, 0)
+            self.node.execbuffer(encode_batch([fence_set]))
+        except BaseException:
+            self.node.close()
+            raise
+        self._seq: dict[int, int] = {}
+        self._slot_of: dict[tuple[int, int], int] = {}
+        self._next_slot = 0
+
+    def query_caps(self) -> VgpuInfo:
+        """The capset as the kernel caches it: the GPU bound when it was read."""
+        caps = self.node.get_caps(CAPSET_ID, CAPSET_VERSION, CAPSET_SIZE)
+        values, _end = FAST["QUERY_INFO"].decode(caps, 0)
+        return VgpuInfo(*values)
+
+    def query(self) -> VgpuInfo:
+        """What is bound now (a QUERY batch). The capset (``info``) is what was
+        bound when the kernel first read it: the kernel caches capsets."""
+        blob = self.run([rec(Opcode.QUERY)]).check().blob
+        values, _end = FAST["QUERY_INFO"].decode(blob, 0)
+        return VgpuInfo(*values)
+
+    def buffer(self, size: int) -> Buffer:
+        return Buffer(self.node, size)
+
+    def close(self) -> None:
+        self._words.release()
+        self.fence.close()
+        self.replies.close()
+        self.node.close()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ work
+    def start(self, records: Sequence[Record], *, stream: int = 0) -> int:
+        """Submit ``records`` + a SIGNAL on ``stream``; returns its sequence number."""
+        seq = self._seq.get(stream, 0) + 1
+        if len(self._slot_of) >= REPLY_SLOTS:
+            raise VgpuError(ErrorCode.QUOTA_EXCEEDED, f"{REPLY_SLOTS} batches already waited for")
+        slot = self._next_slot
+        while slot in self._slot_of.values():
+            slot = (slot + 1) % REPLY_SLOTS
+        self._next_slot = (slot + 1) % REPLY_SLOTS
+        sig = rec(
+            Opcode.SIGNAL, seq, self.replies.resource_id, slot * REPLY_SLOT, REPLY_SLOT,
+            stream=stream,
+        )  # fmt: skip
+        start = slot * REPLY_SLOT
+        self.replies.write(bytes(64), start)  # no stale reply if this one is never written
+        self.node.execbuffer(encode_batch([*records, sig]))
+        self._seq[stream] = seq
+        self._slot_of[(stream, seq)] = slot
+        return seq
+
+    def done(self, stream: int, seq: int) -> bool:
+        return int(self._words[(FENCE_HEADER_SIZE + stream * FENCE_SLOT_SIZE) >> 3]) >= seq
+
+    def wait(self, stream: int, seq: int, *, timeout: float = 30.0) -> Reply:
+        """Poll the fence page until ``seq`` is done on ``stream``; its reply.
+        Spins for the first SPIN_S (a round trip is well under that), then
+        sleeps with backoff up to 1 ms between looks."""
+        word = (FENCE_HEADER_SIZE + stream * FENCE_SLOT_SIZE) >> 3
+        words = self._words
+        start = time.monotonic()
+        nap = 0.0
+        while words[word] < seq:
+            now = time.monotonic()
+            if now - start < SPIN_S:
+                continue
+            if now - start > timeout:
+                raise TimeoutError(f"stream {stream}: batch {seq} not done in {timeout} s")
+            nap = min(0.001, nap * 2 or 0.00005)
+            time.sleep(nap)
+        failed_seq = int(words[word + 1])
+        tail = self.fence.read(FENCE_HEADER_SIZE + stream * FENCE_SLOT_SIZE + 16, 8)
+        code, failed_index = struct.unpack("<II", tail)
+        slot = self._slot_of.pop((stream, seq))
+        try:
+            status, index, message, _n, results, blob = decode_reply(
+                self.replies.read(slot * REPLY_SLOT, REPLY_SLOT)
+            )
+        except Exception:  # no reply written (the batch was refused before running)
+            if failed_seq == seq:
+                return Reply(ErrorCode(code), failed_index, "refused by the backend", {}, b"")
+            raise
+        if failed_seq == seq and status == 0:
+            status, index = code, failed_index  # no reply, or it did not fit
+        return Reply(ErrorCode(status), index, str(message), dict(results), bytes(blob))
+
+    def run(self, records: Sequence[Record], *, stream: int = 0, timeout: float = 30.0) -> Reply:
+        return self.wait(stream, self.start(records, stream=stream), timeout=timeout)

@@ -1,0 +1,130 @@
+"""A QEMU guest with a vpcie vGPU: the image from images/out, booted under TCG.
+
+The command line is the one DESIGN.md verified: q35, guest RAM in a shared
+memfd (vhost-user needs it), no display, the serial console on stdout, the
+kernel and initramfs built by images/build.sh, and
+``-device vhost-user-gpu-pci`` on a vpcie-backend's socket. The guest's /init
+runs ``vpcie.run=PROGRAM`` with ``vpcie.args=A,B`` and ends with
+``vpcie-guest: exit N``; this module streams the console and returns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vpcie.errors import ConfigError
+
+IMAGE_DIR = Path(__file__).resolve().parent.parent / "images" / "out"
+QEMU = "qemu-system-x86_64"
+GUEST_TOOLS = "/opt/vpcie/guest_tools"  # where images/build.sh puts guest_tools
+_EXIT = re.compile(r"vpcie-guest: exit (\d+)")
+
+
+@dataclass
+class GuestRun:
+    """What the guest printed, how its program ended, how long it all took."""
+
+    lines: list[str] = field(default_factory=list)
+    exit_code: int | None = None  # the program's, from /init's last line; None: never got there
+    seconds: float = 0.0
+    timed_out: bool = False
+
+    def guest_lines(self) -> list[str]:
+        return [line for line in self.lines if line.startswith("vpcie-guest:")]
+
+
+def image_dir() -> Path:
+    """images/out (or $VPCIE_IMAGE_DIR); ConfigError when the image is not built."""
+    d = Path(os.environ.get("VPCIE_IMAGE_DIR", IMAGE_DIR))
+    missing = [n for n in ("vmlinuz", "initramfs.gz") if not (d / n).is_file()]
+    if missing:
+        raise ConfigError(
+            f"guest image not built ({', '.join(missing)} missing in {d}): "
+            "run `bash scripts/setup.sh` (it runs images/build.sh)"
+        )
+    return d
+
+
+def qemu_command(
+    vgpu_socket: str | None,
+    program: str | None = None,
+    args: Sequence[str] = (),
+    *,
+    memory_mb: int = 512,
+    images: Path | None = None,
+) -> list[str]:
+    d = images or image_dir()
+    qemu = shutil.which(QEMU)
+    if qemu is None:
+        raise ConfigError(f"{QEMU} not found: run `bash scripts/setup.sh`")
+    append = "console=ttyS0 panic=-1 rdinit=/init quiet"
+    if program:
+        append += f" vpcie.run={program}"
+        if args:
+            append += " vpcie.args=" + ",".join(args)
+    cmd = [
+        qemu, "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", f"{memory_mb}M",
+        "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
+        "-machine", "q35,memory-backend=mem",
+        "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio",
+        "-kernel", str(d / "vmlinuz"), "-initrd", str(d / "initramfs.gz"),
+        "-append", append,
+    ]  # fmt: skip
+    if vgpu_socket is not None:
+        cmd += [
+            "-chardev", f"socket,id=vgpu,path={vgpu_socket}",
+            "-device", "vhost-user-gpu-pci,chardev=vgpu",
+        ]  # fmt: skip
+    return cmd
+
+
+async def run_guest(
+    vgpu_socket: str | None,
+    program: str | None = None,
+    args: Sequence[str] = (),
+    *,
+    timeout: float = 300.0,
+    on_line: Callable[[str], None] | None = None,
+    memory_mb: int = 512,
+) -> GuestRun:
+    """Boot the guest, run ``program`` in it, return its console. The VM is
+    killed at ``timeout`` (``timed_out``); it never outlives this call."""
+    cmd = qemu_command(vgpu_socket, program, args, memory_mb=memory_mb)
+    run = GuestRun()
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(timeout):
+            while raw := await proc.stdout.readline():
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                run.lines.append(line)
+                if on_line is not None:
+                    on_line(line)
+                m = _EXIT.search(line)
+                if m:
+                    run.exit_code = int(m.group(1))
+            await proc.wait()
+    except TimeoutError:
+        run.timed_out = True
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        run.seconds = time.monotonic() - t0
+    return run
