@@ -99,6 +99,7 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     try:
         with Device() as dev:
+            say(f"capset at driver load: {dev.info.describe()}")
             t1 = time.monotonic()
             info = dev.query()
             say(f"vGPU: {info.describe()}; first batch {(time.monotonic() - t1) * 1e3:.1f} ms")

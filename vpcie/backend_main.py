@@ -110,6 +110,7 @@ async def run(args: argparse.Namespace) -> None:
 
     log = logging.getLogger("vpcie.backend")
     control: ControlServer | None = None
+    probe: asyncio.Task[None] | None = None
     device: Device
     if args.null_device:
         device = NullGpuDevice()
@@ -129,6 +130,10 @@ async def run(args: argparse.Namespace) -> None:
             binding.bind(target)
             log.info("bound", extra={"fields": {"target": target.describe()}})
         control = ControlServer(device, binding)
+        if args.bind:
+            # What the capset reports at the guest's driver load: ask the agent
+            # now (as `vpcie vgpu bind` does), not at the first session.
+            probe = asyncio.create_task(_probe_bound(control, target, log))
         ctl_path = args.control_socket or (args.socket_path + ".ctl" if args.socket_path else None)
         if ctl_path:
             await control.start(ctl_path)
@@ -142,10 +147,22 @@ async def run(args: argparse.Namespace) -> None:
         else:
             await server.serve_path(args.socket_path)
     finally:
+        if probe is not None:
+            probe.cancel()
         if control is not None:
             control.close()
         server.core.close()
         log.info("exiting", extra={"fields": {"status": server.status()}})
+
+
+async def _probe_bound(control: Any, target: Any, log: logging.Logger) -> None:
+    try:
+        await control.probe(target)
+    except Exception as exc:  # the agent may come up later: sessions open on demand
+        log.warning(
+            "agent not reachable yet; the capset says no GPU until a session opens",
+            extra={"fields": {"target": target.describe(), "error": str(exc)}},
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

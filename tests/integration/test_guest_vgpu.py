@@ -89,7 +89,7 @@ async def test_guest_sees_no_gpu_bound(tmp_path: Path) -> None:
     lines = "\n".join(run.guest_lines())
     assert not run.timed_out, "\n".join(run.lines[-30:])
     assert "render node /dev/dri/renderD128" in lines
-    assert "no GPU bound to this vGPU" in lines
+    assert "capset at driver load: no GPU bound to this vGPU" in lines
     assert "demo FAILED: VgpuError" in lines and "NO_DEVICE" in lines
     assert run.exit_code == 1
 
@@ -102,4 +102,6 @@ async def test_guest_on_a_bound_agent(tmp_path: Path, agent: AgentProc) -> None:
         run = await run_guest(sock, f"{GUEST_TOOLS}/demo.py", ["16"], timeout=GUEST_TIMEOUT)
     lines = "\n".join(run.guest_lines())
     assert run.exit_code == 0, "\n".join(run.lines[-30:])
+    # Bound at the backend's start: the capset the driver cached says so.
+    assert "capset at driver load: cpu-numpy (not a GPU) [NOT a GPU (CPU executor)]" in lines
     assert "GEMM 16x16 fp32" in lines and "demo ok" in lines

@@ -121,14 +121,16 @@ class ControlServer:
                 return {"ok": True, "was": was.describe() if was else None}
             if op == "bind":
                 target = target_from_request(req)
-                await self._probe(target)
+                await self.probe(target)
                 self.binding.bind(target)
                 return {"ok": True, "bound": target.describe()}
             raise ValueError(f"unknown op {op!r} (status, bind, unbind)")
         except (ValueError, KeyError, TypeError, OSError, VpcieError) as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
-    async def _probe(self, target: AgentTarget) -> None:
+    async def probe(self, target: AgentTarget) -> None:
+        """Open and close a session on ``target`` (OSError or VgpuError when
+        that fails); the device's capset then describes what it serves."""
         probe = Binding(self.binding.factory)
         probe.target = target
         try:
