@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -105,3 +105,60 @@ async def test_guest_on_a_bound_agent(tmp_path: Path, agent: AgentProc) -> None:
     # Bound at the backend's start: the capset the driver cached says so.
     assert "capset at driver load: cpu-numpy (not a GPU) [NOT a GPU (CPU executor)]" in lines
     assert "GEMM 16x16 fp32" in lines and "demo ok" in lines
+
+
+async def test_hostile_tenant_in_a_real_guest(tmp_path: Path, agent: AgentProc) -> None:
+    """Through the real driver: a malformed batch and a truncated one are
+    refused (counted on the fence page), naming another context's buffer is
+    INVALID_HANDLE, ranges outside a buffer are OUT_OF_RANGE at the right
+    record, and every context keeps working afterwards."""
+    async with backend(
+        tmp_path, "--bind", agent.address, "--psk-file", str(agent.psk_file)
+    ) as sock:
+        run = await run_guest(sock, f"{GUEST_TOOLS}/checks.py", ["hostile"], timeout=GUEST_TIMEOUT)
+    lines = "\n".join(run.guest_lines())
+    for name in ("malformed-batch", "foreign-buffer", "out-of-range"):
+        assert f"check {name} ok" in lines, lines or "\n".join(run.lines[-30:])
+    assert run.exit_code == 0
+
+
+@pytest.mark.parametrize("what", ["unbind", "kill"])
+async def test_held_work_ends_with_device_lost(
+    tmp_path: Path, agent_factory: Callable[..., AgentProc], what: str
+) -> None:
+    """Work held on the agent (EVENT_WAIT) when the operator unbinds the GPU,
+    or when the agent dies: the guest sees DEVICE_LOST on its fence page within
+    2 s; then new work is NO_DEVICE (unbound) or DEVICE_LOST (its session is
+    gone), never a hang."""
+    from vpcie.gpu.control import control_request
+
+    agent = agent_factory()
+    done: list[object] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def act(ctl: str) -> None:
+        if what == "unbind":
+            done.append(await control_request(ctl, {"op": "unbind"}))
+        else:
+            agent.kill()  # the agent and its session workers
+            done.append("killed")
+
+    async with backend(
+        tmp_path, "--bind", agent.address, "--psk-file", str(agent.psk_file)
+    ) as sock:
+
+        def on_line(line: str) -> None:
+            if line.strip() == "vpcie-guest: held" and not tasks:
+                tasks.append(asyncio.get_running_loop().create_task(act(sock + ".ctl")))
+
+        run = await run_guest(
+            sock, f"{GUEST_TOOLS}/checks.py", [what], timeout=GUEST_TIMEOUT, on_line=on_line
+        )
+        await asyncio.gather(*tasks)
+    lines = "\n".join(run.guest_lines())
+    assert done, "the guest never said it held work:\n" + "\n".join(run.lines[-30:])
+    assert "held batch ended with DEVICE_LOST" in lines, "\n".join(run.lines[-30:])
+    after = "NO_DEVICE" if what == "unbind" else "DEVICE_LOST"
+    assert f"work after it: {after}" in lines and "check held ok" in lines
+    ms = float(lines.split("DEVICE_LOST after ")[1].split(" ms")[0])
+    assert ms < 2000
