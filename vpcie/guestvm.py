@@ -15,12 +15,14 @@ import contextlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vpcie.errors import ConfigError
+from vpcie.errors import ConfigError, ErrorCode, VgpuError
 
 IMAGE_DIR = Path(__file__).resolve().parent.parent / "images" / "out"
 QEMU = "qemu-system-x86_64"
@@ -128,3 +130,36 @@ async def run_guest(
             await proc.wait()
         run.seconds = time.monotonic() - t0
     return run
+
+
+def start_backend(
+    workdir: Path, *args: str, timeout: float = 20.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A vpcie-backend process (as in production) on ``workdir/vgpu.sock``,
+    with ``args`` (e.g. ``--bind HOST:PORT --psk-file F``); its log is
+    ``workdir/backend.log``. Returns once the socket exists."""
+    sock = str(workdir / "vgpu.sock")
+    with (workdir / "backend.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vpcie.backend_main", "--socket-path", sock, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_backend(proc)
+            tail = (workdir / "backend.log").read_text(errors="replace")[-2000:]
+            raise VgpuError(ErrorCode.INTERNAL, f"vpcie-backend did not start:\n{tail}")
+        time.sleep(0.05)
+    return proc, sock
+
+
+def stop_backend(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

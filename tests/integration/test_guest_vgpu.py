@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AgentProc
-from vpcie.guestvm import GUEST_TOOLS, image_dir, run_guest
+from vpcie.guestvm import GUEST_TOOLS, image_dir, run_guest, start_backend, stop_backend
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
 
@@ -36,31 +36,13 @@ def _image() -> None:
 
 
 @contextlib.asynccontextmanager
-async def backend(tmp_path: Path, *bind: str) -> AsyncIterator[str]:
+async def backend(tmp_path: Path, *args: str) -> AsyncIterator[str]:
     """vpcie-backend (its own process, as in production) on a unix socket."""
-    sock = str(tmp_path / "vgpu.sock")
-    log = (tmp_path / "backend.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vpcie.backend_main", "--socket-path", sock, *bind],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc, sock = start_backend(tmp_path, *args)
     try:
-        for _ in range(400):
-            if os.path.exists(sock) or proc.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert os.path.exists(sock), (tmp_path / "backend.log").read_text()
         yield sock
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        stop_backend(proc)
 
 
 def test_vpcie_demo_runs_a_real_guest() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from guest_tools import drm, vgpu
 from vpcie.gpu import capset, fencepage
-from vpcie.protocol.frames import encode_completion
+from vpcie.protocol.frames import FAST, encode_completion
 
 
 @pytest.mark.parametrize(
@@ -36,6 +36,7 @@ def test_guest_abi_matches_the_backend() -> None:
     assert vgpu.FENCE_HEADER_SIZE == fencepage.HEADER_ST.size
     assert vgpu.FENCE_SLOT_SIZE == fencepage.SLOT_ST.size
     assert vgpu.FENCE_MAGIC == fencepage.FENCE_MAGIC
+    assert vgpu.VgpuInfo._fields == FAST["QUERY_INFO"].names  # the capset is a QUERY_INFO
 
 
 def test_reply_decoding() -> None:

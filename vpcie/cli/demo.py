@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -138,35 +137,22 @@ class GuestDemoReport:
     verified: bool = False
 
 
-def start_backend(workdir: Path, agent: LocalAgent) -> tuple[subprocess.Popen[bytes], str]:
-    """vpcie-backend on a unix socket in ``workdir``, bound to ``agent``."""
+def start_guest_backend(workdir: Path, agent: LocalAgent) -> tuple[subprocess.Popen[bytes], str]:
+    """vpcie-backend bound to ``agent`` (its PSK in a 0600 file)."""
+    from vpcie.guestvm import start_backend
+
     assert agent.psk is not None
     psk_file = workdir / "backend.psk"
     fd = os.open(psk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(agent.psk)
-    sock = str(workdir / "vgpu.sock")
-    log = (workdir / "backend.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "vpcie.backend_main", "--socket-path", sock,
-            "--bind", f"{agent.host}:{agent.port}", "--psk-file", str(psk_file),
-        ],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    log.close()
-    deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            tail = (workdir / "backend.log").read_text(errors="replace")[-2000:]
-            raise VgpuError(ErrorCode.INTERNAL, f"vpcie-backend did not start:\n{tail}")
-        time.sleep(0.05)
-    return proc, sock
+    return start_backend(
+        workdir, "--bind", f"{agent.host}:{agent.port}", "--psk-file", str(psk_file)
+    )
 
 
 async def guest_demo(n: int, timeout: float, echo: bool) -> GuestDemoReport:
-    from vpcie.guestvm import GUEST_TOOLS, image_dir, run_guest
+    from vpcie.guestvm import GUEST_TOOLS, image_dir, run_guest, stop_backend
 
     image_dir()  # a clear error before anything starts
     report = GuestDemoReport(size=n)
@@ -175,7 +161,7 @@ async def guest_demo(n: int, timeout: float, echo: bool) -> GuestDemoReport:
         agent = start_agent(workdir)
         backend: subprocess.Popen[bytes] | None = None
         try:
-            backend, sock = start_backend(workdir, agent)
+            backend, sock = start_guest_backend(workdir, agent)
 
             def show(line: str) -> None:
                 if line.startswith("vpcie-guest:") and echo:
@@ -185,12 +171,7 @@ async def guest_demo(n: int, timeout: float, echo: bool) -> GuestDemoReport:
                                   on_line=show)  # fmt: skip
         finally:
             if backend is not None:
-                backend.terminate()
-                try:
-                    backend.wait(10)
-                except subprocess.TimeoutExpired:
-                    backend.kill()
-                    backend.wait()
+                stop_backend(backend)
             agent.stop()
     report.exit_code, report.seconds, report.guest = run.exit_code, run.seconds, run.guest_lines()
     report.verified = run.exit_code == 0 and any(" demo ok" in g for g in report.guest)
