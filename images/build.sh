@@ -389,10 +389,17 @@ mount -t devpts devpts /dev/pts
 say "init at $(up) s"
 
 # DRM and virtio-gpu, dependencies first; list made at build time.
+# vpcie.fbdev=1 on the command line: keep the DRM framebuffer console (the
+# guest then draws its text console on the GPU: 2D resources, transfers and
+# flushes every ~200 ms, as a desktop guest would).
+fbdev=0
+grep -q 'vpcie.fbdev=1' /proc/cmdline && fbdev=1
 while read -r ko params; do
+    [ "$ko" = drm_kms_helper.ko ] && params="fbdev_emulation=$fbdev"
     # shellcheck disable=SC2086  # params split into words on purpose
     insmod "/lib/modules/$ko" $params || say "insmod $ko failed"
 done </lib/modules/load.list
+[ "$fbdev" = 1 ] && say "framebuffer console on: $(ls /dev/fb* 2>/dev/null | tr '\n' ' ')"
 
 # Wait for the render node only where a virtio-gpu PCI device (1af4:1050,
 # e.g. vhost-user-gpu-pci) exists; PCI is enumerated before /init runs.

@@ -62,12 +62,16 @@ def qemu_command(
     *,
     memory_mb: int = 512,
     images: Path | None = None,
+    fbdev: bool = False,
 ) -> list[str]:
+    """``fbdev``: the guest keeps its DRM framebuffer console (2D traffic)."""
     d = images or image_dir()
     qemu = shutil.which(QEMU)
     if qemu is None:
         raise ConfigError(f"{QEMU} not found: run `bash scripts/setup.sh`")
     append = "console=ttyS0 panic=-1 rdinit=/init quiet"
+    if fbdev:
+        append += " vpcie.fbdev=1"
     if program:
         append += f" vpcie.run={program}"
         if args:
@@ -96,10 +100,11 @@ async def run_guest(
     timeout: float = 300.0,
     on_line: Callable[[str], None] | None = None,
     memory_mb: int = 512,
+    fbdev: bool = False,
 ) -> GuestRun:
     """Boot the guest, run ``program`` in it, return its console. The VM is
     killed at ``timeout`` (``timed_out``); it never outlives this call."""
-    cmd = qemu_command(vgpu_socket, program, args, memory_mb=memory_mb)
+    cmd = qemu_command(vgpu_socket, program, args, memory_mb=memory_mb, fbdev=fbdev)
     run = GuestRun()
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(

@@ -144,3 +144,35 @@ async def test_held_work_ends_with_device_lost(
     assert f"work after it: {after}" in lines and "check held ok" in lines
     ms = float(lines.split("DEVICE_LOST after ")[1].split(" ms")[0])
     assert ms < 2000
+
+
+async def test_guest_with_its_framebuffer_console(tmp_path: Path, agent: AgentProc) -> None:
+    """The guest keeps the DRM framebuffer console (as a desktop guest would):
+    the kernel's own 2D traffic (a scanout resource, transfers, flushes) is
+    served by the null scanout with no error, next to the vGPU work."""
+    from vpcie.gpu.control import control_request
+
+    seen: list[asyncio.Task[dict[str, object]]] = []
+    async with backend(
+        tmp_path, "--bind", agent.address, "--psk-file", str(agent.psk_file)
+    ) as sock:
+
+        def on_line(line: str) -> None:
+            if "demo ok" in line and not seen:
+                req = control_request(sock + ".ctl", {"op": "status"})
+                seen.append(asyncio.get_running_loop().create_task(req))
+
+        run = await run_guest(
+            sock,
+            f"{GUEST_TOOLS}/demo.py",
+            ["8"],
+            timeout=GUEST_TIMEOUT,
+            on_line=on_line,
+            fbdev=True,
+        )
+        (status,) = await asyncio.gather(*seen)
+    lines = "\n".join(run.guest_lines())
+    assert "framebuffer console on: /dev/fb0" in lines and run.exit_code == 0, lines
+    assert status["errors"] == 0, status
+    assert isinstance(status["flushes"], int) and status["flushes"] > 0, status
+    assert status["resources"] == 1  # the console's scanout; the demo's buffers are gone

@@ -125,7 +125,7 @@ class GpuDevice(Device):
         self.resources = ResourceTable()
         self.contexts: dict[int, Context] = {}
         self.scanout_resource = 0
-        self.stats = {"commands": 0, "errors": 0, "submits": 0, "rejected": 0}
+        self.stats = {"commands": 0, "errors": 0, "submits": 0, "rejected": 0, "flushes": 0}
         self.inflight_bytes = 0  # guest batch bytes held for uncompleted work
         self.edid = make_edid(SCANOUT_W, SCANOUT_H)
         self.bound_info: bytes = unbound_info()
@@ -276,6 +276,7 @@ class GpuDevice(Device):
 
     def _flush(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
         self.resources.get(f[10])  # null scanout: nothing to show, but the id must exist
+        self.stats["flushes"] += 1
         return wire.Resp.OK_NODATA, b""
 
     def _transfer_2d(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
