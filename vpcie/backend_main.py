@@ -94,8 +94,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def setup_logging(verbose: bool) -> None:
+    from vpcie.backend.logbudget import GuestLogBudget
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLineFormatter())
+    handler.addFilter(GuestLogBudget())  # a guest must not flood the host's journal
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -84,3 +84,42 @@ async def test_fd_mode_serves_one_connection(tmp_path: Path) -> None:
     _out, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 0, err.decode()
     assert any(e["event"] == "inherited_connection" for e in events(err.decode()))
+
+
+async def test_a_flooding_guest_cannot_flood_the_log(tmp_path: Path) -> None:
+    """Thousands of refused commands: each is answered, but the log keeps to
+    its budget and says how many guest-caused lines it dropped."""
+    import struct
+
+    path = str(tmp_path / "vgpu.sock")
+    log_path = tmp_path / "backend.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *CMD, "--socket-path", path, stdout=log, stderr=subprocess.STDOUT
+        )
+    unknown = struct.pack("<IIQIB3x", 0xDEAD, 0, 0, 0, 0)  # no such virtio-gpu command
+    try:
+        async with VhostUserFrontend.connect(path, timeout=15) as fe:
+            resp, req = fe.alloc(64), fe.alloc(64)
+            fe.mem.write(req, unknown)
+            bad = {"readable": [(req, len(unknown))], "writable": [(resp, 64)], "indirect": True}
+            for _ in range(10):  # 2,000 refused commands, in rounds of 200
+                heads = [fe.ctrl.add(**bad) for _ in range(200)]  # type: ignore[arg-type]
+                fe.kick(0)
+                for head in heads:
+                    assert await fe.wait_used(0, head) == 24
+            assert struct.unpack_from("<I", fe.mem.read(resp, 4))[0] == 0x1200  # ERR_UNSPEC
+            await asyncio.sleep(0.3)  # the budget refills
+            head = fe.ctrl.add(**bad)  # type: ignore[arg-type]
+            fe.kick(0)
+            assert await fe.wait_used(0, head) == 24
+            await fe.shutdown()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    lines = [e for e in events(log_path.read_text()) if "unsupported" in str(e.get("event"))]
+    assert 50 <= len(lines) <= 200, len(lines)  # the burst and a little refill, not 2,001
+    assert "guest-caused log lines dropped before this" in str(lines[-1]["event"])
