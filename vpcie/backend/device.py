@@ -11,18 +11,15 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import construct as cs
 
-from vpcie.errors import GuestError
 from vpcie.vhost_user.constants import VirtioFeature, bit
 
 if TYPE_CHECKING:
     from vpcie.memory import MemoryTable
     from vpcie.virtqueue import VirtQueue
-    from vpcie.virtqueue.chain import DescChain
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +163,13 @@ class NullGpuDevice(Device):
         self.gpu_socket = fd
 
     def on_kick(self, queue_index: int, vq: VirtQueue) -> None:
-        def serve(chain: DescChain) -> int:
+        def serve(request: bytes, read_len: int) -> bytes:
             if queue_index != CONTROL_QUEUE:
-                return 0
+                return b""
             self.commands += 1
-            return chain.write(error_response(chain.read_all()[:CTRL_HDR_SIZE]))
+            return error_response(request[:CTRL_HDR_SIZE])
 
-        drain_queue(queue_index, vq, serve)
+        vq.serve(serve, MAX_CHAINS_PER_KICK, CTRL_HDR_SIZE)  # the header is all it reads
 
     def reset(self) -> None:
         super().reset()
@@ -181,24 +178,6 @@ class NullGpuDevice(Device):
         if self.gpu_socket is not None:
             os.close(self.gpu_socket)
             self.gpu_socket = None
-
-
-def drain_queue(queue_index: int, vq: VirtQueue, serve: Callable[[DescChain], int]) -> None:
-    """Pop up to MAX_CHAINS_PER_KICK chains, ``serve`` each (it returns the
-    bytes written) and push it back. A malformed chain is a guest error: it is
-    logged and returned with nothing written, and the queue keeps going."""
-    for _ in range(MAX_CHAINS_PER_KICK):
-        try:
-            chain = vq.pop()
-        except GuestError as exc:
-            log.warning("queue %d: bad descriptor chain: %s", queue_index, exc)
-            head = getattr(exc, "head", None)
-            if head is not None and head < vq.num:  # a head past the ring has no used entry
-                vq.push(head, 0)
-            continue
-        if chain is None:
-            return
-        vq.push(chain.head, serve(chain))
 
 
 def error_response(request_header: bytes) -> bytes:
