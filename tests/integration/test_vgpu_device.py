@@ -180,10 +180,12 @@ async def test_agent_killed_mid_stream(tmp_path: Path, agent_factory: object) ->
         await alloc(ctx, 64)
         big = await ctx.create_bo(32 << 20)
         (h,) = await alloc(ctx, 32 << 20)
-        seqs = [
-            await ctx.start([rec(Opcode.COPY_H2D, h, big.resource_id, 0, 0, 32 << 20)])
-            for _ in range(4)
-        ]
+        copy = rec(Opcode.COPY_H2D, h, big.resource_id, 0, 0, 32 << 20)
+        seqs = [await ctx.start([copy]) for _ in range(4)]
+        # The last batch waits on an event nobody records: still in flight at
+        # the kill however fast the copies ran (a slow submitter, e.g. under
+        # ASan, lets all four finish first).
+        seqs.append(await ctx.start([rec(Opcode.EVENT_WAIT, 13), copy]))
         first.kill()
         t0 = time.monotonic()
         replies = [await ctx.wait(0, s, timeout=3.0) for s in seqs]
