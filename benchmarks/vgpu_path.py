@@ -17,10 +17,13 @@ a. Through a ``vpcie-backend`` subprocess (GpuDevice, ``--bind`` to a real
      direct copies, bytes checked once on each path.
    against the same operations by a TunnelClient in this process on the same
    agent (``send_nop``, ``copy_h2d``/``copy_d2h`` from/to NumPy buffers).
-   Round trips are measured in three placements (``part_a_placements``):
+   Round trips are measured in several placements (``part_a_placements``):
    unpinned, all on one CPU (the CPU work of each path), and "spread", the
-   deployment's topology (the guest's vCPU on its own CPU, the agent never on
-   its caller's CPU), which carries the target. Copies run unpinned.
+   deployment's topology (harness, backend and agent each on a CPU of its
+   own), which carries the target with 3+ CPUs; with 2 CPUs no placement
+   gives each path its deployment count of cross-CPU wake-ups, and the
+   target is judged on one CPU (the work ratio). Copies run with the
+   receiver on a CPU of its own from the sender (``copy_placement``).
    Targets: backend RTT p50 <= 1.3x direct; copy MB/s >= 0.8x direct.
 b. RESOURCE_CREATE_2D (64x64 B8G8R8A8) + RESOURCE_UNREF round trips through
    ``vpcie-backend`` (unbound) and through QEMU's ``/usr/lib/qemu/vhost-user-gpu``
@@ -337,28 +340,42 @@ async def spin_samples(ops: VgpuOps, n: int) -> list[float]:
 Cpus = tuple[set[int], set[int], set[int]]  # harness, backend, agent (and its workers)
 
 
-def part_a_placements() -> list[tuple[str, Cpus | None]]:
-    """Where part a runs, in the order measured; the last one carries the targets.
+def part_a_placements() -> tuple[list[tuple[str, Cpus | None]], str]:
+    """Where part a runs, in the order measured, and the placement that
+    carries the target.
 
     - unpinned: where the scheduler puts them. On a 2-vCPU VM this is
       bimodal: when the agent's worker lands on the harness's CPU, the direct
       round trip skips both cross-CPU wake-ups (~20 µs instead of ~80 µs).
     - one_cpu: everything on one CPU: no hop pays a wake-up, so the figure is
       the CPU work of each path (what a host with very cheap wake-ups tends to).
-    - spread (targets): the deployment's topology: the guest's vCPU (the
-      harness, spinning on the fence page) has a CPU of its own, and the agent
-      is never on the caller's CPU (in production it is on another host). With
-      3+ CPUs each process has its own; with 2 the backend shares the agent's.
+    - shared_host (2 CPUs): the guest's vCPU and the backend on one CPU, the
+      agent on the other: both paths cross to the agent's CPU and back, but
+      the kick costs the vGPU path no cross-CPU wake-up.
+    - spread: the deployment's topology: the guest's vCPU (the harness,
+      spinning on the fence page), the backend and the agent each on a CPU of
+      their own, so the vGPU path pays the three cross-CPU wake-ups it pays in
+      production (kick, to the agent, back) and the direct path its two. With
+      only 2 CPUs the backend shares the agent's CPU, which spares the vGPU
+      path its agent-side wake-up (shown, not judged).
+
+    The target is judged in spread with 3+ CPUs. With 2, no placement gives
+    each path its deployment count of wake-ups (spread and shared_host both
+    spare the vGPU path one), so it is judged on one_cpu: the work ratio, the
+    conservative figure and the one hosts with cheap wake-ups show.
     """
     cpus = sorted(os.sched_getaffinity(0))
     out: list[tuple[str, Cpus | None]] = [("unpinned", None), ("one_cpu", ({cpus[0]},) * 3)]
     if len(cpus) >= 4:
         out.append(("spread", ({cpus[1]}, {cpus[2]}, {cpus[3]})))
-    elif len(cpus) == 3:
+        return out, "spread"
+    if len(cpus) == 3:
         out.append(("spread", ({cpus[0]}, {cpus[1]}, {cpus[2]})))
-    elif len(cpus) == 2:
+        return out, "spread"
+    if len(cpus) == 2:
+        out.append(("shared_host", ({cpus[0]}, {cpus[0]}, {cpus[1]})))
         out.append(("spread", ({cpus[0]}, {cpus[1]}, {cpus[1]})))
-    return out
+    return out, "one_cpu"
 
 
 def descendants(pid: int) -> list[int]:
@@ -390,7 +407,7 @@ async def part_a(procs: Procs, quick: bool) -> dict[str, Any]:
     n = 1000 if quick else 6000  # samples per path in the target placement
     n_info = n // 3  # ... and in the others
     rounds = 2 if quick else 6
-    reps = 3 if quick else 8
+    reps = 4 if quick else 12
     port, psk_file = start_agent(procs)
     agent = procs.started[-1].pid
     sock = start_vpcie_backend(
@@ -407,9 +424,10 @@ async def part_a(procs: Procs, quick: bool) -> dict[str, Any]:
             ctx = await gpu.open("bench")
             ops = await VgpuOps.create(fe, gpu, ctx)
             await ops.backoff([rec(Opcode.NOP)])  # opens the agent session
-            placements = part_a_placements()
-            for i, (name, cpus) in enumerate(placements):
-                target = i == len(placements) - 1
+            placements, judged = part_a_placements()
+            out["part_a_target_placement"] = judged
+            for name, cpus in placements:
+                target = name == judged
                 place(cpus, backend, agent, everywhere)
                 out["part_a_placements"][name] = (
                     [sorted(c) for c in cpus] if cpus is not None else None
@@ -423,21 +441,28 @@ async def part_a(procs: Procs, quick: bool) -> dict[str, Any]:
                     spin += await spin_samples(ops, per)
                     if target:
                         backoff += [await ops.backoff([rec(Opcode.NOP)]) for _ in range(per // 4)]
-                sfx = "" if target else f"_{name}"
-                out[f"backend_rtt{sfx}_p50_us"] = common.percentile(spin, 50)
-                out[f"backend_rtt{sfx}_p99_us"] = common.percentile(spin, 99)
-                out[f"direct_rtt{sfx}_p50_us"] = common.percentile(rtt, 50)
-                out[f"direct_rtt{sfx}_p99_us"] = common.percentile(rtt, 99)
-                out[f"rtt_ratio{sfx}"] = (
-                    out[f"backend_rtt{sfx}_p50_us"] / out[f"direct_rtt{sfx}_p50_us"]
-                )
+                for sfx in ("", f"_{name}") if target else (f"_{name}",):
+                    out[f"backend_rtt{sfx}_p50_us"] = common.percentile(spin, 50)
+                    out[f"backend_rtt{sfx}_p99_us"] = common.percentile(spin, 99)
+                    out[f"direct_rtt{sfx}_p50_us"] = common.percentile(rtt, 50)
+                    out[f"direct_rtt{sfx}_p99_us"] = common.percentile(rtt, 99)
+                    out[f"rtt_ratio{sfx}"] = (
+                        out[f"backend_rtt{sfx}_p50_us"] / out[f"direct_rtt{sfx}_p50_us"]
+                    )
                 if target:
-                    out["part_a_target_placement"] = name
                     out["backend_rtt_backoff_p50_us"] = common.percentile(backoff, 50)
                     out["backend_rtt_backoff_p99_us"] = common.percentile(backoff, 99)
-            # Copies are throughput: each path gets every CPU the scheduler
-            # gives it (pinned on 2 CPUs the backend and agent would share one).
-            place(None, backend, agent, everywhere)
+            # Copies: the receiver never shares the sender's CPU. With 3+
+            # CPUs that is spread; with 2, shared_host (the backend receives
+            # on the CPU where the guest polls the fence page, which costs it
+            # a little: conservative). Unpinned, the scheduler sometimes
+            # stacks the backend on the agent's CPU and the ratio swings
+            # 0.67-1.12x between runs.
+            copy_place = dict(placements).get("spread" if judged == "spread" else "shared_host")
+            out["copy_placement"] = (
+                [sorted(c) for c in copy_place] if copy_place is not None else None
+            )
+            place(copy_place, backend, agent, everywhere)
             out.update(await copies(ops, direct, reps))
     finally:
         await direct.close()
@@ -623,7 +648,8 @@ def main() -> int:
             *(
                 [f"NOP+SIGNAL p50 (µs), {name}", res[f"backend_rtt_{name}_p50_us"],
                   res[f"direct_rtt_{name}_p50_us"], res[f"rtt_ratio_{name}"], ""]
-                for name in ("unpinned", "one_cpu") if f"rtt_ratio_{name}" in res
+                for name in res["part_a_placements"]
+                if name != res["part_a_target_placement"]
             ),
             ["NOP+SIGNAL p50 (µs), no GPU bound", res["backend_local_rtt_p50_us"], "-", "-", ""],
             ["NOP+SIGNAL p50 (µs), backoff", res["backend_rtt_backoff_p50_us"],
