@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need an NVIDIA GPU, as one short script for a lent GPU host
 # (no internet, a system Python with CuPy): the `gpu`-marked tests, then the
-# tunnel and vgpu_path benchmarks. Output goes to $OUT (default ./device-out).
+# tunnel, vgpu_path and lane_floor benchmarks. Output goes to $OUT (default ./device-out).
 #
 # Wheels the host lacks (construct, cffi, pycparser, pytest-asyncio, ...) may
 # be put in .whl/ beforehand (`pip download --python-version 3.12
@@ -32,3 +32,5 @@ for run in 1 2; do
     timeout 120 "$PY" benchmarks/vgpu_path.py --json 2>&1 | tee "$OUT/vgpu_path$run.txt" |
         grep -v '^{' | grep -E 'benchmark|machine|NOP|H2D\+D2H|targets'
 done
+timeout 90 "$PY" benchmarks/lane_floor.py --json 2>&1 | tee "$OUT/lane_floor.txt" |
+    grep -v '^{' | grep -E 'benchmark|NOP'
