@@ -438,3 +438,34 @@ def test_native_and_python_rings_agree() -> None:
         outcomes.append(trace)
         p.mem.close()
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_indirect_table_across_two_regions(impl: str) -> None:
+    """The driver writes an indirect table with one store when it lies in one
+    region and piecewise when it crosses two; the device reads both alike."""
+    half = RAM // 2
+    with GuestMemory.anonymous([(0, half), (half, half)]) as mem:
+        # Rings low; tables and buffers from just below the boundary, so the
+        # first 16-entry (256-byte) table crosses into the second region.
+        drv = DriverQueue(mem, 16, GuestAllocator(mem, 0x1000, 0x10000))
+        dev = VirtQueue(
+            mem,
+            16,
+            drv.desc_gpa,
+            drv.avail_gpa,
+            drv.used_gpa,
+            impl=impl,  # type: ignore[arg-type]
+        )
+        drv.alloc = GuestAllocator(mem, half - 0x80, 0x10000)
+        resp = (half + 0x1000, 32)
+        for want in (b"crossing", b"after"):
+            head = drv.add([want], [resp], indirect=True)
+            assert drv.kick()
+            chain = dev.pop()
+            assert chain is not None and chain.head == head and chain.read_all() == want
+            assert chain.writable == [resp]
+            dev.push(head, 0)
+            assert drv.get_used() == [(head, 0)]
+        table, cap, view = drv._tables[head]
+        assert table < half < table + 16 * cap and view is None  # the piecewise path ran

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from vpcie.errors import ProtocolError
+from vpcie.errors import GuestError, ProtocolError
 from vpcie.memory import GuestMemory, word_view
 from vpcie.virtqueue.device import check_queue_size, full_fence
 from vpcie.virtqueue.layout import (
@@ -119,7 +119,10 @@ class DriverQueue:
         self._used16 = word_view(mem.view(self.used_gpa, used_ring_size(num)), "H")
         self._free: list[int] = list(range(num - 1, -1, -1))
         self._chains: dict[int, list[int]] = {}
-        self._tables: dict[int, tuple[int, int]] = {}  # head -> (gpa, entries), reused
+        # head -> (gpa, entries, view or None), reused: the indirect table of
+        # that head, written in one pack_into when it lies in one region
+        self._tables: dict[int, tuple[int, int, memoryview | None]] = {}
+        self._desc_view = _one_region(mem, self.desc_gpa, desc_table_size(num))
         self._avail_idx = 0  # shadow; published by kick()
         self._published = 0
         self._last_used = 0
@@ -164,22 +167,29 @@ class DriverQueue:
             if not self._free:
                 raise QueueFull("no free descriptor for the indirect table")
             head = self._free.pop()
-            table, cap = self._tables.get(head, (0, 0))
-            if cap < len(segs):
-                cap = max(len(segs), 16)
+            n = len(segs)
+            table, cap, view = self._tables.get(head, (0, 0, None))
+            if cap < n:
+                cap = max(n, 16)
                 table = self.alloc.alloc(DESC_SIZE * cap, DESC_ALIGN)
-                self._tables[head] = (table, cap)
-            packed = b"".join(
-                DESC.pack(
-                    gpa,
-                    n,
-                    flags | (VIRTQ_DESC_F_NEXT if i + 1 < len(segs) else 0),
-                    i + 1 if i + 1 < len(segs) else 0,
-                )
-                for i, (gpa, n, flags) in enumerate(segs)
-            )
-            self.mem.write(table, packed)
-            self.write_desc(head, table, DESC_SIZE * len(segs), VIRTQ_DESC_F_INDIRECT, 0)
+                view = _one_region(self.mem, table, DESC_SIZE * cap)
+                self._tables[head] = (table, cap, view)
+            flat: list[int] = []
+            for i, (gpa, length, flags) in enumerate(segs, 1):
+                if i < n:
+                    flat += (gpa, length, flags | VIRTQ_DESC_F_NEXT, i)
+                else:
+                    flat += (gpa, length, flags, 0)
+            st = _DESCS.get(n) or _descs(n)
+            if view is not None:
+                st.pack_into(view, 0, *flat)
+            else:
+                self.mem.write(table, st.pack(*flat))
+            if self._desc_view is not None:
+                at, size = DESC_SIZE * head, DESC_SIZE * n
+                DESC.pack_into(self._desc_view, at, table, size, VIRTQ_DESC_F_INDIRECT, 0)
+            else:
+                self.write_desc(head, table, DESC_SIZE * n, VIRTQ_DESC_F_INDIRECT, 0)
             self._chains[head] = [head]
         else:
             if len(segs) > len(self._free):
@@ -252,3 +262,20 @@ class DriverQueue:
         if self.event_idx:
             self.set_used_event(used_idx)
         return out
+
+
+_DESCS: dict[int, struct.Struct] = {}
+
+
+def _descs(n: int) -> struct.Struct:
+    """A struct of ``n`` descriptors (an indirect table written in one call)."""
+    st = _DESCS[n] = struct.Struct("<" + "QIHH" * n)
+    return st
+
+
+def _one_region(mem: GuestMemory, gpa: int, size: int) -> memoryview | None:
+    """A view of [gpa, gpa+size) when it lies in one region, else None."""
+    try:
+        return mem.view(gpa, size)
+    except (GuestError, ValueError):
+        return None
