@@ -27,7 +27,8 @@ rc=0
 PYTHONPATH="$WORK" LD_PRELOAD="$LIBASAN" PYTHONMALLOC=malloc \
     ASAN_OPTIONS="detect_leaks=0:log_path=$REPORTS" \
     "$PY" -m pytest -q -p no:cacheprovider \
-    tests/unit/test_native.py tests/unit/test_virtqueue.py tests/unit/test_shared_stores.py \
+    tests/unit/test_native.py tests/unit/test_batchcheck.py tests/unit/test_virtqueue.py \
+    tests/unit/test_shared_stores.py \
     tests/unit/test_gpu_device.py tests/integration/test_vgpu_device.py tests/fuzz || rc=$?
 if compgen -G "$REPORTS*" >/dev/null; then
     echo "asan_native.sh: AddressSanitizer reported:" >&2

@@ -319,3 +319,72 @@ async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
         last = await ctx.start([rec(Opcode.NOP, stream=2)], stream=2)
     reply = await ctx.wait(2, last, timeout=1)
     assert reply.status == ErrorCode.QUOTA_EXCEEDED and "1024 batches" in reply.message
+
+
+class _RecordingSession(_HeldSession):
+    """Holds every batch until ``complete_all`` answers them in order."""
+
+    def complete_all(self, status: int = 0, failed: int = NO_INDEX, message: str = "") -> None:
+        from types import SimpleNamespace
+
+        sent, self.sent = self.sent, []
+        for _data, on_done in sent:
+            assert callable(on_done)
+            on_done(
+                SimpleNamespace(
+                    status=status, failed_index=failed, message=message, results={}, blob=b""
+                )
+            )
+
+
+@pytest.mark.parametrize("native", [True, False])
+async def test_native_check_and_python_path_agree(mem: GuestMemory, native: bool) -> None:
+    """The same batches through the native stage-1 check and through the
+    Python decode: the same bytes reach the agent, the same replies and fence
+    slots come back, and refusals are the Python path's."""
+    from vpcie._native.batchcheck import batch_checker
+    from vpcie.gpu.binding import AgentTarget, Binding
+
+    if native and batch_checker() is None:
+        pytest.skip("native module not built: python -m vpcie._native._build")
+    session = _RecordingSession()
+
+    async def factory(target: AgentTarget, name: str) -> _RecordingSession:
+        return session
+
+    binding = Binding(factory)  # type: ignore[arg-type]
+    dev = GpuDevice(binding, memory=lambda: mem)
+    if not native:
+        dev._checker = None
+    heap = GuestAllocator(mem, 0x1000, MEM - 0x1000)
+    gpu = GuestGpu(DirectTransport(dev), mem, heap.alloc)
+    binding.bind(AgentTarget("127.0.0.1", 9, psk=b"k" * 16))
+    ctx = await gpu.open()
+    await ctx.setup_fences()
+    buf = await ctx.create_bo(8192)
+    other = await gpu.open("other")
+    foreign = await other.create_bo(4096)
+    launch = rec(Opcode.LAUNCH, 3, 1, 1, 1, 32, 1, 1, 0, "saxpy", 2, [(1, 5, 0), (2, 0, 7)])
+    batches = [
+        [rec(Opcode.NOP, stream=1)],
+        [rec(Opcode.MEM_ALLOC, 4096, 0), launch, rec(Opcode.SYNC, stream=0xFFFFFFFF)],
+        [rec(Opcode.COPY_H2D, 5, buf.resource_id, 0, 0, 4096)],  # copies: Python's
+    ]
+    seqs = [await ctx.start(b, stream=2) for b in batches]
+    await asyncio.sleep(0)  # the first batch opens the session through the forwarder
+    await asyncio.sleep(0)
+    # Another context's buffer as a SIGNAL reply: refused by the Python path.
+    with pytest.raises(CommandFailed):
+        await ctx.start([rec(Opcode.SIGNAL, 99, foreign.resource_id, 0, 64, stream=3)], stream=3)
+    _done, err_seq, code, failed = ctx.fence_slot(3)
+    assert (err_seq, code, failed) == (1, ErrorCode.INVALID_HANDLE, 0)
+    more = await ctx.start([rec(Opcode.NOP, stream=2)], stream=2)
+    sent = [data for data, _ in session.sent]
+    session.complete_all()
+    replies = [await ctx.wait(2, s, timeout=1) for s in (*seqs, more)]
+    assert [r.status for r in replies] == [ErrorCode.OK] * 4
+    assert len(sent) == 4
+    # the native path took every copy-free batch (3 of the 5 submits)
+    assert dev.stats["submits_native"] == (3 if native else 0)
+    expected = [encode_batch([r for r in b if r.opcode != Opcode.SIGNAL]) for b in batches[:2]]
+    assert sent[:2] == expected

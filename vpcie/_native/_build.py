@@ -1,12 +1,14 @@
 """Build the cffi extension (out-of-line API mode): ``python -m vpcie._native._build``.
 
 Produces ``vpcie/_native/_vq_native.<abi>.so`` next to this file from ``vq.c``
-(one translation unit: the C file is #included into cffi's generated module).
+and ``batchcheck.c`` (one translation unit: the C files are #included into
+cffi's generated module).
 Needs a C compiler and the Python headers (Debian: gcc, python3-dev).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -66,15 +68,42 @@ int64_t vq_ring_reply(struct vq_ring *r, const struct vq_region *regs, uint32_t 
                       const struct vq_seg *segs, uint32_t nsegs, uint32_t head,
                       const char *data, uint64_t len);
 int vq_ring_needs_notify(struct vq_ring *r);
+
+#define VB_BATCH_MAGIC ...
+#define VB_BATCH_VERSION ...
+#define VB_MAX_BATCH_BYTES ...
+#define VB_MAX_BATCH_RECORDS ...
+#define VB_MAX_STREAMS ...
+#define VB_ALL_STREAMS ...
+#define VB_BATCH_HEADER_SIZE ...
+#define VB_RECORD_HEADER_SIZE ...
+#define VB_OP_LAUNCH ...
+#define VB_OP_SYNC ...
+#define VB_OP_SIGNAL ...
+#define VB_OPCODES ...
+#define VB_LAUNCH_PREFIX ...
+#define VB_LAUNCH_ARG_SIZE ...
+#define VB_DECLINE ...
+#define VB_VARIABLE ...
+
+struct vb_out { uint32_t fwd_len; uint32_t nfwd; uint32_t nsigs; };
+struct vb_signal {
+    uint32_t index; uint32_t stream; uint64_t seq;
+    uint32_t resource; uint64_t offset; uint32_t size;
+};
+int32_t vb_body_size(uint32_t opcode);
+int vb_check(const uint8_t *batch, uint64_t len, uint32_t max_forward_bytes,
+             uint8_t *fwd, uint32_t fwd_cap, struct vb_out *out,
+             struct vb_signal *sigs, uint32_t sigs_cap, uint32_t *fwd_index, uint32_t index_cap);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "vpcie._native._vq_native",
-    '#include "vq.c"',
+    '#include "vq.c"\n#include "batchcheck.c"',
     include_dirs=[str(HERE)],
-    depends=[str(HERE / "vq.c")],
+    depends=[str(HERE / "vq.c"), str(HERE / "batchcheck.c")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing"],
 )
 
@@ -84,7 +113,12 @@ def build() -> Path:
     with tempfile.TemporaryDirectory(prefix="vpcie-native-") as tmp:
         built = Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
         target = HERE / built.name
-        shutil.copyfile(built, target)
+        # A new file renamed over the old one: a process that has the old module
+        # loaded (this one, a test run) keeps its mapping; writing into the
+        # mapped file in place crashes it.
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(built, partial)
+        os.replace(partial, target)
     return target
 
 

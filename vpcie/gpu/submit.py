@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vpcie._native.batchcheck import Checked
 from vpcie.errors import ErrorCode, GuestError, VgpuError
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE
 from vpcie.gpu.resources import ResourceTable
@@ -46,12 +47,17 @@ class Prepared:
     records: list[Record] | None = None
     raw: bytes = b""
     spans: list[tuple[int, int]] | None = None
+    # The forwarded batch already encoded (the native checker's output); then
+    # ``forward`` stays empty and ``fwd_index`` says how many records it holds.
+    wire: bytes | None = None
 
     def original_index(self, fwd: int) -> int:
         return self.fwd_index[fwd] if 0 <= fwd < len(self.fwd_index) else fwd
 
     def encoded(self) -> bytes:
         """The batch to send: ``forward`` encoded (ProtocolError if over the caps)."""
+        if self.wire is not None:
+            return self.wire
         records, spans, raw = self.records, self.spans, self.raw
         parts: list[Record | bytes] = []
         for r, i in zip(self.forward, self.fwd_index, strict=True):
@@ -134,4 +140,26 @@ def prepare(
             raise VgpuError(ErrorCode.OUT_OF_RANGE, str(exc), i) from exc
         out.forward.append(r)
         out.fwd_index.append(i)
+    return out
+
+
+def prepare_checked(
+    checked: Checked, table: ResourceTable, ctx_resources: set[int], mem: GuestMemory, raw: bytes
+) -> Prepared | None:
+    """Stage 2 for a batch the native checker accepted (stage 1 done in C, no
+    copies or fence page in it): SIGNAL replies must name resources attached
+    to this context, inside their backing. None when they do not: the caller
+    then runs the Python path, which refuses the batch with the exact error."""
+    out = Prepared([], checked.fwd_index, raw=raw, wire=checked.forward)
+    for _index, stream, seq, rid, offset, size in checked.signals:
+        if not rid:
+            out.signals.append(Signal(stream, seq, [], 0))
+            continue
+        if rid not in ctx_resources or rid not in table:
+            return None
+        try:
+            reply = table.get(rid).views(mem, offset, size)
+        except GuestError:
+            return None
+        out.signals.append(Signal(stream, seq, reply, size))
     return out
