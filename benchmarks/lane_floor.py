@@ -149,8 +149,8 @@ class Guest:
 
     def stop(self) -> None:
         """An empty batch ends the loop."""
-        req = hdr(wire.Cmd.SUBMIT_3D, ctx_id=1) + struct.pack("<II", 16, 0)
-        req += struct.pack("<IHHII", 0x31424756, 1, 0, 16, 0)
+        empty = encode_batch([])
+        req = hdr(wire.Cmd.SUBMIT_3D, ctx_id=1) + struct.pack("<II", len(empty), 0) + empty
         self.mem.write(self.req_gpa, req)
         self.drv.add(
             readable=[(self.req_gpa, len(req))], writable=[(self.resp_gpa, 24)], indirect=True

@@ -80,6 +80,25 @@ def _attached(table: ResourceTable, ctx_resources: set[int], rid: int, index: in
         )
 
 
+def _signal(
+    table: ResourceTable,
+    ctx_resources: set[int],
+    mem: GuestMemory,
+    stream: int,
+    seq: int,
+    rid: int,
+    offset: int,
+    size: int,
+    index: int,
+) -> Signal:
+    """A SIGNAL's reply views: a resource attached to this context, the range
+    inside its backing (VgpuError, or GuestError from the resource, if not)."""
+    if not rid:
+        return Signal(stream, seq, [], 0)
+    _attached(table, ctx_resources, rid, index)
+    return Signal(stream, seq, table.get(rid).views(mem, offset, size), size)
+
+
 def prepare(
     records: list[Record],
     table: ResourceTable,
@@ -119,11 +138,9 @@ def prepare(
             if op == Opcode.SIGNAL:
                 assert isinstance(body, tuple)
                 seq, rid, offset, size = body
-                reply: list[memoryview] = []
-                if rid:
-                    _attached(table, ctx_resources, rid, i)
-                    reply = table.get(rid).views(mem, offset, size)
-                out.signals.append(Signal(r.stream, seq, reply, size if rid else 0))
+                out.signals.append(
+                    _signal(table, ctx_resources, mem, r.stream, seq, rid, offset, size, i)
+                )
                 continue
             if op in _COPY_HOST:
                 assert isinstance(body, tuple)
@@ -151,15 +168,11 @@ def prepare_checked(
     to this context, inside their backing. None when they do not: the caller
     then runs the Python path, which refuses the batch with the exact error."""
     out = Prepared([], checked.fwd_index, raw=raw, wire=checked.forward)
-    for _index, stream, seq, rid, offset, size in checked.signals:
-        if not rid:
-            out.signals.append(Signal(stream, seq, [], 0))
-            continue
-        if rid not in ctx_resources or rid not in table:
-            return None
-        try:
-            reply = table.get(rid).views(mem, offset, size)
-        except GuestError:
-            return None
-        out.signals.append(Signal(stream, seq, reply, size))
+    try:
+        out.signals = [
+            _signal(table, ctx_resources, mem, stream, seq, rid, offset, size, index)
+            for index, stream, seq, rid, offset, size in checked.signals
+        ]
+    except (GuestError, VgpuError):  # the Python path answers it
+        return None
     return out
