@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AgentProc
+from vpcie._native import native_available
 from vpcie.guestvm import GUEST_TOOLS, image_dir, run_guest, start_backend, stop_backend
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
@@ -175,6 +176,10 @@ async def test_guest_with_its_framebuffer_console(tmp_path: Path, agent: AgentPr
     assert "framebuffer console on: /dev/fb0" in lines and run.exit_code == 0, lines
     assert status["errors"] == 0, status
     assert isinstance(status["flushes"], int) and status["flushes"] > 0, status
+    if native_available():  # the driver's copy-free batches took the C check, copies did not
+        native, submits = status["submits_native"], status["submits"]
+        assert isinstance(native, int) and isinstance(submits, int), status
+        assert 0 < native < submits, status
     # The console's scanout resource at least (the demo's buffers may still be
     # on their way out: the kernel sends UNREF when it frees the object, later).
     assert isinstance(status["resources"], int) and status["resources"] >= 1
