@@ -275,13 +275,22 @@ class _HeldSession:
     async def close(self) -> None:
         pass
 
+    def complete_all(self) -> None:
+        """The agent finishes everything it holds, in order, with OK."""
+        from types import SimpleNamespace
+
+        sent, self.sent = self.sent, []
+        for _data, on_done in sent:
+            assert callable(on_done)
+            on_done(
+                SimpleNamespace(status=0, failed_index=NO_INDEX, message="", results={}, blob=b"")
+            )
+
 
 async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
     """A guest cannot make the backend hold unbounded work: past the byte
     budget of batches in flight on the vGPU, a submission ends at once with
     QUOTA_EXCEEDED on its fence slot; completions free the budget again."""
-    from types import SimpleNamespace
-
     from vpcie.gpu.binding import AgentTarget, Binding
     from vpcie.gpu.device import MAX_CTX_INFLIGHT, MAX_INFLIGHT_BATCH_BYTES
 
@@ -308,8 +317,7 @@ async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
     assert err == ErrorCode.QUOTA_EXCEEDED and err_seq == seqs[-1] and done == seqs[-1]
     assert "MiB of batches in flight" in (await ctx.wait(1, seqs[-1], timeout=1)).message
     # The agent finishes everything it holds: the budget is free again.
-    for _data, on_done in held.sent:
-        on_done(SimpleNamespace(status=0, failed_index=NO_INDEX, message="", results={}, blob=b""))
+    held.complete_all()
     assert dev.inflight_bytes == 0
     ok = await ctx.start(big, stream=1)
     await asyncio.sleep(0)
@@ -319,22 +327,6 @@ async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
         last = await ctx.start([rec(Opcode.NOP, stream=2)], stream=2)
     reply = await ctx.wait(2, last, timeout=1)
     assert reply.status == ErrorCode.QUOTA_EXCEEDED and "1024 batches" in reply.message
-
-
-class _RecordingSession(_HeldSession):
-    """Holds every batch until ``complete_all`` answers them in order."""
-
-    def complete_all(self, status: int = 0, failed: int = NO_INDEX, message: str = "") -> None:
-        from types import SimpleNamespace
-
-        sent, self.sent = self.sent, []
-        for _data, on_done in sent:
-            assert callable(on_done)
-            on_done(
-                SimpleNamespace(
-                    status=status, failed_index=failed, message=message, results={}, blob=b""
-                )
-            )
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -347,9 +339,9 @@ async def test_native_check_and_python_path_agree(mem: GuestMemory, native: bool
 
     if native and batch_checker() is None:
         pytest.skip("native module not built: python -m vpcie._native._build")
-    session = _RecordingSession()
+    session = _HeldSession()
 
-    async def factory(target: AgentTarget, name: str) -> _RecordingSession:
+    async def factory(target: AgentTarget, name: str) -> _HeldSession:
         return session
 
     binding = Binding(factory)  # type: ignore[arg-type]
