@@ -394,13 +394,25 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` on ``cpus`` (sched_setaffinity of a pid
+    moves only that one thread: the backend's lane thread, the agent's reader
+    thread would stay where they were)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(tid, cpus)
+
+
 def place(cpus: Cpus | None, backend: int, agent: int, everywhere: set[int]) -> None:
     harness, back, ag = cpus or (everywhere, everywhere, everywhere)
-    os.sched_setaffinity(0, harness)
-    os.sched_setaffinity(backend, back)
+    pin(os.getpid(), harness)
+    pin(backend, back)
     for pid in [agent, *descendants(agent)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(pid, ag)
+        pin(pid, ag)
 
 
 async def part_a(procs: Procs, quick: bool) -> dict[str, Any]:
@@ -554,9 +566,9 @@ async def part_b(procs: Procs, quick: bool) -> dict[str, Any]:
             await create_unref_samples(gpu, 20)
         try:
             for where, harness_cpus, backend_cpus in placements():
-                os.sched_setaffinity(0, harness_cpus)
+                pin(os.getpid(), harness_cpus)
                 for proc in backends:
-                    os.sched_setaffinity(proc.pid, backend_cpus)
+                    pin(proc.pid, backend_cpus)
                 samples: dict[str, list[float]] = {"vpcie": [], "c": []}
                 for r in range(rounds):
                     for name in ("vpcie", "c") if r % 2 == 0 else ("c", "vpcie"):
@@ -572,9 +584,9 @@ async def part_b(procs: Procs, quick: bool) -> dict[str, Any]:
                     out[f"vpcie_2d{sfx}_p50_us"] / out[f"c_backend_2d{sfx}_p50_us"]
                 )
         finally:
-            os.sched_setaffinity(0, mine)
+            pin(os.getpid(), mine)
             for proc in backends:
-                os.sched_setaffinity(proc.pid, mine)
+                pin(proc.pid, mine)
         # The backend's own share of part a: NOP + SIGNAL answered in the
         # backend (no GPU bound: NOP succeeds locally), same guest code path.
         await vp.load()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The cffi hot path (vpcie/_native/vq.c) under AddressSanitizer: build it with
+# The cffi hot path (vpcie/_native/*.c) under AddressSanitizer: build it with
 # -fsanitize=address in a scratch copy of the tree and run the tests that drive
 # it (walker and ring differential tests with hostile rings, the virtqueue, the
-# vGPU device in-process, the fuzz targets). Any ASan report fails the run.
+# vGPU device in-process, the lane thread, the fuzz targets). Any ASan report fails the run.
 # Used by .ci/run after the test suite; needs gcc's libasan (installed with gcc).
 set -euo pipefail
 
@@ -28,8 +28,9 @@ PYTHONPATH="$WORK" LD_PRELOAD="$LIBASAN" PYTHONMALLOC=malloc \
     ASAN_OPTIONS="detect_leaks=0:log_path=$REPORTS" \
     "$PY" -m pytest -q -p no:cacheprovider \
     tests/unit/test_native.py tests/unit/test_batchcheck.py tests/unit/test_virtqueue.py \
-    tests/unit/test_shared_stores.py \
-    tests/unit/test_gpu_device.py tests/integration/test_vgpu_device.py tests/fuzz || rc=$?
+    tests/unit/test_shared_stores.py tests/unit/test_lane.py \
+    tests/unit/test_gpu_device.py tests/integration/test_vgpu_device.py \
+    tests/integration/test_vgpu_lane.py tests/fuzz || rc=$?
 if compgen -G "$REPORTS*" >/dev/null; then
     echo "asan_native.sh: AddressSanitizer reported:" >&2
     cat "$REPORTS"* >&2

@@ -47,9 +47,9 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, *, lane: bool = True) -> AsyncIterator[Rig]:
     binding = Binding()
-    device = GpuDevice(binding)
+    device = GpuDevice(binding, lane=lane)
     server = BackendServer(device)
     sock = str(tmp_path / "vgpu.sock")
     ctl = ControlServer(device, binding)

@@ -1,7 +1,7 @@
 """Build the cffi extension (out-of-line API mode): ``python -m vpcie._native._build``.
 
-Produces ``vpcie/_native/_vq_native.<abi>.so`` next to this file from ``vq.c``
-and ``batchcheck.c`` (one translation unit: the C files are #included into
+Produces ``vpcie/_native/_vq_native.<abi>.so`` next to this file from ``vq.c``,
+``batchcheck.c`` and ``lane.c`` (one translation unit: the C files are #included into
 cffi's generated module).
 Needs a C compiler and the Python headers (Debian: gcc, python3-dev).
 """
@@ -95,15 +95,106 @@ int32_t vb_body_size(uint32_t opcode);
 int vb_check(const uint8_t *batch, uint64_t len, uint32_t max_forward_bytes,
              uint8_t *fwd, uint32_t fwd_cap, struct vb_out *out,
              struct vb_signal *sigs, uint32_t sigs_cap, uint32_t *fwd_index, uint32_t index_cap);
+
+#define VL_MAX_CTX ...
+#define VL_MAX_SIGS ...
+#define VL_MAX_RECORDS ...
+#define VL_REPLY_SEGS ...
+#define VL_MAX_CTX_INFLIGHT ...
+#define VL_CHAINS_PER_WAKE ...
+#define VL_FRAME_MAGIC ...
+#define VL_PROTOCOL_VERSION ...
+#define VL_T_COMMAND ...
+#define VL_T_DATA ...
+#define VL_T_COMPLETION ...
+#define VL_T_ERROR ...
+#define VL_T_PING ...
+#define VL_T_PONG ...
+#define VL_MAX_COMMAND ...
+#define VL_MAX_COMPLETION ...
+#define VL_MAX_CONTROL ...
+#define VL_OK_PAYLOAD_SIZE ...
+#define VL_CMD_SUBMIT_3D ...
+#define VL_RESP_OK_NODATA ...
+#define VL_FENCE_HDR ...
+#define VL_FENCE_SLOT ...
+#define VL_NO_INDEX ...
+#define VL_E_OUT_OF_RANGE ...
+#define VL_TICK_NS ...
+#define VL_DEAD_NS ...
+#define VL_EV_TURN ...
+#define VL_EV_FRAME ...
+#define VL_EV_LOST ...
+
+struct vl_lane;
+struct vl_res { uint32_t rid; uint32_t first; uint32_t nsegs; uint32_t pad; uint64_t limit; };
+struct vl_gseg { uint64_t gpa; uint64_t len; };
+struct vl_sig {
+    uint64_t seq;
+    uint32_t stream; uint32_t reply_size; uint32_t nsegs; uint32_t pad;
+    struct vq_seg segs[8];
+};
+struct vl_batch {
+    uint64_t seq;
+    uint32_t ctx_id;
+    uint32_t nfwd; uint32_t nsigs;
+    uint32_t *fwd_index;
+    struct vl_sig *sigs;
+    ...;
+};
+struct vl_event {
+    uint32_t kind; uint32_t ctx_id;
+    uint64_t token;
+    struct vl_batch *batch;
+    uint32_t len;
+    uint8_t *data;
+    ...;
+};
+struct vl_handback { int32_t fd; uint32_t rx_len; uint64_t seq; char why[160]; };
+struct vl_stats {
+    uint64_t submits; uint64_t completed; uint64_t handed; uint64_t python_frames;
+    uint64_t kicks; uint64_t notifies; uint64_t pings; uint64_t lost;
+};
+int vl_reply_needed(struct vl_batch *b);
+struct vl_lane *vl_new(uint32_t max_segs, uint64_t max_bytes, uint32_t max_indirect,
+                       uint64_t max_request);
+void vl_free(struct vl_lane *L);
+int vl_event_fd(struct vl_lane *L);
+void vl_lock(struct vl_lane *L);
+void vl_unlock(struct vl_lane *L);
+void vl_stats(struct vl_lane *L, struct vl_stats *out);
+int vl_set_regions(struct vl_lane *L, const struct vq_region *regs, uint32_t n);
+int vl_attach_ring(struct vl_lane *L, struct vq_ring *r, int kick_fd, int call_fd);
+void vl_detach_ring(struct vl_lane *L);
+void vl_set_call_fd(struct vl_lane *L, int call_fd);
+int vl_turn_valid(struct vl_lane *L, uint64_t token);
+void vl_resume(struct vl_lane *L, uint64_t token, int repop);
+void vl_poke(struct vl_lane *L);
+int vl_add_ctx(struct vl_lane *L, uint32_t ctx_id, int fd, uint32_t session, uint64_t seq,
+               uint32_t window, uint32_t max_batch);
+int vl_set_fence(struct vl_lane *L, uint32_t ctx_id, uint64_t gpa, uint32_t has);
+int vl_set_resources(struct vl_lane *L, uint32_t ctx_id, const struct vl_res *res, uint32_t nres,
+                     const struct vl_gseg *segs, uint32_t nsegs);
+int vl_kill(struct vl_lane *L, uint32_t ctx_id);
+struct vl_event *vl_take_frame(struct vl_lane *L, uint32_t ctx_id);
+struct vl_batch *vl_take_batch(struct vl_lane *L, uint32_t ctx_id);
+void vl_batch_free(struct vl_batch *b);
+void vl_publish(struct vl_lane *L, struct vl_batch *b, const uint8_t *reply, uint32_t len,
+                uint32_t code, uint32_t failed, uint64_t fence_gpa, uint32_t has_fence);
+int vl_release(struct vl_lane *L, uint32_t ctx_id, struct vl_handback *out, uint8_t *rx,
+               uint32_t cap);
+struct vl_event *vl_next_event(struct vl_lane *L);
+void vl_event_free(struct vl_event *ev);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "vpcie._native._vq_native",
-    '#include "vq.c"\n#include "batchcheck.c"',
+    '#include "vq.c"\n#include "batchcheck.c"\n#include "lane.c"',
     include_dirs=[str(HERE)],
-    depends=[str(HERE / "vq.c"), str(HERE / "batchcheck.c")],
+    depends=[str(HERE / "vq.c"), str(HERE / "batchcheck.c"), str(HERE / "lane.c")],
+    libraries=["pthread"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing"],
 )
 

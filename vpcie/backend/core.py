@@ -39,6 +39,7 @@ class _Queue:
     vq: VirtQueue
     kick_fd: int
     call_fd: int | None
+    claimed: bool = False  # the device serves it from its own thread (claim_kicks)
 
 
 class BackendCore:
@@ -82,6 +83,23 @@ class BackendCore:
         if q.vq.needs_notify():
             os.eventfd_write(q.call_fd, 1)
             self.notifies += 1
+
+    def claim_kicks(self, index: int) -> tuple[VirtQueue, int, int | None] | None:
+        q = self._queues.get(index)
+        if q is None:
+            return None
+        if not q.claimed:
+            self.loop.remove_reader(q.kick_fd)
+            q.claimed = True
+        return q.vq, q.kick_fd, q.call_fd
+
+    def unclaim_kicks(self, index: int) -> None:
+        q = self._queues.get(index)
+        if q is None or not q.claimed:
+            return
+        q.claimed = False
+        self.loop.add_reader(q.kick_fd, self._on_kick_fd, index)
+        self.loop.call_soon(self._service, index)  # kicks the device took no notice of
 
     # ------------------------------------------------------ VhostUserHandler
     def offered_features(self) -> int:
@@ -137,6 +155,7 @@ class BackendCore:
         log.info("ring %d started: num %d base %d", ring.index, ring.num, ring.base)
         # A kick may have come before we watched the fd: look at the ring now.
         self.loop.call_soon(self._service, ring.index)
+        self.device.on_queue_started(ring.index)
 
     def stop_ring(self, index: int) -> int:
         q = self._queues.pop(index, None)
@@ -152,6 +171,7 @@ class BackendCore:
         q = self._queues.get(index)
         if q is not None:
             q.call_fd = fd
+            self.device.on_call_fd(index, fd)
 
     def get_config(self, offset: int, size: int) -> bytes:
         return self.device.config()[offset : offset + size]

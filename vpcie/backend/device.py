@@ -69,6 +69,16 @@ class DeviceHost(Protocol):
         """Signal the call eventfd of queue ``index`` if the driver wants it."""
         ...
 
+    def claim_kicks(self, index: int) -> tuple[VirtQueue, int, int | None] | None:
+        """The device serves queue ``index`` from its own thread: the core
+        stops watching its kick eventfd. Returns (queue, kick fd, call fd), or
+        None when the queue is not started."""
+        ...
+
+    def unclaim_kicks(self, index: int) -> None:
+        """The core watches the kick eventfd again (and looks at the ring)."""
+        ...
+
 
 class Device(ABC):
     """A virtio device model behind the vhost-user transport."""
@@ -111,6 +121,14 @@ class Device(ABC):
 
     def on_queue_stopped(self, queue_index: int) -> None:
         """The queue stopped (GET_VRING_BASE, disable, disconnect)."""
+        return None
+
+    def on_queue_started(self, queue_index: int) -> None:
+        """The queue started (SET_VRING_KICK, or again after a memory table change)."""
+        return None
+
+    def on_call_fd(self, queue_index: int, fd: int | None) -> None:
+        """SET_VRING_CALL changed a started queue's call eventfd."""
         return None
 
     def on_set_socket(self, fd: int) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vpcie._native.batchcheck import batch_checker
+from vpcie._native.lane import BatchParts
 from vpcie.backend.device import (
     BASE_FEATURES,
     GPU_FEATURES,
@@ -43,6 +44,7 @@ from vpcie.gpu.capset import (
     unbound_info,
 )
 from vpcie.gpu.fencepage import FencePage
+from vpcie.gpu.lanes import Lanes
 from vpcie.gpu.resources import (
     MAX_2D_DIMENSION,
     MAX_BACKING_ENTRIES,
@@ -52,11 +54,10 @@ from vpcie.gpu.resources import (
     ResourceTable,
     check_backing,
 )
-from vpcie.gpu.submit import Prepared, prepare, prepare_checked
+from vpcie.gpu.submit import Prepared, Signal, completion_reply, prepare, prepare_checked
 from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import Record, decode_batch
 from vpcie.protocol.codes import MAX_BATCH_BYTES, MAX_STREAMS, NO_INDEX, Opcode
-from vpcie.protocol.frames import encode_completion
 from vpcie.virtqueue import VirtQueue
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Context:
     name: str
     resources: set[int] = field(default_factory=set)
     fence: FencePage | None = None
+    fence_gpa: int = 0
     session: Session | None = None
     session_gen: int = -1
     lost_gen: int = -1  # binding generation in which this context's session was lost
@@ -117,7 +119,11 @@ class GpuDevice(Device):
     name = "vpcie-gpu"
 
     def __init__(
-        self, binding: Binding | None = None, *, memory: Callable[[], GuestMemory] | None = None
+        self,
+        binding: Binding | None = None,
+        *,
+        memory: Callable[[], GuestMemory] | None = None,
+        lane: bool = True,
     ) -> None:
         super().__init__()
         self.binding = binding or Binding()
@@ -137,6 +143,8 @@ class GpuDevice(Device):
         self.gpu_socket: int | None = None
         self._servers: dict[int, Callable[[bytes, int], bytes]] = {}
         self._checker = batch_checker()
+        # Copy-free batches of lent sessions are served by a C thread (lanes.py).
+        self.lanes = Lanes(self, enabled=lane)
 
     # -- Device interface ---------------------------------------------------------
     def features(self) -> int:
@@ -153,12 +161,19 @@ class GpuDevice(Device):
         )
 
     def on_kick(self, queue_index: int, vq: VirtQueue) -> None:
+        if queue_index == CONTROL_QUEUE and self.lanes.owns_ring():
+            self.lanes.poke()  # the lane serves it; Python gets its turns from there
+            return
         serve = self._servers.get(queue_index)
         if serve is None:
             serve = self._servers[queue_index] = (
                 self._serve_control if queue_index == CONTROL_QUEUE else self._serve_cursor
             )
         vq.serve(serve, MAX_CHAINS_PER_KICK, MAX_REQUEST_BYTES)
+
+    def serve_control(self, request: bytes, read_len: int) -> bytes:
+        """A control-queue request (a chain's readable bytes) -> its response."""
+        return self._serve_control(request, read_len)
 
     def _serve_control(self, request: bytes, read_len: int) -> bytes:
         if read_len > MAX_REQUEST_BYTES or read_len < wire.HDR_SIZE:
@@ -180,6 +195,15 @@ class GpuDevice(Device):
             os.close(self.gpu_socket)
         self.gpu_socket = fd
 
+    def on_queue_started(self, queue_index: int) -> None:
+        self.lanes.queue_started(queue_index)
+
+    def on_queue_stopped(self, queue_index: int) -> None:
+        self.lanes.queue_stopped(queue_index)
+
+    def on_call_fd(self, queue_index: int, fd: int | None) -> None:
+        self.lanes.call_fd(queue_index, fd)
+
     def reset(self) -> None:
         super().reset()
         for ctx in list(self.contexts.values()):
@@ -189,6 +213,7 @@ class GpuDevice(Device):
 
     def close(self) -> None:
         self.reset()
+        self.lanes.close()
         if self.gpu_socket is not None:
             os.close(self.gpu_socket)
             self.gpu_socket = None
@@ -422,7 +447,9 @@ class GpuDevice(Device):
             self._reject(ctx, exc.code, records, exc.message, exc.index)
             raise ParameterError(f"vGPU batch refused: {exc}") from exc
         if prepared.fence_page is not None:
-            ctx.fence = FencePage(prepared.fence_page)
+            with self.lanes.locked(ctx):
+                ctx.fence = FencePage(prepared.fence_page)
+            ctx.fence_gpa = prepared.fence_gpa
         self._dispatch(ctx, prepared)
         return wire.Resp.OK_NODATA, b""
 
@@ -434,12 +461,20 @@ class GpuDevice(Device):
         log.info("context %d: batch rejected: %s: %s", ctx.ctx_id, code.name, message)
         if ctx.fence is None:
             return
-        ctx.fence.reject(int(code))
-        for r in records:
-            if r.opcode == Opcode.SIGNAL and isinstance(r.body, tuple) and r.stream < MAX_STREAMS:
-                ctx.fence.complete(r.stream, r.body[0], int(code), max(index, 0))
+        with self.lanes.locked(ctx):
+            ctx.fence.reject(int(code))
+            for r in records:
+                if (
+                    r.opcode == Opcode.SIGNAL
+                    and isinstance(r.body, tuple)
+                    and r.stream < MAX_STREAMS
+                ):
+                    ctx.fence.complete(r.stream, r.body[0], int(code), max(index, 0))
 
     def _dispatch(self, ctx: Context, prepared: Prepared) -> None:
+        # A lent session comes back before Python sends on it, with the lane's
+        # batches in flight adopted into ctx.inflight (a SIGNAL waits for them).
+        self.lanes.take_back(ctx)
         if not prepared.fwd_index:
             if not (prepared.signals and ctx.inflight):
                 self._finish(Pending(prepared, ctx), ErrorCode.OK, NO_INDEX, "", {}, b"")
@@ -611,32 +646,28 @@ class GpuDevice(Device):
         ctx, p = pending.ctx, pending.prepared
         if pending in ctx.inflight:
             ctx.inflight.remove(pending)
+            if not ctx.inflight:
+                self.lanes.schedule_lend(ctx)
         self.inflight_bytes -= pending.nbytes
         pending.nbytes = 0
         if pending.mem is not None and self.host is not None:
             self.host.memory.release(pending.mem)
         pending.mem = None
-        orig_failed = NO_INDEX if code == ErrorCode.OK else p.original_index(failed_index)
-        reply = b""
-        if any(sig.reply for sig in p.signals):
-            if code == ErrorCode.OK and not results and not blob and not message:
-                reply = _OK_REPLY
-            else:
-                res = sorted((p.original_index(i), v) for i, v in results.items())
-                reply = encode_completion(
-                    int(code), failed_index=orig_failed, message=message[:200], results=res,
-                    blob=blob,
-                )  # fmt: skip
-        for sig in p.signals:
-            sig_code = int(code)
-            if sig.reply:
-                if len(reply) > sig.reply_size:
-                    sig_code = int(ErrorCode.OUT_OF_RANGE)
-                else:
-                    _scatter(sig.reply, reply)
-            if ctx.fence is not None:
-                failed = orig_failed if orig_failed != NO_INDEX else 0
-                ctx.fence.complete(sig.stream, sig.seq, sig_code, failed)
+        reply, orig_failed = completion_reply(
+            p.fwd_index, any(sig.reply for sig in p.signals), code, failed_index, message,
+            results, blob,
+        )  # fmt: skip
+        with self.lanes.locked(ctx):
+            for sig in p.signals:
+                sig_code = int(code)
+                if sig.reply:
+                    if len(reply) > sig.reply_size:
+                        sig_code = int(ErrorCode.OUT_OF_RANGE)
+                    else:
+                        _scatter(sig.reply, reply)
+                if ctx.fence is not None:
+                    failed = orig_failed if orig_failed != NO_INDEX else 0
+                    ctx.fence.complete(sig.stream, sig.seq, sig_code, failed)
 
     def _fail_inflight(self, ctx: Context, code: ErrorCode, message: str) -> None:
         for pending in list(ctx.inflight):
@@ -652,10 +683,37 @@ class GpuDevice(Device):
             self._drop_session(ctx, "the GPU was unbound from this vGPU")
 
     def _drop_session(self, ctx: Context, why: str) -> None:
+        self.lanes.take_back(ctx)  # the lane's batches join ctx.inflight
         self._fail_inflight(ctx, ErrorCode.DEVICE_LOST, why)
         if ctx.session is not None:
             session, ctx.session = ctx.session, None
             self._background(session.close())
+
+    # -- batches the lane sent (lanes.py) ------------------------------------------
+    def lane_adopt(
+        self, ctx: Context, batches: list[BatchParts]
+    ) -> list[tuple[int, Callable[[Any], None]]]:
+        """Take over the lane's batches in flight of ``ctx`` (its session is
+        coming back): they join ``ctx.inflight`` ahead of Python's own and end
+        like them. Returns each one's COMMAND seq and completion callback."""
+        adopted: list[Pending] = []
+        out: list[tuple[int, Callable[[Any], None]]] = []
+        for parts in batches:
+            mem = self.host.memory.acquire() if self.host is not None else None
+            signals = []
+            for stream, seq, size, segs in parts.signals:
+                views: list[memoryview] = []
+                try:
+                    for gpa, length in segs:
+                        views += mem.views(gpa, length) if mem is not None else []
+                except GuestError:  # checked when sent; gone with a new table since
+                    views = []
+                signals.append(Signal(stream, seq, views, size))
+            pending = Pending(Prepared([], parts.fwd_index, signals=signals), ctx, mem=mem)
+            adopted.append(pending)
+            out.append((parts.seq, functools.partial(self._done, pending)))
+        ctx.inflight[0:0] = adopted
+        return out
 
     def _destroy_context(self, ctx: Context) -> None:
         self._drop_session(ctx, "context destroyed")
@@ -665,6 +723,10 @@ class GpuDevice(Device):
             if rid in self.resources:
                 self.resources.get(rid).contexts.discard(ctx.ctx_id)
         self.contexts.pop(ctx.ctx_id, None)
+
+    def background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the loop, keeping a reference until it ends."""
+        self._background(coro)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
@@ -687,6 +749,7 @@ class GpuDevice(Device):
                     "resources": len(c.resources),
                     "inflight": len(c.inflight),
                     "session": c.session is not None,
+                    "lent": self.lanes.leased(c),
                     "lost": c.lost_gen == self.binding.generation,
                 }
                 for c in self.contexts.values()
@@ -694,6 +757,7 @@ class GpuDevice(Device):
             "resources": len(self.resources),
             "inflight_bytes": self.inflight_bytes,
             **self.stats,
+            **self.lanes.stats(),
         }
 
     Handler = Callable[["GpuDevice", tuple[Any, ...], bytes], tuple[int, bytes]]
@@ -723,7 +787,6 @@ class GpuDevice(Device):
 
 
 _U32 = struct.Struct("<I")
-_OK_REPLY = encode_completion(int(ErrorCode.OK), failed_index=NO_INDEX)
 _HDR_PACK = wire.HDR.pack
 _PAD3 = b"\0\0\0"
 _ECHO_FLAGS = wire.FLAG_FENCE | wire.FLAG_INFO_RING_IDX

@@ -19,7 +19,8 @@ from vpcie.gpu.fencepage import FENCE_PAGE_SIZE
 from vpcie.gpu.resources import ResourceTable
 from vpcie.memory import GuestMemory, word_view
 from vpcie.protocol.batch import Record, encode_batch
-from vpcie.protocol.codes import ALL_STREAMS, MAX_STREAMS, Opcode
+from vpcie.protocol.codes import ALL_STREAMS, MAX_STREAMS, NO_INDEX, Opcode
+from vpcie.protocol.frames import encode_completion
 
 _COPY_HOST = (int(Opcode.COPY_H2D), int(Opcode.COPY_D2H))
 
@@ -42,6 +43,7 @@ class Prepared:
     d2h: list[memoryview] = field(default_factory=list)
     signals: list[Signal] = field(default_factory=list)
     fence_page: memoryview | None = None  # set by FENCE_PAGE_SET
+    fence_gpa: int = 0  # its guest address
     # The guest's batch and its records' spans (decode_batch(spans=)): records
     # forwarded unchanged are sent as the guest's bytes, not encoded again.
     records: list[Record] | None = None
@@ -71,6 +73,37 @@ class Prepared:
     def copy_totals(self) -> tuple[int, int]:
         """Bytes of the H2D and D2H copy streams (every forwarded copy is one)."""
         return sum(map(len, self.h2d)), sum(map(len, self.d2h))
+
+
+_OK_REPLY = encode_completion(int(ErrorCode.OK), failed_index=NO_INDEX)
+
+
+def completion_reply(
+    fwd_index: list[int],
+    want_reply: bool,
+    code: ErrorCode,
+    failed_index: int,
+    message: str,
+    results: dict[int, int],
+    blob: bytes,
+) -> tuple[bytes, int]:
+    """A batch's outcome as its SIGNAL replies carry it (a COMPLETION payload
+    whose record indices are the guest's; b"" when no SIGNAL wants one) and
+    the failed record's index in the guest's batch (NO_INDEX when it ran)."""
+
+    def original(fwd: int) -> int:
+        return fwd_index[fwd] if 0 <= fwd < len(fwd_index) else fwd
+
+    orig_failed = NO_INDEX if code == ErrorCode.OK else original(failed_index)
+    if not want_reply:
+        return b"", orig_failed
+    if code == ErrorCode.OK and not results and not blob and not message:
+        return _OK_REPLY, orig_failed
+    res = sorted((original(i), v) for i, v in results.items())
+    reply = encode_completion(
+        int(code), failed_index=orig_failed, message=message[:200], results=res, blob=blob
+    )
+    return reply, orig_failed
 
 
 def _attached(table: ResourceTable, ctx_resources: set[int], rid: int, index: int) -> None:
@@ -128,6 +161,7 @@ def prepare(
                         ErrorCode.INVALID_ARGUMENT, "fence page must not cross backing entries", i
                     )
                 out.fence_page = mem.view(*segs[0])
+                out.fence_gpa = segs[0][0]
                 try:  # the backing GPA too: fence words are single aligned stores
                     word_view(out.fence_page, "Q")
                 except ValueError:

@@ -270,6 +270,11 @@ class FrameReader:
         self.stop_after = stop_after
         self.more = False  # parsing paused by stop_after with bytes left
 
+    @property
+    def idle(self) -> bool:
+        """No bytes of a frame buffered or expected: a frame boundary."""
+        return not self._segs and self._start == self._end and not self.dead
+
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._segs:
             return self._segs[self._seg][self._seg_pos :]

@@ -152,6 +152,7 @@ class TunnelClient(asyncio.BufferedProtocol):
         self._last_wbuf = 0
         self._timer: asyncio.TimerHandle | None = None
         self.rtt: float | None = None  # last PING round trip (s)
+        self._lent = False  # the socket is with the vGPU lane (lend / take_back)
 
     # -- public API ------------------------------------------------------------
     @classmethod
@@ -301,8 +302,10 @@ class TunnelClient(asyncio.BufferedProtocol):
 
     def send_nop(self) -> asyncio.Future[Completion]:
         """A one-record NOP batch (pre-encoded): the cheapest command there is."""
-        if self._state is not _READY or (
-            self.max_inflight and len(self._pending) >= self.max_inflight
+        if (
+            self._state is not _READY
+            or self._lent
+            or (self.max_inflight and len(self._pending) >= self.max_inflight)
         ):
             self._check_ready("send_nop()")  # raises
         return self._command(_NOP_BATCH, None, None)
@@ -382,6 +385,8 @@ class TunnelClient(asyncio.BufferedProtocol):
 
         Idempotent; after a loss it only releases the transport.
         """
+        if self._lent:
+            raise RuntimeError("close(): the session's socket is lent to the vGPU lane")
         if self._state is not Runstate.READY:
             if self._state is Runstate.CONNECTING:
                 self._finish(Runstate.CLOSED, "closed before it was connected")
@@ -410,8 +415,82 @@ class TunnelClient(asyncio.BufferedProtocol):
     ) -> None:
         await self.close()
 
+    # -- lending the socket to the vGPU lane (vpcie.gpu.lanes) --------------------
+    def lendable(self) -> bool:
+        """Idle at a frame boundary on plain TCP: the socket can change hands."""
+        t = self._transport
+        return (
+            self._state is _READY
+            and not self._lent
+            and not self._pending
+            and not self._outq
+            and not self._paused
+            and t is not None
+            and t.get_write_buffer_size() == 0
+            and t.get_extra_info("sslcontext") is None
+            and t.get_extra_info("socket") is not None
+            and self._reader.idle
+        )
+
+    def lend(self) -> tuple[int, int, int]:
+        """Stop reading and pinging; the caller reads and writes the socket
+        (COMMAND out; COMPLETION, PING, PONG, ERROR in) until ``take_back``.
+        Returns the socket's fd, the session id and the last COMMAND seq."""
+        if not self.lendable():
+            raise RuntimeError("session is not idle: it cannot be lent")
+        t = self._transport
+        assert t is not None
+        t.pause_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._lent = True
+        return int(t.get_extra_info("socket").fileno()), self.session, self._seq
+
+    def take_back(
+        self,
+        seq: int,
+        adopt: Sequence[tuple[int, Callable[[Completion], None]]] = (),
+        leftover: bytes = b"",
+    ) -> None:
+        """The socket is ours again: ``seq`` the last COMMAND seq sent on it;
+        ``adopt`` the commands sent meanwhile still in flight (seq, and the
+        ``on_done`` their Completion goes to, as with send()); ``leftover``
+        the bytes read past the last whole frame."""
+        if not self._lent:
+            raise RuntimeError("session was not lent")
+        self._lent = False
+        self._seq = seq
+        self._last_life = time.monotonic()
+        for s, on_done in adopt:
+            fut = _SyncFuture(loop=self._loop)
+            fut.on_done = on_done
+            self._pending[s] = fut
+        if self._state is not _READY:
+            return
+        if self._transport is not None:
+            self._transport.resume_reading()
+        self._timer = self._loop.call_later(PING_INTERVAL, self._tick)
+        pos = 0
+        while pos < len(leftover) and self._state is _READY:
+            buf = self.get_buffer(len(leftover) - pos)
+            k = min(len(buf), len(leftover) - pos)
+            buf[:k] = leftover[pos : pos + k]
+            self.buffer_updated(k)
+            pos += k
+
+    def fail(self, reason: str, *, protocol: bool = False) -> None:
+        """Declare the session lost (``protocol``: the agent broke the
+        protocol; it is told so with an ERROR frame first)."""
+        if protocol:
+            self._protocol_failure(reason)
+        else:
+            self._finish(Runstate.LOST, reason)
+
     # -- commands --------------------------------------------------------------
     def _check_ready(self, what: str) -> None:
+        if self._lent:
+            raise RuntimeError(f"{what}: the session's socket is lent to the vGPU lane")
         if self._state is not Runstate.READY:
             if self._state is Runstate.LOST:
                 raise VgpuError(ErrorCode.DEVICE_LOST, self.lost_reason)

@@ -1,0 +1,271 @@
+"""The lane (vpcie/_native/lane.c, vpcie/gpu/lanes.py) end to end: the guest
+driver harness -> the backend's C thread -> a real ``vpcie-agent`` over TCP.
+
+What is shown: it serves copy-free batches once a context's session is idle
+and lent to it; whatever it leaves to Python (copies, errors, results, the
+fence page) gives exactly what the Python path gives; its session comes back
+mid-flight with nothing lost; and every failure (agent killed, agent silent,
+context destroyed, a new memory table) ends as the Python path ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import AgentProc
+from tests.integration.test_vgpu_device import Rig, alloc, rig
+from vpcie._native import native_available
+from vpcie.errors import ErrorCode
+from vpcie.gpu import wire
+from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
+from vpcie.gpu.guest_driver import GuestContext, Reply, hdr
+from vpcie.protocol.batch import encode_batch, rec
+from vpcie.protocol.codes import DType, Opcode
+from vpcie.tunnel import commands as cmds
+
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.skipif(not native_available(), reason="the lane is native code"),
+]
+
+
+def lane_stats(r: Rig) -> dict[str, int]:
+    return {k: v for k, v in r.device.status().items() if k.startswith("lane_")}
+
+
+async def lent(r: Rig, ctx: GuestContext, timeout: float = 5.0) -> None:
+    """Wait until ``ctx``'s session is with the lane."""
+    deadline = time.monotonic() + timeout
+    while not r.device.lanes.leased(r.device.contexts[ctx.ctx_id]):
+        assert time.monotonic() < deadline, "the session was never lent to the lane"
+        await asyncio.sleep(0.01)
+
+
+async def test_lane_serves_and_hands_back(tmp_path: Path, agent: AgentProc) -> None:
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx = await r.gpu.open()
+        (h,) = await alloc(ctx, 1 << 20)  # opens the session (Python), then it is lent
+        await lent(r, ctx)
+        before = lane_stats(r)
+        for _ in range(20):
+            assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+        after = lane_stats(r)
+        assert after["lane_submits"] - before["lane_submits"] == 20
+        assert after["lane_completed"] - before["lane_completed"] == 20
+        # A batch the lane holds (stream 1 waits on an event) when a copy
+        # needs the session back: the lane's batch is adopted, nothing waits
+        # on the agent, and both end right.
+        held = await ctx.start(
+            [rec(Opcode.EVENT_WAIT, 3, stream=1), rec(Opcode.NOP, stream=1)], stream=1
+        )
+        assert lane_stats(r)["lane_submits"] == after["lane_submits"] + 1
+        blob = os.urandom(1 << 20)
+        src, dst = await ctx.create_bo(len(blob), scatter=True), await ctx.create_bo(len(blob))
+        src.write(blob)
+        copy = [rec(Opcode.COPY_H2D, h, src.resource_id, 0, 0, len(blob))]
+        assert (await ctx.run(copy)).status == ErrorCode.OK
+        assert ctx.fence_slot(1)[0] < held  # still held on the agent
+        assert (await ctx.run([rec(Opcode.EVENT_RECORD, 3)])).status == ErrorCode.OK
+        assert (await ctx.wait(1, held, timeout=5)).status == ErrorCode.OK
+        back = [rec(Opcode.COPY_D2H, h, dst.resource_id, 0, 0, len(blob))]
+        assert (await ctx.run(back)).status == ErrorCode.OK
+        assert hashlib.sha256(dst.read()).digest() == hashlib.sha256(blob).digest()
+        # Idle again: lent again, and the lane serves on.
+        await lent(r, ctx)
+        n = lane_stats(r)["lane_submits"]
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+        assert lane_stats(r)["lane_submits"] == n + 1
+        assert lane_stats(r)["lane_handed"] > 0
+
+
+async def scripted(r: Rig) -> tuple[list[Reply], list[bytes]]:
+    """The same guest work on a fresh context: results, blobs, errors with
+    their record indices (a backend-local SIGNAL in the middle shifts them),
+    a reply that does not fit; what the guest reads back, and its fence page."""
+    ctx = await r.gpu.open("script")
+    replies = [await ctx.run([rec(Opcode.MEM_ALLOC, 4096, 0), rec(Opcode.MEM_ALLOC, 64, 0)])]
+    h, out = replies[0].value(0), replies[0].value(1)
+    if r.device.lanes.enabled:
+        await lent(r, ctx)
+    mid = rec(Opcode.SIGNAL, 1, 0, 0, 0, stream=5)  # reply-less, stripped by the backend
+    for records in (
+        [rec(Opcode.QUERY)],
+        [rec(Opcode.NOP), mid, rec(Opcode.MEMSET, h, 7, 0, 4096)],
+        [cmds.reduce_sum(h, out, 1024, dtype=DType.F32)],
+        [rec(Opcode.NOP), rec(Opcode.NOP), rec(Opcode.MEM_FREE, 999)],
+        [rec(Opcode.NOP), rec(Opcode.MEM_FREE, h), rec(Opcode.MEM_FREE, h)],
+        [rec(Opcode.LAUNCH, 0, 1, 1, 1, 1, 1, 1, 0, "no_such_kernel", 0, [])],
+    ):
+        replies.append(await ctx.run(records))
+    # A QUERY whose SIGNAL reply has room for 16 bytes: OUT_OF_RANGE on the page.
+    assert ctx.reply_bo is not None and ctx.fence_bo is not None
+    await ctx.submit(
+        encode_batch([rec(Opcode.QUERY), rec(Opcode.SIGNAL, 100, ctx.reply_bo.resource_id, 0, 16)])
+    )
+    deadline = time.monotonic() + 5
+    while ctx.fence_slot(0)[0] < 100 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    return replies, [ctx.fence_bo.read(0, FENCE_PAGE_SIZE), ctx.reply_bo.read(0, 16)]
+
+
+async def test_lane_and_python_path_agree(tmp_path: Path, agent_factory: Any) -> None:
+    got = {}
+    for lane in (False, True):
+        agent = agent_factory()  # a fresh agent each: same handles, same QUERY
+        where = tmp_path / f"lane-{lane}"
+        where.mkdir()
+        async with rig(where, lane=lane) as r:
+            assert (await r.bind(agent))["ok"]
+            got[lane] = await scripted(r)
+            stats = lane_stats(r)
+            if lane:  # results and errors went through Python's completion path
+                assert stats["lane_submits"] >= 6 and stats["lane_python_frames"] >= 5, stats
+            else:
+                assert not stats
+        agent.stop()
+    replies, pages = got[True]
+    assert replies == got[False][0]
+    assert pages == got[False][1]
+    assert len(replies) == 7 and replies[1].blob and replies[3].results  # QUERY, REDUCE_SUM
+    statuses = [x.status for x in replies]
+    assert statuses[:4] == [ErrorCode.OK] * 4 and ErrorCode.OK not in statuses[4:]
+    assert replies[4].failed_index == 2  # the guest's index, not the forwarded one
+    slot0 = SLOT_ST.unpack_from(pages[0], HEADER_ST.size)
+    assert slot0[:3] == (100, 100, ErrorCode.OUT_OF_RANGE)
+
+
+async def test_lane_agent_killed_in_flight(tmp_path: Path, agent_factory: Any) -> None:
+    first = agent_factory()
+    async with rig(tmp_path) as r:
+        assert (await r.bind(first))["ok"]
+        ctx = await r.gpu.open()
+        await alloc(ctx, 64)
+        await lent(r, ctx)
+        held = [
+            await ctx.start(
+                [rec(Opcode.EVENT_WAIT, 5, stream=s), rec(Opcode.NOP, stream=s)], stream=s
+            )
+            for s in (1, 2)
+        ]
+        await asyncio.sleep(0.1)
+        assert lane_stats(r)["lane_submits"] >= 2
+        first.kill()
+        t0 = time.monotonic()
+        for s, seq in zip((1, 2), held, strict=True):
+            reply = await ctx.wait(s, seq, timeout=3)
+            assert reply.status == ErrorCode.DEVICE_LOST and "lost" in reply.message
+        assert time.monotonic() - t0 < 2.0
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.DEVICE_LOST
+        assert not r.device.lanes.leases and lane_stats(r)["lane_lost"] == 1
+        second = agent_factory()
+        assert (await r.bind(second))["ok"]
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+        await lent(r, ctx)
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+
+
+async def test_lane_agent_silent(tmp_path: Path, agent: AgentProc) -> None:
+    """A stopped agent (its kernel still ACKs) answers no PING: after 1 s of
+    silence the lane's batches end with DEVICE_LOST, within 2 s."""
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx = await r.gpu.open()
+        await alloc(ctx, 64)
+        await lent(r, ctx)
+        seq = await ctx.start(
+            [rec(Opcode.EVENT_WAIT, 5, stream=1), rec(Opcode.NOP, stream=1)], stream=1
+        )
+        os.killpg(agent.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            reply = await ctx.wait(1, seq, timeout=4)
+            assert reply.status == ErrorCode.DEVICE_LOST and "silent" in reply.message
+            assert time.monotonic() - t0 < 2.0
+        finally:
+            os.killpg(agent.proc.pid, signal.SIGCONT)
+
+
+async def test_lane_context_destroyed_in_flight(tmp_path: Path, agent: AgentProc) -> None:
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx, other = await r.gpu.open("one"), await r.gpu.open("two")
+        await alloc(ctx, 64)
+        await alloc(other, 64)
+        await lent(r, ctx)
+        await lent(r, other)
+        seq = await ctx.start(
+            [rec(Opcode.EVENT_WAIT, 5, stream=1), rec(Opcode.NOP, stream=1)], stream=1
+        )
+        await ctx.destroy()
+        reply = await ctx.wait(1, seq, timeout=2)
+        assert reply.status == ErrorCode.DEVICE_LOST and "destroyed" in reply.message
+        assert ctx.ctx_id not in r.device.contexts
+        # The other context's session stays lent and served.
+        n = lane_stats(r)["lane_submits"]
+        assert (await other.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+        assert lane_stats(r)["lane_submits"] == n + 1
+
+
+async def test_lane_new_memory_table_mid_flight(tmp_path: Path, agent: AgentProc) -> None:
+    """QEMU stops the ring and sends a new memory table while the lane holds a
+    batch: its fence word and reply land through the new mapping, the old
+    one is closed, and the lane serves on the restarted ring."""
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx = await r.gpu.open()
+        await alloc(ctx, 64)
+        await lent(r, ctx)
+        seq = await ctx.start(
+            [rec(Opcode.EVENT_WAIT, 5, stream=1), rec(Opcode.QUERY, stream=1)], stream=1
+        )
+        await asyncio.sleep(0.1)
+        table = r.device.host.memory if r.device.host is not None else None
+        assert table is not None
+        before = table.mem
+        await r.fe.set_mem_table()
+        assert table.mem is not before and before.closed  # the lane let go of it
+        assert r.device.lanes.owns_ring()
+        released = await ctx.run([rec(Opcode.EVENT_RECORD, 5)])
+        assert released.status == ErrorCode.OK
+        reply = await ctx.wait(1, seq, timeout=5)
+        assert reply.status == ErrorCode.OK and reply.blob  # QUERY's info, via the new table
+        await lent(r, ctx)
+        n = lane_stats(r)["lane_submits"]
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+        assert lane_stats(r)["lane_submits"] == n + 1
+
+
+async def test_hostile_batches_on_a_lent_context(tmp_path: Path, agent: AgentProc) -> None:
+    """What the lane declines reaches Python, which answers the exact error;
+    the session stays usable."""
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx = await r.gpu.open()
+        await alloc(ctx, 64)
+        await lent(r, ctx)
+        assert ctx.reply_bo is not None
+        foreign = await r.gpu.open("other")
+        bo = await foreign.create_bo(4096)
+        for batch, code in (
+            (encode_batch([rec(Opcode.NOP), rec(Opcode.SIGNAL, 1, bo.resource_id, 0, 64)]),
+             ErrorCode.INVALID_HANDLE),
+            (encode_batch([rec(Opcode.SIGNAL, 1, ctx.reply_bo.resource_id, 1 << 30, 64)]),
+             ErrorCode.OUT_OF_RANGE),
+            (encode_batch([rec(Opcode.NOP)])[:-3], ErrorCode.PROTOCOL),
+            (struct.pack("<IHHII", 0x31424756, 1, 0, 16, 5000), ErrorCode.PROTOCOL),
+        ):  # fmt: skip
+            rejected = ctx.fence_header()[3]
+            req = hdr(wire.Cmd.SUBMIT_3D, ctx_id=ctx.ctx_id) + struct.pack("<II", len(batch), 0)
+            await r.gpu.call(req + batch, expect=wire.Resp.ERR_INVALID_PARAMETER)
+            assert ctx.fence_header()[3:5] == (rejected + 1, code)
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK

@@ -1,0 +1,190 @@
+"""The lane's C side (vpcie/_native/lane.c) against a socket the test plays
+the agent on: frames it answers itself, frames it leaves to Python, every
+way a session breaks, and the hand-back of a session's bytes. The control
+ring side runs in tests/integration/test_vgpu_lane.py."""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from vpcie._native import native, native_available
+from vpcie._native.lane import FRAME, LOST, TURN, NativeLane
+from vpcie.errors import ErrorCode
+from vpcie.gpu import wire
+from vpcie.gpu.fencepage import HEADER_ST, SLOT_ST
+from vpcie.protocol.codes import (
+    FRAME_MAGIC,
+    MAX_BATCH_RECORDS,
+    MAX_PAYLOAD,
+    NO_INDEX,
+    PROTOCOL_VERSION,
+    FrameType,
+)
+from vpcie.protocol.frames import HEADER_SIZE, encode_completion, encode_frame, encode_payload
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="native module not built")
+
+SESSION = 7
+
+
+def test_constants_match_python() -> None:
+    from vpcie._native.batchcheck import MAX_FAST_SIGNALS
+    from vpcie.backend.device import MAX_CHAINS_PER_KICK
+    from vpcie.gpu.device import MAX_CTX_INFLIGHT
+    from vpcie.tunnel.client import DEAD_AFTER, PING_INTERVAL
+
+    _ffi, lib = native()
+    assert lib.VL_FRAME_MAGIC == FRAME_MAGIC and lib.VL_PROTOCOL_VERSION == PROTOCOL_VERSION
+    for name in ("COMMAND", "DATA", "COMPLETION", "ERROR", "PING", "PONG"):
+        assert getattr(lib, f"VL_T_{name}") == FrameType[name]
+    assert lib.VL_MAX_COMMAND == MAX_PAYLOAD[FrameType.COMMAND]
+    assert lib.VL_MAX_COMPLETION == MAX_PAYLOAD[FrameType.COMPLETION]
+    assert lib.VL_MAX_CONTROL == MAX_PAYLOAD[FrameType.PING] == MAX_PAYLOAD[FrameType.ERROR]
+    assert lib.VL_OK_PAYLOAD_SIZE == len(encode_completion(0, failed_index=NO_INDEX))
+    assert lib.VL_CMD_SUBMIT_3D == wire.Cmd.SUBMIT_3D
+    assert lib.VL_RESP_OK_NODATA == wire.Resp.OK_NODATA
+    assert lib.VL_FENCE_HDR == HEADER_ST.size and lib.VL_FENCE_SLOT == SLOT_ST.size
+    assert lib.VL_NO_INDEX == NO_INDEX and lib.VL_E_OUT_OF_RANGE == ErrorCode.OUT_OF_RANGE
+    assert lib.VL_MAX_SIGS == MAX_FAST_SIGNALS and lib.VL_MAX_RECORDS == MAX_BATCH_RECORDS
+    assert lib.VL_MAX_CTX_INFLIGHT == MAX_CTX_INFLIGHT
+    assert lib.VL_CHAINS_PER_WAKE == MAX_CHAINS_PER_KICK
+    assert lib.VL_TICK_NS == PING_INTERVAL * 1e9 and lib.VL_DEAD_NS == DEAD_AFTER * 1e9
+    assert (lib.VL_EV_TURN, lib.VL_EV_FRAME, lib.VL_EV_LOST) == (TURN, FRAME, LOST)
+
+
+@pytest.fixture
+def lent() -> Iterator[tuple[NativeLane, socket.socket]]:
+    """A lane holding context 1, lent one end of a socket pair (seq 41 sent
+    so far); the test is the agent on the other end."""
+    ours, agent = socket.socketpair()
+    ours.setblocking(False)
+    lane = NativeLane(64, 1 << 16)
+    assert lane.add(1, ours.fileno(), SESSION, 41, 8, 0)
+    try:
+        yield lane, agent
+    finally:
+        lane.close()
+        ours.close()
+        agent.close()
+
+
+def wait_event(lane: NativeLane, timeout: float = 3.0) -> tuple[int, int, bytes]:
+    """The next event: (kind, ctx_id, data), waiting on the lane's eventfd."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = lane.next_event()
+        if ev is not None:
+            return ev.kind, ev.ctx_id, ev.data
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no lane event")
+        select.select([lane.event_fd], [], [], left)
+
+
+def read_frame(sock: socket.socket, timeout: float = 3.0) -> tuple[int, int, int, bytes]:
+    sock.settimeout(timeout)
+    head = b""
+    while len(head) < HEADER_SIZE:
+        head += sock.recv(HEADER_SIZE - len(head))
+    magic, version, ftype, _flags, session, seq, length = struct.unpack("<IBBHIQI", head)
+    assert (magic, version) == (FRAME_MAGIC, PROTOCOL_VERSION)
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return ftype, session, seq, body
+
+
+def test_pings_are_answered_and_sent(lent: tuple[NativeLane, socket.socket]) -> None:
+    lane, agent = lent
+    agent.sendall(encode_frame(FrameType.PING, struct.pack("<Q", 1234), session=SESSION, seq=9))
+    frames = [read_frame(agent) for _ in range(3)]  # the PONG, and the lane's own PINGs
+    pong = [f for f in frames if f[0] == FrameType.PONG]
+    assert pong == [(FrameType.PONG, SESSION, 9, struct.pack("<Q", 1234))]
+    assert sum(f[0] == FrameType.PING for f in frames) == 2  # every 250 ms, until lost
+    assert lane.stats()["pings"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        (encode_frame(FrameType.COMPLETION, encode_completion(0), session=SESSION, seq=42),
+         "COMPLETION for seq 42, which is not in flight"),
+        (encode_frame(FrameType.COMPLETION, encode_completion(0), session=3, seq=42),
+         "COMPLETION for session 3, this is 7"),
+        (b"\0" * HEADER_SIZE, "bad frame magic"),
+        (struct.pack("<IBBHIQI", FRAME_MAGIC, 2, FrameType.PING, 0, SESSION, 0, 8),
+         "frame version 2 not supported"),
+        (struct.pack("<IBBHIQI", FRAME_MAGIC, 1, 77, 0, SESSION, 0, 0), "unknown frame type 77"),
+        (encode_frame(FrameType.DATA, bytes(16), session=SESSION, seq=1), "DATA with no D2H"),
+        (encode_frame(FrameType.HELLO, b"x", session=SESSION), "unexpected HELLO frame"),
+        (struct.pack("<IBBHIQI", FRAME_MAGIC, 1, FrameType.PONG, 0, SESSION, 0, 5000),
+         "frame type 10 of 5000 bytes over cap"),
+    ],
+)  # fmt: skip
+def test_a_broken_stream_loses_the_session(
+    lent: tuple[NativeLane, socket.socket], frame: bytes, why: str
+) -> None:
+    lane, agent = lent
+    agent.sendall(frame)
+    kind, ctx_id, data = wait_event(lane)
+    assert (kind, ctx_id) == (LOST, 1)
+    assert data.decode().startswith("agent broke the protocol: ") and why in data.decode()
+    # The lane has let go of the stream; what it had not consumed comes back.
+    back = lane.release(1)
+    assert back is not None and back.lost == data.decode()
+    assert back.seq == 41
+
+
+def test_eof_and_silence_lose_the_session(lent: tuple[NativeLane, socket.socket]) -> None:
+    lane, agent = lent
+    agent.shutdown(socket.SHUT_WR)
+    assert wait_event(lane)[::2] == (LOST, b"connection to agent lost (EOF)")
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        assert lane.add(2, ours.fileno(), SESSION, 0, 1, 0)
+        t0 = time.monotonic()
+        kind, ctx_id, data = wait_event(lane)  # the peer never answers
+        assert (kind, ctx_id) == (LOST, 2) and data.startswith(b"agent silent for 1.")
+        assert 1.0 < time.monotonic() - t0 < 2.0
+    finally:
+        lane.kill(2)
+        lane.release(2)
+        ours.close()
+        peer.close()
+
+
+def test_frames_left_to_python(lent: tuple[NativeLane, socket.socket]) -> None:
+    """An ERROR and a malformed PING are Python's to judge (TunnelClient's
+    rules); a frame split across reads is parsed once it is whole."""
+    lane, agent = lent
+    err = encode_frame(FrameType.ERROR, encode_payload("ERROR", 5, 0, "slow down"), session=SESSION)
+    agent.sendall(err[:10])
+    time.sleep(0.05)
+    agent.sendall(err[10:])
+    bad_ping = struct.pack("<IBBHIQI", FRAME_MAGIC, 1, FrameType.PING, 0, SESSION, 0, 4) + b"abcd"
+    agent.sendall(bad_ping)
+    assert wait_event(lane) == (FRAME, 1, err)
+    assert wait_event(lane) == (FRAME, 1, bad_ping)
+    assert lane.stats()["python_frames"] == 2
+
+
+def test_take_back_returns_unread_bytes(lent: tuple[NativeLane, socket.socket]) -> None:
+    lane, agent = lent
+    assert lane.release(1) is None  # still lent
+    pong_head = encode_frame(FrameType.PONG, struct.pack("<Q", 5), session=SESSION)[:20]
+    agent.sendall(pong_head)  # part of a frame: the lane keeps it
+    time.sleep(0.1)
+    lane.kill(1)
+    assert lane.take_frame(1) is None and lane.take_batch(1) is None
+    back = lane.release(1)
+    assert back is not None
+    assert back.leftover == pong_head and back.seq == 41 and back.lost == ""
+    assert lane.release(1) is None  # the slot is free
+    assert lane.add(1, back.fd, SESSION, back.seq, 8, 0)  # and can be lent again

@@ -1,0 +1,1137 @@
+/* vpcie native hot path: the lane, one C thread per vGPU that serves the
+ * control queue's latency-bound batches with no Python per batch
+ * (docs/ARCHITECTURE.md "The lane"). Python stays the control plane and the
+ * reference; the lane does only what the Python path would do, and hands it
+ * everything else.
+ *
+ * What the thread does, holding the lane mutex:
+ * - On a kick (or a wake-up from Python) it pops control-queue chains. A chain
+ *   it takes is a SUBMIT_3D of a context whose agent session Python lent it,
+ *   whose batch vb_check() accepts whole (copy-free, forwarded records
+ *   present), whose SIGNAL replies lie inside resources Python told it about,
+ *   with room in the session's window. It sends the COMMAND on the session's
+ *   socket and answers the chain ("accepted"), as GpuDevice.handle() would.
+ *   Any other chain is put back (last_avail restored) and handed to Python
+ *   (a TURN event); the lane pops nothing more until Python has served that
+ *   one chain and resumes it, so chains are served in ring order.
+ * - On a lent socket it reads frames: a COMPLETION that is exactly the plain
+ *   OK payload is published here (SIGNAL replies, then fence page slots,
+ *   error fields first); every other COMPLETION, and every later one of that
+ *   context until Python has published them (order on the fence page), goes
+ *   to Python as a FRAME event, as do ERROR frames and malformed PING/PONG.
+ *   PINGs are answered. A stream Python would call broken (bad header,
+ *   unknown seq, DATA, EOF, reset, 1 s of silence) ends in a LOST event: the
+ *   lane stops reading it and Python fails its batches with DEVICE_LOST.
+ * - Every 250 ms it pings each lent session (the agent drops a session after
+ *   10 s without bytes; docs/PROTOCOL.md "Liveness").
+ *
+ * Python calls the vl_* functions from the event-loop thread; each takes the
+ * mutex (recursive: vl_lock() may be held around Python's own fence writes).
+ * Guest addresses are resolved through the lane's copy of the region table
+ * on every access (vq_copy / vq_find), so nothing here holds a pointer into
+ * guest RAM across calls; Python keeps the table's mapping alive (acquire)
+ * while the lane may use it.
+ *
+ * The numbers below come from vpcie/protocol/codes.py, vpcie/gpu/wire.py and
+ * vpcie/gpu/fencepage.py; tests/unit/test_lane.py checks each against Python.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#define VL_MAX_CTX 64        /* lent sessions per vGPU; more stay on the Python path */
+#define VL_MAX_SIGS 64       /* batchcheck.MAX_FAST_SIGNALS */
+#define VL_MAX_RECORDS 4096u /* codes.MAX_BATCH_RECORDS */
+#define VL_REPLY_SEGS 8      /* guest ranges of one SIGNAL reply; more: Python */
+#define VL_MAX_CTX_INFLIGHT 1024u /* gpu.device.MAX_CTX_INFLIGHT */
+#define VL_CHAINS_PER_WAKE 256u   /* backend.device.MAX_CHAINS_PER_KICK */
+
+#define VL_FRAME_HDR 24u
+#define VL_FRAME_MAGIC 0x49435056u /* codes.FRAME_MAGIC */
+#define VL_PROTOCOL_VERSION 1u
+#define VL_T_COMMAND 5u
+#define VL_T_DATA 6u
+#define VL_T_COMPLETION 7u
+#define VL_T_ERROR 8u
+#define VL_T_PING 9u
+#define VL_T_PONG 10u
+#define VL_T_MAX 10u
+#define VL_MAX_COMMAND (1u << 20)       /* MAX_PAYLOAD[COMMAND] */
+#define VL_MAX_COMPLETION (64u * 1024u) /* MAX_PAYLOAD[COMPLETION] */
+#define VL_MAX_CONTROL 4096u            /* MAX_PAYLOAD[ERROR, PING, PONG] */
+#define VL_PING_SIZE 8u
+/* encode_completion(OK, failed_index=NO_INDEX): status, failed, message
+ * length, nresults, blob length. */
+static const uint8_t vl_ok_payload[] = {0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0};
+#define VL_OK_PAYLOAD_SIZE 16u
+
+#define VL_GPU_HDR 24u        /* struct virtio_gpu_ctrl_hdr */
+#define VL_SUBMIT_HDR 32u     /* + size u32, num_in_fences u32 */
+#define VL_CMD_SUBMIT_3D 0x0207u
+#define VL_RESP_OK_NODATA 0x1100u
+#define VL_FLAG_FENCE 1u
+#define VL_ECHO_FLAGS 3u      /* FLAG_FENCE | FLAG_INFO_RING_IDX */
+
+#define VL_FENCE_HDR 16u      /* fencepage.HEADER */
+#define VL_FENCE_SLOT 24u     /* fencepage.SLOT */
+#define VL_NO_INDEX 0xFFFFFFFFu
+#define VL_E_OUT_OF_RANGE 13u /* ErrorCode.OUT_OF_RANGE */
+
+#define VL_TICK_NS 250000000LL  /* client.PING_INTERVAL */
+#define VL_DEAD_NS 1000000000LL /* client.DEAD_AFTER */
+#define VL_SEND_WAIT_MS 1000    /* a frame the kernel will not take in 1 s: lost */
+
+enum { VL_FREE = 0, VL_LANE = 1, VL_KILLED = 2 };
+enum { VL_EV_TURN = 1, VL_EV_FRAME = 2, VL_EV_LOST = 3 };
+enum { VL_TAG_WAKE = 1, VL_TAG_TIMER = 2, VL_TAG_KICK = 3, VL_TAG_CTX = 16 };
+
+struct vl_res { uint32_t rid; uint32_t first; uint32_t nsegs; uint32_t pad; uint64_t limit; };
+struct vl_gseg { uint64_t gpa; uint64_t len; };
+
+struct vl_sig {
+    uint64_t seq;
+    uint32_t stream; uint32_t reply_size; uint32_t nsegs; uint32_t pad;
+    struct vq_seg segs[VL_REPLY_SEGS];
+};
+
+struct vl_batch {
+    struct vl_batch *next;
+    uint64_t seq;
+    uint32_t ctx_id; uint32_t slot;
+    uint32_t nfwd; uint32_t nsigs;
+    uint32_t held; uint32_t pad;
+    uint32_t *fwd_index;
+    struct vl_sig *sigs;
+};
+
+struct vl_event {
+    struct vl_event *next;
+    uint32_t kind; uint32_t ctx_id;
+    uint64_t token;
+    struct vl_batch *batch;
+    uint32_t len; uint32_t pad;
+    uint8_t *data;
+};
+
+struct vl_handback { int32_t fd; uint32_t rx_len; uint64_t seq; char why[160]; };
+
+struct vl_stats {
+    uint64_t submits; uint64_t completed; uint64_t handed; uint64_t python_frames;
+    uint64_t kicks; uint64_t notifies; uint64_t pings; uint64_t lost;
+};
+
+struct vl_ctx {
+    uint32_t state; uint32_t ctx_id;
+    int32_t fd; uint32_t session;
+    uint64_t seq;
+    uint32_t window; uint32_t max_batch;
+    uint32_t inflight; uint32_t held;
+    uint32_t watched; uint32_t pad;
+    uint64_t fence_gpa; uint32_t has_fence; uint32_t nres;
+    struct vl_res *res;
+    struct vl_gseg *gsegs; uint32_t ngsegs;
+    struct vl_batch *head, *tail;
+    uint8_t *rx; uint32_t rx_len, rx_cap;
+    int64_t last_life;
+    char why[160]; /* why it was lost ("": it was not) */
+};
+
+struct vl_lane {
+    pthread_mutex_t mu;
+    pthread_t thread;
+    int started, stop;
+    int ep, wake_fd, event_fd, timer_fd;
+    struct vq_ring *ring;
+    int kick_fd, call_fd;
+    struct vq_region *regs; uint32_t nregs;
+    uint32_t max_segs, max_indirect;
+    uint64_t max_bytes;
+    int paused;
+    uint64_t turn, turn_seq;
+    struct vl_ctx ctx[VL_MAX_CTX];
+    struct vl_event *ev_head, *ev_tail;
+    struct vq_seg *segs;
+    char *req; uint64_t req_cap;
+    struct vq_walk_out wo;
+    uint8_t *fwd; uint32_t fwd_cap;
+    struct vb_signal sigs[VL_MAX_SIGS];
+    uint32_t *idx;
+    struct vl_stats stats;
+};
+
+static int64_t vl_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void vl_put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void vl_put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+static void vl_frame_header(uint8_t *h, uint32_t type, uint32_t session, uint64_t seq, uint32_t len)
+{
+    vl_put32(h, VL_FRAME_MAGIC);
+    h[4] = VL_PROTOCOL_VERSION;
+    h[5] = (uint8_t)type;
+    h[6] = h[7] = 0; /* flags */
+    vl_put32(h + 8, session);
+    vl_put64(h + 12, seq);
+    vl_put32(h + 20, len);
+}
+
+/* ---- events to Python (their fd is an eventfd the event loop watches) ---- */
+
+static struct vl_event *vl_post(struct vl_lane *L, uint32_t kind, uint32_t ctx_id,
+                                const void *data, uint32_t len)
+{
+    struct vl_event *ev = calloc(1, sizeof(*ev));
+    if (!ev)
+        abort(); /* out of memory: nothing sane to do */
+    ev->kind = kind;
+    ev->ctx_id = ctx_id;
+    if (len) {
+        ev->data = malloc(len);
+        if (!ev->data)
+            abort();
+        memcpy(ev->data, data, len);
+        ev->len = len;
+    }
+    if (L->ev_tail)
+        L->ev_tail->next = ev;
+    else
+        L->ev_head = ev;
+    L->ev_tail = ev;
+    uint64_t one = 1;
+    if (write(L->event_fd, &one, 8) < 0) { /* eventfd at its maximum: already readable */
+    }
+    return ev;
+}
+
+static void vl_wake(struct vl_lane *L)
+{
+    uint64_t one = 1;
+    if (write(L->wake_fd, &one, 8) < 0) { /* already pending */
+    }
+}
+
+/* ---- contexts ---- */
+
+static struct vl_ctx *vl_find(struct vl_lane *L, uint32_t ctx_id)
+{
+    for (uint32_t i = 0; i < VL_MAX_CTX; i++)
+        if (L->ctx[i].state != VL_FREE && L->ctx[i].ctx_id == ctx_id)
+            return &L->ctx[i];
+    return NULL;
+}
+
+static void vl_unwatch(struct vl_lane *L, struct vl_ctx *c)
+{
+    if (c->watched) {
+        epoll_ctl(L->ep, EPOLL_CTL_DEL, c->fd, NULL);
+        c->watched = 0;
+    }
+}
+
+/* The session is broken: stop using it and tell Python, which takes it back
+ * and fails it (its batches end with DEVICE_LOST there). */
+static void vl_lost(struct vl_lane *L, struct vl_ctx *c, const char *why)
+{
+    if (c->state != VL_LANE)
+        return;
+    c->state = VL_KILLED;
+    vl_unwatch(L, c);
+    snprintf(c->why, sizeof c->why, "%s", why);
+    L->stats.lost++;
+    vl_post(L, VL_EV_LOST, c->ctx_id, why, (uint32_t)strlen(why));
+}
+
+/* The whole frame, or lost. The socket is non-blocking (asyncio's); a full
+ * send buffer is waited out for at most VL_SEND_WAIT_MS. */
+static int vl_send_all(struct vl_lane *L, struct vl_ctx *c, const uint8_t *buf, uint32_t len)
+{
+    uint32_t done = 0;
+    int64_t deadline = vl_now() + (int64_t)VL_SEND_WAIT_MS * 1000000LL;
+    while (done < len) {
+        ssize_t k = send(c->fd, buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k > 0) {
+            done += (uint32_t)k;
+            continue;
+        }
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            int64_t left = deadline - vl_now();
+            struct pollfd p = {.fd = c->fd, .events = POLLOUT};
+            if (left > 0 && poll(&p, 1, (int)(left / 1000000LL) + 1) >= 0)
+                continue;
+            vl_lost(L, c, "the agent took no bytes for 1 s (send buffer full)");
+            return -1;
+        }
+        char why[160];
+        snprintf(why, sizeof why, "connection to agent lost (%s)", k == 0 ? "EOF" : strerror(errno));
+        vl_lost(L, c, why);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- publishing a batch's outcome (GpuDevice._finish's order) ---- */
+
+static void vl_fence_complete(struct vl_lane *L, uint64_t fence_gpa, uint32_t stream, uint64_t seq,
+                              uint32_t code, uint32_t failed)
+{
+    if (stream >= VB_MAX_STREAMS)
+        return;
+    uint64_t at = fence_gpa + VL_FENCE_HDR + (uint64_t)VL_FENCE_SLOT * stream;
+    const struct vq_region *g = vq_find(L->regs, L->nregs, at);
+    if (!g || g->size - (at - g->gpa) < VL_FENCE_SLOT)
+        return;
+    uint8_t *p = g->base + (at - g->gpa);
+    if ((uintptr_t)p & 7u)
+        return;
+    if (code) { /* error fields first, then the sequence (fencepage.FencePage.complete) */
+        __atomic_store_n((uint32_t *)(p + 16), code, __ATOMIC_RELAXED);
+        __atomic_store_n((uint32_t *)(p + 20), failed, __ATOMIC_RELAXED);
+        __atomic_store_n((uint64_t *)(p + 8), seq, __ATOMIC_RELEASE);
+    }
+    __atomic_store_n((uint64_t *)p, seq, __ATOMIC_RELEASE);
+}
+
+/* Replies, then fence slots (on the page at `fence_gpa` when `has_fence`);
+ * then the batch is freed. */
+static void vl_finish(struct vl_lane *L, struct vl_batch *b, const uint8_t *reply, uint32_t len,
+                      uint32_t code, uint32_t failed, uint64_t fence_gpa, uint32_t has_fence)
+{
+    uint32_t fence_failed = failed == VL_NO_INDEX ? 0 : failed;
+    for (uint32_t i = 0; i < b->nsigs; i++) {
+        struct vl_sig *s = &b->sigs[i];
+        uint32_t sc = code;
+        if (s->nsegs) {
+            if (len > s->reply_size)
+                sc = VL_E_OUT_OF_RANGE;
+            else
+                vq_scatter(L->regs, L->nregs, (const char *)s->segs, s->nsegs, 0,
+                           (const char *)reply, len);
+        }
+        if (has_fence)
+            vl_fence_complete(L, fence_gpa, s->stream, s->seq, sc, fence_failed);
+    }
+    if (b->held) { /* Python published a completion the lane held back */
+        struct vl_ctx *c = &L->ctx[b->slot];
+        if (c->state != VL_FREE && c->ctx_id == b->ctx_id && c->held)
+            c->held--;
+    }
+    free(b);
+}
+
+static struct vl_batch *vl_unlink(struct vl_ctx *c, uint64_t seq)
+{
+    struct vl_batch *prev = NULL;
+    for (struct vl_batch *b = c->head; b; prev = b, b = b->next) {
+        if (b->seq != seq)
+            continue;
+        if (prev)
+            prev->next = b->next;
+        else
+            c->head = b->next;
+        if (c->tail == b)
+            c->tail = prev;
+        b->next = NULL;
+        c->inflight--;
+        return b;
+    }
+    return NULL;
+}
+
+/* ---- frames from the agent ---- */
+
+/* 1: handled, 0: the context is lost (stop parsing). */
+static int vl_frame(struct vl_lane *L, struct vl_ctx *c, const uint8_t *f, uint32_t len)
+{
+    uint32_t type = f[5], session;
+    uint64_t seq;
+    const uint8_t *payload = f + VL_FRAME_HDR;
+    memcpy(&session, f + 8, 4);
+    memcpy(&seq, f + 12, 8);
+    char why[160];
+    if (type == VL_T_COMPLETION) {
+        if (session != c->session) {
+            snprintf(why, sizeof why, "agent broke the protocol: COMPLETION for session %u, this is %u",
+                     session, c->session);
+            vl_lost(L, c, why);
+            return 0;
+        }
+        struct vl_batch *b = vl_unlink(c, seq);
+        if (!b) {
+            snprintf(why, sizeof why,
+                     "agent broke the protocol: COMPLETION for seq %llu, which is not in flight",
+                     (unsigned long long)seq);
+            vl_lost(L, c, why);
+            return 0;
+        }
+        if (!c->held && len == VL_OK_PAYLOAD_SIZE && !memcmp(payload, vl_ok_payload, len)) {
+            L->stats.completed++;
+            vl_finish(L, b, vl_ok_payload, VL_OK_PAYLOAD_SIZE, 0, VL_NO_INDEX, c->fence_gpa,
+                      c->has_fence);
+            return 1;
+        }
+        /* Python decodes it (and every later one of this context until it has
+         * published them, so the fence page sees them in order). */
+        b->held = 1;
+        c->held++;
+        L->stats.python_frames++;
+        vl_post(L, VL_EV_FRAME, c->ctx_id, f, VL_FRAME_HDR + len)->batch = b;
+        return 1;
+    }
+    if ((type == VL_T_PING || type == VL_T_PONG) && len == VL_PING_SIZE) {
+        if (type == VL_T_PING) { /* PONG: same stamp, same seq */
+            uint8_t pong[VL_FRAME_HDR + VL_PING_SIZE];
+            vl_frame_header(pong, VL_T_PONG, c->session, seq, VL_PING_SIZE);
+            memcpy(pong + VL_FRAME_HDR, payload, VL_PING_SIZE);
+            return vl_send_all(L, c, pong, sizeof pong) == 0;
+        }
+        return 1;
+    }
+    /* ERROR, malformed PING/PONG: Python decides (TunnelClient._on_control). */
+    L->stats.python_frames++;
+    vl_post(L, VL_EV_FRAME, c->ctx_id, f, VL_FRAME_HDR + len);
+    return 1;
+}
+
+static const char *vl_type_name(uint32_t t)
+{
+    static const char *names[] = {"", "HELLO", "AUTH", "OPEN", "CLOSE", "COMMAND", "DATA"};
+    return t < sizeof names / sizeof names[0] ? names[t] : "?";
+}
+
+/* Parse whole frames in rx; 0 when the context was lost. */
+static int vl_parse(struct vl_lane *L, struct vl_ctx *c)
+{
+    uint32_t pos = 0;
+    int ok = 1;
+    char why[160];
+    while (c->rx_len - pos >= VL_FRAME_HDR) {
+        const uint8_t *h = c->rx + pos;
+        uint32_t magic, len, type = h[5];
+        memcpy(&magic, h, 4);
+        memcpy(&len, h + 20, 4);
+        why[0] = 0;
+        if (magic != VL_FRAME_MAGIC)
+            snprintf(why, sizeof why, "agent broke the protocol: bad frame magic %#010x", magic);
+        else if (h[4] != VL_PROTOCOL_VERSION)
+            snprintf(why, sizeof why, "agent broke the protocol: frame version %u not supported", h[4]);
+        else if (type == 0 || type > VL_T_MAX)
+            snprintf(why, sizeof why, "agent broke the protocol: unknown frame type %u", type);
+        else if (type == VL_T_DATA)
+            snprintf(why, sizeof why, "agent broke the protocol: DATA with no D2H copy in flight");
+        else if (type < VL_T_DATA)
+            snprintf(why, sizeof why, "agent broke the protocol: unexpected %s frame in state READY",
+                     vl_type_name(type));
+        else if (len > (type == VL_T_COMPLETION ? VL_MAX_COMPLETION : VL_MAX_CONTROL))
+            snprintf(why, sizeof why, "agent broke the protocol: frame type %u of %u bytes over cap",
+                     type, len);
+        if (why[0]) {
+            vl_lost(L, c, why);
+            ok = 0;
+            break;
+        }
+        if (c->rx_len - pos - VL_FRAME_HDR < len)
+            break;
+        if (!vl_frame(L, c, h, len)) {
+            ok = 0;
+            break;
+        }
+        pos += VL_FRAME_HDR + len;
+    }
+    if (pos) {
+        memmove(c->rx, c->rx + pos, c->rx_len - pos);
+        c->rx_len -= pos;
+    }
+    return ok;
+}
+
+static void vl_read(struct vl_lane *L, struct vl_ctx *c)
+{
+    for (;;) {
+        if (c->rx_len == c->rx_cap) { /* never more than one frame: caps bound it */
+            uint32_t cap = c->rx_cap * 2;
+            uint8_t *rx = realloc(c->rx, cap);
+            if (!rx)
+                abort();
+            c->rx = rx;
+            c->rx_cap = cap;
+        }
+        uint32_t room = c->rx_cap - c->rx_len;
+        ssize_t k = recv(c->fd, c->rx + c->rx_len, room, MSG_DONTWAIT);
+        if (k > 0) {
+            c->rx_len += (uint32_t)k;
+            c->last_life = vl_now();
+            if (!vl_parse(L, c) || (uint32_t)k < room)
+                return; /* a short read drained it (epoll is level-triggered here) */
+            continue;
+        }
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        char why[160];
+        snprintf(why, sizeof why, "connection to agent lost (%s)", k == 0 ? "EOF" : strerror(errno));
+        vl_lost(L, c, why);
+        return;
+    }
+}
+
+static void vl_tick(struct vl_lane *L)
+{
+    int64_t now = vl_now();
+    for (uint32_t i = 0; i < VL_MAX_CTX; i++) {
+        struct vl_ctx *c = &L->ctx[i];
+        if (c->state != VL_LANE)
+            continue;
+        int64_t silent = now - c->last_life;
+        if (silent > VL_DEAD_NS) {
+            char why[96];
+            snprintf(why, sizeof why, "agent silent for %.2f s", (double)silent / 1e9);
+            vl_lost(L, c, why);
+            continue;
+        }
+        uint8_t ping[VL_FRAME_HDR + VL_PING_SIZE];
+        vl_frame_header(ping, VL_T_PING, c->session, 0, VL_PING_SIZE);
+        vl_put64(ping + VL_FRAME_HDR, (uint64_t)now);
+        if (vl_send_all(L, c, ping, sizeof ping) == 0)
+            L->stats.pings++;
+    }
+}
+
+/* ---- the control ring ---- */
+
+/* Give back the chain just popped: the next pop (Python's) sees it again. */
+static void vl_unpop(struct vq_ring *r, uint32_t last)
+{
+    r->last_avail = last;
+    if (r->event_idx)
+        vq_store16(r->used + VQ_USED_RING + 8u * r->num, (uint16_t)last);
+}
+
+/* A SIGNAL's reply range as guest segments (submit.prepare's views), or -1. */
+static int vl_reply_segs(struct vl_lane *L, struct vl_ctx *c, const struct vb_signal *s,
+                         struct vl_sig *out)
+{
+    out->seq = s->seq;
+    out->stream = s->stream;
+    out->reply_size = s->size;
+    out->nsegs = 0;
+    if (!s->resource)
+        return 0;
+    const struct vl_res *res = NULL;
+    for (uint32_t i = 0; i < c->nres; i++)
+        if (c->res[i].rid == s->resource) {
+            res = &c->res[i];
+            break;
+        }
+    if (!res || s->offset > res->limit || s->size > res->limit - s->offset)
+        return -1;
+    uint64_t offset = s->offset, left = s->size, pos = 0;
+    for (uint32_t i = 0; i < res->nsegs && left; i++) {
+        const struct vl_gseg *g = &c->gsegs[res->first + i];
+        if (offset >= pos + g->len) {
+            pos += g->len;
+            continue;
+        }
+        uint64_t skip = offset > pos ? offset - pos : 0;
+        uint64_t take = g->len - skip < left ? g->len - skip : left;
+        if (out->nsegs == VL_REPLY_SEGS || !vq_range_ok(L->regs, L->nregs, g->gpa + skip, take))
+            return -1;
+        out->segs[out->nsegs++] = (struct vq_seg){g->gpa + skip, (uint32_t)take, VQ_SEG_WRITE};
+        left -= take;
+        pos += g->len;
+    }
+    return left ? -1 : 0;
+}
+
+/* Serve the chain just popped if it is ours (1), else 0 (Python's). */
+static int vl_take(struct vl_lane *L, uint32_t head)
+{
+    const uint8_t *req = (const uint8_t *)L->req;
+    uint64_t read_len = L->wo.read_len;
+    if (!L->wo.gathered || read_len < VL_SUBMIT_HDR)
+        return 0;
+    uint32_t type, flags, ctx_id, size;
+    memcpy(&type, req, 4);
+    memcpy(&flags, req + 4, 4);
+    memcpy(&ctx_id, req + 16, 4);
+    memcpy(&size, req + VL_GPU_HDR, 4);
+    if (type != VL_CMD_SUBMIT_3D || size != read_len - VL_SUBMIT_HDR)
+        return 0;
+    struct vl_ctx *c = vl_find(L, ctx_id);
+    if (!c || c->state != VL_LANE || c->inflight >= c->window || c->inflight >= VL_MAX_CTX_INFLIGHT)
+        return 0;
+    struct vb_out out;
+    uint32_t max_fwd = c->max_batch && c->max_batch < VL_MAX_COMMAND ? c->max_batch : VL_MAX_COMMAND;
+    if (!vb_check(req + VL_SUBMIT_HDR, size, max_fwd, L->fwd + VL_FRAME_HDR,
+                  L->fwd_cap - VL_FRAME_HDR, &out, L->sigs, VL_MAX_SIGS, L->idx, VL_MAX_RECORDS) ||
+        out.nfwd == 0)
+        return 0;
+    size_t bytes = sizeof(struct vl_batch) + out.nsigs * sizeof(struct vl_sig) + out.nfwd * 4u;
+    struct vl_batch *b = malloc(bytes);
+    if (!b)
+        return 0;
+    b->sigs = (struct vl_sig *)(b + 1);
+    b->fwd_index = (uint32_t *)(b->sigs + out.nsigs);
+    for (uint32_t i = 0; i < out.nsigs; i++)
+        if (vl_reply_segs(L, c, &L->sigs[i], &b->sigs[i])) {
+            free(b);
+            return 0;
+        }
+    b->next = NULL;
+    b->ctx_id = ctx_id;
+    b->slot = (uint32_t)(c - L->ctx);
+    b->nfwd = out.nfwd;
+    b->nsigs = out.nsigs;
+    b->held = 0;
+    memcpy(b->fwd_index, L->idx, out.nfwd * 4u);
+    b->seq = ++c->seq;
+    if (c->tail)
+        c->tail->next = b;
+    else
+        c->head = b;
+    c->tail = b;
+    c->inflight++;
+    L->stats.submits++;
+    vl_frame_header(L->fwd, VL_T_COMMAND, c->session, b->seq, out.fwd_len);
+    vl_send_all(L, c, L->fwd, VL_FRAME_HDR + out.fwd_len); /* lost: Python fails it */
+    /* The answer GpuDevice.handle() gives: OK_NODATA, the fence echoed. */
+    uint8_t resp[VL_GPU_HDR];
+    memset(resp, 0, sizeof resp);
+    vl_put32(resp, VL_RESP_OK_NODATA);
+    if (flags & VL_FLAG_FENCE) {
+        vl_put32(resp + 4, flags & VL_ECHO_FLAGS);
+        memcpy(resp + 8, req + 8, 12); /* fence_id, ctx_id */
+        resp[20] = req[20];            /* ring_idx */
+    }
+    vq_ring_reply(L->ring, L->regs, L->nregs, L->segs, L->wo.nsegs, head, (const char *)resp,
+                  sizeof resp);
+    return 1;
+}
+
+static void vl_serve(struct vl_lane *L)
+{
+    struct vq_ring *r = L->ring;
+    if (!r || L->paused || !L->regs)
+        return;
+    int pushed = 0;
+    uint32_t n;
+    for (n = 0; n < VL_CHAINS_PER_WAKE; n++) {
+        uint32_t head, last = r->last_avail;
+        int rc = vq_ring_pop(r, L->regs, L->nregs, L->max_segs, L->max_bytes, L->max_indirect,
+                             L->segs, L->req, L->req_cap, &L->wo, &head);
+        if (rc == 0)
+            break;
+        if (rc == 1 && vl_take(L, head)) {
+            pushed = 1;
+            continue;
+        }
+        /* Python's: a bad chain (-1, -2) or a request the lane does not serve. */
+        if (rc != -2)
+            vl_unpop(r, last);
+        L->paused = 1;
+        L->turn = ++L->turn_seq;
+        L->stats.handed++;
+        vl_post(L, VL_EV_TURN, 0, NULL, 0)->token = L->turn;
+        break;
+    }
+    if (n == VL_CHAINS_PER_WAKE)
+        vl_wake(L); /* more chains: after the sockets have had a turn */
+    if (pushed && L->call_fd >= 0 && vq_ring_needs_notify(r)) {
+        uint64_t one = 1;
+        if (write(L->call_fd, &one, 8) == 8)
+            L->stats.notifies++;
+    }
+}
+
+static void *vl_main(void *arg)
+{
+    struct vl_lane *L = arg;
+    struct epoll_event evs[16];
+    for (;;) {
+        int n = epoll_wait(L->ep, evs, 16, -1);
+        if (n < 0 && errno != EINTR)
+            break;
+        pthread_mutex_lock(&L->mu);
+        if (L->stop) {
+            pthread_mutex_unlock(&L->mu);
+            break;
+        }
+        int serve = 0;
+        uint64_t v;
+        for (int i = 0; i < n; i++) {
+            uint64_t tag = evs[i].data.u64;
+            if (tag == VL_TAG_WAKE) {
+                if (read(L->wake_fd, &v, 8) < 0) { /* nothing pending */
+                }
+                serve = 1;
+            } else if (tag == VL_TAG_KICK) {
+                /* Edge-triggered: every kick (eventfd write) wakes us once;
+                 * the counter is never read (a syscall saved per batch). */
+                L->stats.kicks++;
+                serve = 1;
+            } else if (tag == VL_TAG_TIMER) {
+                if (read(L->timer_fd, &v, 8) == 8)
+                    vl_tick(L);
+            } else if (tag >= VL_TAG_CTX && tag < VL_TAG_CTX + VL_MAX_CTX) {
+                struct vl_ctx *c = &L->ctx[tag - VL_TAG_CTX];
+                if (c->watched && c->state == VL_LANE)
+                    vl_read(L, c);
+            }
+        }
+        if (serve)
+            vl_serve(L);
+        pthread_mutex_unlock(&L->mu);
+    }
+    return NULL;
+}
+
+/* ---- the API Python calls ---- */
+
+struct vl_lane *vl_new(uint32_t max_segs, uint64_t max_bytes, uint32_t max_indirect,
+                       uint64_t max_request)
+{
+    struct vl_lane *L = calloc(1, sizeof(*L));
+    if (!L)
+        return NULL;
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_settype(&a, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&L->mu, &a);
+    pthread_mutexattr_destroy(&a);
+    L->max_segs = max_segs;
+    L->max_bytes = max_bytes;
+    L->max_indirect = max_indirect;
+    L->req_cap = max_request;
+    L->kick_fd = L->call_fd = -1;
+    L->segs = calloc(max_segs ? max_segs : 1, sizeof(struct vq_seg));
+    L->req = malloc(max_request ? max_request : 1);
+    L->fwd_cap = VL_FRAME_HDR + VL_MAX_COMMAND;
+    L->fwd = malloc(L->fwd_cap);
+    L->idx = calloc(VL_MAX_RECORDS, 4);
+    L->ep = epoll_create1(EPOLL_CLOEXEC);
+    L->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    L->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    L->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    for (uint32_t i = 0; i < VL_MAX_CTX; i++)
+        L->ctx[i].fd = -1;
+    struct itimerspec its = {{0, VL_TICK_NS}, {0, VL_TICK_NS}};
+    struct epoll_event ev = {.events = EPOLLIN};
+    int ok = L->segs && L->req && L->fwd && L->idx && L->ep >= 0 && L->wake_fd >= 0 &&
+             L->event_fd >= 0 && L->timer_fd >= 0 && !timerfd_settime(L->timer_fd, 0, &its, NULL);
+    ev.data.u64 = VL_TAG_WAKE;
+    ok = ok && !epoll_ctl(L->ep, EPOLL_CTL_ADD, L->wake_fd, &ev);
+    ev.data.u64 = VL_TAG_TIMER;
+    ok = ok && !epoll_ctl(L->ep, EPOLL_CTL_ADD, L->timer_fd, &ev);
+    ok = ok && !pthread_create(&L->thread, NULL, vl_main, L);
+    if (!ok) {
+        int fds[] = {L->ep, L->wake_fd, L->event_fd, L->timer_fd};
+        for (unsigned i = 0; i < 4; i++)
+            if (fds[i] >= 0)
+                close(fds[i]);
+        free(L->segs);
+        free(L->req);
+        free(L->fwd);
+        free(L->idx);
+        pthread_mutex_destroy(&L->mu);
+        free(L);
+        return NULL;
+    }
+    L->started = 1;
+    return L;
+}
+
+static void vl_free_events(struct vl_event *ev)
+{
+    while (ev) {
+        struct vl_event *next = ev->next;
+        free(ev->batch);
+        free(ev->data);
+        free(ev);
+        ev = next;
+    }
+}
+
+/* Stop the thread and free everything. The contexts' sockets are Python's
+ * (it closes them); call vl_release / vl_kill first to get them back. */
+void vl_free(struct vl_lane *L)
+{
+    if (!L)
+        return;
+    pthread_mutex_lock(&L->mu);
+    L->stop = 1;
+    vl_wake(L);
+    pthread_mutex_unlock(&L->mu);
+    pthread_join(L->thread, NULL);
+    for (uint32_t i = 0; i < VL_MAX_CTX; i++) {
+        struct vl_ctx *c = &L->ctx[i];
+        for (struct vl_batch *b = c->head; b;) {
+            struct vl_batch *next = b->next;
+            free(b);
+            b = next;
+        }
+        free(c->rx);
+        free(c->res);
+        free(c->gsegs);
+    }
+    vl_free_events(L->ev_head);
+    close(L->ep);
+    close(L->wake_fd);
+    close(L->event_fd);
+    close(L->timer_fd);
+    free(L->regs);
+    free(L->segs);
+    free(L->req);
+    free(L->fwd);
+    free(L->idx);
+    pthread_mutex_destroy(&L->mu);
+    free(L);
+}
+
+int vl_event_fd(struct vl_lane *L) { return L->event_fd; }
+void vl_lock(struct vl_lane *L) { pthread_mutex_lock(&L->mu); }
+void vl_unlock(struct vl_lane *L) { pthread_mutex_unlock(&L->mu); }
+
+void vl_stats(struct vl_lane *L, struct vl_stats *out)
+{
+    pthread_mutex_lock(&L->mu);
+    *out = L->stats;
+    pthread_mutex_unlock(&L->mu);
+}
+
+/* The guest memory table (a copy; n == 0: none). Python keeps the mapping
+ * alive while the lane may still write through it. */
+int vl_set_regions(struct vl_lane *L, const struct vq_region *regs, uint32_t n)
+{
+    struct vq_region *copy = NULL;
+    if (n) {
+        copy = malloc(n * sizeof(*copy));
+        if (!copy)
+            return -1;
+        memcpy(copy, regs, n * sizeof(*copy));
+    }
+    pthread_mutex_lock(&L->mu);
+    free(L->regs);
+    L->regs = copy;
+    L->nregs = n;
+    pthread_mutex_unlock(&L->mu);
+    return 0;
+}
+
+/* The lane serves `r` (shared with Python's NativeRing) from now on and owns
+ * its kick eventfd; Python must not pop from it until vl_detach_ring. */
+int vl_attach_ring(struct vl_lane *L, struct vq_ring *r, int kick_fd, int call_fd)
+{
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = VL_TAG_KICK};
+    pthread_mutex_lock(&L->mu);
+    int rc = 0;
+    if (L->ring)
+        rc = -1;
+    else if (epoll_ctl(L->ep, EPOLL_CTL_ADD, kick_fd, &ev))
+        rc = -1;
+    else {
+        L->ring = r;
+        L->kick_fd = kick_fd;
+        L->call_fd = call_fd;
+        L->paused = 0;
+        L->turn = 0;
+        vl_wake(L); /* chains may be waiting already */
+    }
+    pthread_mutex_unlock(&L->mu);
+    return rc;
+}
+
+void vl_detach_ring(struct vl_lane *L)
+{
+    pthread_mutex_lock(&L->mu);
+    if (L->ring)
+        epoll_ctl(L->ep, EPOLL_CTL_DEL, L->kick_fd, NULL);
+    L->ring = NULL;
+    L->kick_fd = L->call_fd = -1;
+    L->paused = 0;
+    L->turn = 0;
+    pthread_mutex_unlock(&L->mu);
+}
+
+void vl_set_call_fd(struct vl_lane *L, int call_fd)
+{
+    pthread_mutex_lock(&L->mu);
+    if (L->ring)
+        L->call_fd = call_fd;
+    pthread_mutex_unlock(&L->mu);
+}
+
+/* Is `token` the chain the lane handed over and still waits on? Only then
+ * may Python pop one chain from the ring. */
+int vl_turn_valid(struct vl_lane *L, uint64_t token)
+{
+    pthread_mutex_lock(&L->mu);
+    int ok = L->ring && L->paused && L->turn == token;
+    pthread_mutex_unlock(&L->mu);
+    return ok;
+}
+
+/* Python has served the handed chain: the lane pops again (now if `repop`,
+ * else at the next kick: avail.idx was bad, looking again would spin). */
+void vl_resume(struct vl_lane *L, uint64_t token, int repop)
+{
+    pthread_mutex_lock(&L->mu);
+    if (L->paused && L->turn == token) {
+        L->paused = 0;
+        L->turn = 0;
+        if (repop)
+            vl_wake(L);
+    }
+    pthread_mutex_unlock(&L->mu);
+}
+
+/* Lend the lane a context's agent session: `fd` (the lane reads and writes
+ * it; Python keeps owning it), the last COMMAND seq sent. Returns 0, or -1
+ * (no free slot, already lent, fd unusable). */
+int vl_add_ctx(struct vl_lane *L, uint32_t ctx_id, int fd, uint32_t session, uint64_t seq,
+               uint32_t window, uint32_t max_batch)
+{
+    pthread_mutex_lock(&L->mu);
+    int rc = -1;
+    struct vl_ctx *c = NULL;
+    if (!vl_find(L, ctx_id))
+        for (uint32_t i = 0; i < VL_MAX_CTX && !c; i++)
+            if (L->ctx[i].state == VL_FREE)
+                c = &L->ctx[i];
+    if (c) {
+        uint8_t *rx = c->rx ? c->rx : malloc(VL_FRAME_HDR + VL_MAX_COMPLETION);
+        struct epoll_event ev = {.events = EPOLLIN};
+        ev.data.u64 = VL_TAG_CTX + (uint64_t)(c - L->ctx);
+        if (rx && !epoll_ctl(L->ep, EPOLL_CTL_ADD, fd, &ev)) {
+            struct vl_ctx z = {0};
+            z.rx = rx;
+            z.rx_cap = c->rx ? c->rx_cap : VL_FRAME_HDR + VL_MAX_COMPLETION;
+            *c = z;
+            c->state = VL_LANE;
+            c->ctx_id = ctx_id;
+            c->fd = fd;
+            c->session = session;
+            c->seq = seq;
+            c->window = window ? window : 1;
+            c->max_batch = max_batch;
+            c->watched = 1;
+            c->last_life = vl_now();
+            rc = 0;
+        } else if (rx && rx != c->rx) {
+            free(rx);
+        }
+    }
+    pthread_mutex_unlock(&L->mu);
+    return rc;
+}
+
+int vl_set_fence(struct vl_lane *L, uint32_t ctx_id, uint64_t gpa, uint32_t has)
+{
+    pthread_mutex_lock(&L->mu);
+    struct vl_ctx *c = vl_find(L, ctx_id);
+    if (c) {
+        c->fence_gpa = gpa;
+        c->has_fence = has;
+    }
+    pthread_mutex_unlock(&L->mu);
+    return c ? 0 : -1;
+}
+
+/* The resources attached to the context that have backing: `res[i]` names
+ * segs[first .. first+nsegs) (its backing entries, in order) and how many of
+ * its bytes may be addressed (min(size, backing bytes)). Copied. */
+int vl_set_resources(struct vl_lane *L, uint32_t ctx_id, const struct vl_res *res, uint32_t nres,
+                     const struct vl_gseg *segs, uint32_t nsegs)
+{
+    for (uint32_t i = 0; i < nres; i++)
+        if (res[i].first > nsegs || res[i].nsegs > nsegs - res[i].first)
+            return -1;
+    struct vl_res *r = nres ? malloc(nres * sizeof(*r)) : NULL;
+    struct vl_gseg *g = nsegs ? malloc(nsegs * sizeof(*g)) : NULL;
+    if ((nres && !r) || (nsegs && !g)) {
+        free(r);
+        free(g);
+        return -1;
+    }
+    if (nres)
+        memcpy(r, res, nres * sizeof(*r));
+    if (nsegs)
+        memcpy(g, segs, nsegs * sizeof(*g));
+    pthread_mutex_lock(&L->mu);
+    struct vl_ctx *c = vl_find(L, ctx_id);
+    if (c) {
+        free(c->res);
+        free(c->gsegs);
+        c->res = r;
+        c->nres = nres;
+        c->gsegs = g;
+        c->ngsegs = nsegs;
+    } else {
+        free(r);
+        free(g);
+    }
+    pthread_mutex_unlock(&L->mu);
+    return c ? 0 : -1;
+}
+
+/* Taking a session back, step 1: the lane stops serving and reading it at
+ * once. Then Python publishes the completions the lane held for it
+ * (vl_take_frame + vl_publish), adopts its batches in flight (vl_take_batch)
+ * and frees the slot (vl_release). */
+int vl_kill(struct vl_lane *L, uint32_t ctx_id)
+{
+    pthread_mutex_lock(&L->mu);
+    struct vl_ctx *c = vl_find(L, ctx_id);
+    if (c && c->state == VL_LANE) {
+        c->state = VL_KILLED;
+        vl_unwatch(L, c);
+    }
+    pthread_mutex_unlock(&L->mu);
+    return c ? 0 : -1;
+}
+
+/* The oldest FRAME event of `ctx_id` still queued (NULL: none), out of the
+ * queue; free it with vl_event_free. */
+struct vl_event *vl_take_frame(struct vl_lane *L, uint32_t ctx_id)
+{
+    pthread_mutex_lock(&L->mu);
+    struct vl_event *prev = NULL, *ev;
+    for (ev = L->ev_head; ev; prev = ev, ev = ev->next)
+        if (ev->kind == VL_EV_FRAME && ev->ctx_id == ctx_id)
+            break;
+    if (ev) {
+        if (prev)
+            prev->next = ev->next;
+        else
+            L->ev_head = ev->next;
+        if (L->ev_tail == ev)
+            L->ev_tail = prev;
+        ev->next = NULL;
+    }
+    pthread_mutex_unlock(&L->mu);
+    return ev;
+}
+
+/* The oldest batch in flight of a killed context (NULL: none), now Python's:
+ * it waits for its COMPLETION through TunnelClient. Free with vl_batch_free. */
+struct vl_batch *vl_take_batch(struct vl_lane *L, uint32_t ctx_id)
+{
+    pthread_mutex_lock(&L->mu);
+    struct vl_ctx *c = vl_find(L, ctx_id);
+    struct vl_batch *b = NULL;
+    if (c && c->state == VL_KILLED && c->head) {
+        b = c->head;
+        c->head = b->next;
+        if (!c->head)
+            c->tail = NULL;
+        b->next = NULL;
+        c->inflight--;
+    }
+    pthread_mutex_unlock(&L->mu);
+    return b;
+}
+
+void vl_batch_free(struct vl_batch *b) { free(b); }
+
+/* Publish the outcome Python decided for a completion the lane held back
+ * (its reply bytes, ErrorCode, the failed record's index in the guest's
+ * batch, the context's fence page now) and free the batch. */
+void vl_publish(struct vl_lane *L, struct vl_batch *b, const uint8_t *reply, uint32_t len,
+                uint32_t code, uint32_t failed, uint64_t fence_gpa, uint32_t has_fence)
+{
+    pthread_mutex_lock(&L->mu);
+    vl_finish(L, b, reply, len, code, failed, fence_gpa, has_fence);
+    pthread_mutex_unlock(&L->mu);
+}
+
+/* Taking a session back, last step: the socket, the last seq sent, the bytes
+ * read past the last whole frame (copied to `rx`, at most `cap`) and why it
+ * was lost ("" if it was not) go back to Python; the slot is freed. -1 while
+ * the lane still serves it or holds work of it. */
+int vl_release(struct vl_lane *L, uint32_t ctx_id, struct vl_handback *out, uint8_t *rx,
+               uint32_t cap)
+{
+    pthread_mutex_lock(&L->mu);
+    struct vl_ctx *c = vl_find(L, ctx_id);
+    int rc = -1;
+    if (c && c->state == VL_KILLED && !c->head && !c->held && c->rx_len <= cap) {
+        vl_unwatch(L, c);
+        out->fd = c->fd;
+        out->seq = c->seq;
+        out->rx_len = c->rx_len;
+        memcpy(out->why, c->why, sizeof out->why);
+        memcpy(rx, c->rx, c->rx_len);
+        free(c->res);
+        free(c->gsegs);
+        c->res = NULL;
+        c->gsegs = NULL;
+        c->nres = c->ngsegs = 0;
+        c->rx_len = 0;
+        c->why[0] = 0;
+        c->state = VL_FREE;
+        c->fd = -1;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&L->mu);
+    return rc;
+}
+
+/* The next event for Python (NULL: none); free it with vl_event_free. A
+ * FRAME event's batch is Python's to publish. */
+struct vl_event *vl_next_event(struct vl_lane *L)
+{
+    pthread_mutex_lock(&L->mu);
+    struct vl_event *ev = L->ev_head;
+    if (ev) {
+        L->ev_head = ev->next;
+        if (!L->ev_head)
+            L->ev_tail = NULL;
+        ev->next = NULL;
+    } else {
+        uint64_t v;
+        if (read(L->event_fd, &v, 8) < 0) { /* not readable: fine */
+        }
+    }
+    pthread_mutex_unlock(&L->mu);
+    return ev;
+}
+
+void vl_event_free(struct vl_event *ev)
+{
+    if (ev) {
+        free(ev->data);
+        free(ev);
+    }
+}
+
+/* Does any SIGNAL of the batch carry a reply (GpuDevice._finish's
+ * any(sig.reply ...))? */
+int vl_reply_needed(struct vl_batch *b)
+{
+    for (uint32_t i = 0; i < b->nsigs; i++)
+        if (b->sigs[i].nsegs)
+            return 1;
+    return 0;
+}
+
+/* Look at the ring again (a kick Python saw before the lane took over). */
+void vl_poke(struct vl_lane *L)
+{
+    pthread_mutex_lock(&L->mu);
+    vl_wake(L);
+    pthread_mutex_unlock(&L->mu);
+}
