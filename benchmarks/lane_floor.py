@@ -94,6 +94,7 @@ class Guest:
         self.kick_fd = os.eventfd(0)
         self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
         self.seq = 0
+        self._templates: dict[tuple[Any, ...], vp.SubmitTemplate] = {}
 
     def pointers(self) -> tuple[int, int, int, int]:
         """ring, region table, region count, fence word: addresses the forked
@@ -115,13 +116,10 @@ class Guest:
     def submit(self, records: list[Any]) -> int:
         """SUBMIT_3D of ``records`` + SIGNAL as vgpu_path's guest does; its seq."""
         self.seq += 1
-        sig = rec(Opcode.SIGNAL, self.seq, 0, 0, 0, stream=1)
-        batch = encode_batch([*records, sig])
-        req = (
-            hdr(wire.Cmd.SUBMIT_3D, ctx_id=1, fence_id=self.seq)
-            + struct.pack("<II", len(batch), 0)
-            + batch
-        )
+        template = self._templates.get(tuple(records))
+        if template is None:
+            template = self._templates[tuple(records)] = vp.SubmitTemplate(records, 1, 1, 0)
+        req = template.request(self.seq, self.seq)
         self.mem.write(self.req_gpa, req)
         self.drv.add(
             readable=[(self.req_gpa, len(req))], writable=[(self.resp_gpa, 24)], indirect=True

@@ -78,6 +78,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="busy-poll this long after each guest kick (0: off; costs a CPU while polling)",
     )
     p.add_argument(
+        "--no-lane",
+        action="store_true",
+        help="serve every batch in Python (no lane thread; for comparison and diagnosis)",
+    )
+    p.add_argument(
         "--loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
@@ -119,7 +124,7 @@ async def run(args: argparse.Namespace) -> None:
         device = NullGpuDevice()
     else:
         binding = Binding()
-        device = GpuDevice(binding)
+        device = GpuDevice(binding, lane=not args.no_lane)
         if args.bind:
             target = target_from_request(
                 {
