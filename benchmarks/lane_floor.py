@@ -180,6 +180,7 @@ async def run(quick: bool, tmp: str) -> dict[str, Any]:
         agent = procs.started[-1].pid
         direct = await TunnelClient.connect("127.0.0.1", port, psk=vp.PSK, name="floor-direct")
         lane = await TunnelClient.connect("127.0.0.1", port, psk=vp.PSK, name="floor-lane")
+        await asyncio.sleep(vp.SETTLE_S)  # as vgpu_path: the new workers settle first
         guest = Guest()
         ring, regs, nregs, fence = guest.pointers()
         sock = await detach(lane)

@@ -283,20 +283,29 @@ class VhostUserFrontend:
         if self.queues[index].kick():
             os.eventfd_write(self.kick_fds[index], 1)
 
+    def poll_used(self, index: int, head: int) -> int | None:
+        """Chain ``head``'s written length if the device has returned it (and
+        the head is free again), else None; never waits (a guest polling its
+        used ring, with no event loop in between)."""
+        used = self._used[index]
+        for h, n in self.queues[index].get_used():
+            used[h] = n
+        if head not in used:
+            return None
+        self.queues[index].release(head)
+        return used.pop(head)
+
     async def wait_used(self, index: int, head: int, timeout: float | None = None) -> int:
         """Wait until the device returned chain ``head``; its written length."""
         loop = asyncio.get_running_loop()
         fd = self.call_fds[index]
-        used = self._used[index]
         async with asyncio.timeout(timeout if timeout is not None else self.timeout):
             while True:
-                for h, n in self.queues[index].get_used():
-                    used[h] = n
-                if head in used:
-                    # Only now may the head be reused: several chains can be
-                    # in flight, and another waiter may have collected ours.
-                    self.queues[index].release(head)
-                    return used.pop(head)
+                # Only once returned may the head be reused: several chains can
+                # be in flight, and another waiter may have collected ours.
+                got = self.poll_used(index, head)
+                if got is not None:
+                    return got
                 fut: asyncio.Future[None] = loop.create_future()
 
                 def ready(f: asyncio.Future[None] = fut) -> None:

@@ -286,6 +286,7 @@ class GpuDevice(Device):
         return wire.Resp.OK_NODATA, b""
 
     def _unref(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
+        self.lanes.dirty = True
         res = self.resources.unref(f[6])
         for cid in res.contexts:
             ctx = self.contexts.get(cid)
@@ -330,6 +331,7 @@ class GpuDevice(Device):
         entries = [(a, n) for a, n, _p in wire.MEM_ENTRY_ST.iter_unpack(rest[: nr * 16])]
         total = check_backing(self.mem(), entries)
         res.backing, res.backing_bytes = entries, total
+        self.lanes.dirty = True
         return wire.Resp.OK_NODATA, b""
 
     def _detach_backing(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
@@ -337,6 +339,7 @@ class GpuDevice(Device):
         if res.backing is None:
             raise ParameterError(f"resource {res.resource_id} has no backing")
         res.backing, res.backing_bytes = None, 0
+        self.lanes.dirty = True
         return wire.Resp.OK_NODATA, b""
 
     # -- capsets ----------------------------------------------------------------
@@ -380,6 +383,7 @@ class GpuDevice(Device):
 
     def _ctx_attach(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
         ctx, res = self._ctx(f[3]), self.resources.get(f[6])
+        self.lanes.dirty = True
         ctx.resources.add(res.resource_id)
         res.contexts.add(ctx.ctx_id)
         return wire.Resp.OK_NODATA, b""
@@ -390,6 +394,7 @@ class GpuDevice(Device):
             raise ResourceError(f"resource {res.resource_id} not attached to context {ctx.ctx_id}")
         ctx.resources.discard(res.resource_id)
         res.contexts.discard(ctx.ctx_id)
+        self.lanes.dirty = True
         return wire.Resp.OK_NODATA, b""
 
     def _create_3d(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
@@ -450,6 +455,7 @@ class GpuDevice(Device):
             with self.lanes.locked(ctx):
                 ctx.fence = FencePage(prepared.fence_page)
             ctx.fence_gpa = prepared.fence_gpa
+            self.lanes.dirty = True
         self._dispatch(ctx, prepared)
         return wire.Resp.OK_NODATA, b""
 

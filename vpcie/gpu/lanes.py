@@ -74,6 +74,9 @@ class Lanes:
         self._mem: GuestMemory | None = None  # the table the lane's regions map (acquired)
         self._attached = False
         self._scheduled: set[int] = set()
+        # Set by GpuDevice when a resource, its backing, an attachment or a
+        # fence page changed: what the lane knows is refreshed after the turn.
+        self.dirty = False
 
     # -- lending -------------------------------------------------------------------
     def leased(self, ctx: Context) -> bool:
@@ -218,6 +221,9 @@ class Lanes:
         if claimed is None:
             return
         vq, kick_fd, call_fd = claimed
+        if self.dirty:  # Python served commands meanwhile
+            self.dirty = False
+            self.refresh_all()
         if host.memory.mem is not self._mem:  # a new table since the lane last served
             self._set_memory(host.memory.acquire())
         ring = vq._ring
@@ -312,7 +318,9 @@ class Lanes:
             log.warning("queue %d: guest error: %s", CONTROL_QUEUE, exc)
             repop = False
         finally:
-            self.refresh_all()
+            if self.dirty:
+                self.dirty = False
+                self.refresh_all()
             if host is not None:
                 host.notify(CONTROL_QUEUE)
             if not lane.closed:
