@@ -251,6 +251,11 @@ async def test_bind_over_mutual_tls(tmp_path: Path) -> None:
             assert (await control_request(r.control, req))["ok"]
             ctx = await r.gpu.open()
             assert len(await alloc(ctx, 4096)) == 1
+            # A TLS session is never lent to the lane (its socket carries
+            # ciphertext made by asyncio): every batch takes the Python path.
+            for _ in range(3):
+                assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+            assert not r.device.lanes.leases and "lane_submits" not in r.device.status()
             # The backend's certificate is checked: a folder without one is refused.
             bad = await control_request(r.control, {**req, "tls_name": "agent1-missing"})
             assert not bad["ok"]

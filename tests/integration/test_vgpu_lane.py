@@ -24,6 +24,7 @@ import pytest
 from tests.conftest import AgentProc
 from tests.integration.test_vgpu_device import Rig, alloc, rig
 from vpcie._native import native_available
+from vpcie.cli.vgpu import _human
 from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
@@ -86,6 +87,9 @@ async def test_lane_serves_and_hands_back(tmp_path: Path, agent: AgentProc) -> N
         assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
         assert lane_stats(r)["lane_submits"] == n + 1
         assert lane_stats(r)["lane_handed"] > 0
+        # What an operator sees (`vpcie vgpu status`).
+        shown = _human("status", r.device.status())
+        assert f"lane    : {n + 1} batches sent" in shown and "lent to the lane" in shown
 
 
 async def scripted(r: Rig) -> tuple[list[Reply], list[bytes]]:
@@ -269,3 +273,41 @@ async def test_hostile_batches_on_a_lent_context(tmp_path: Path, agent: AgentPro
             await r.gpu.call(req + batch, expect=wire.Resp.ERR_INVALID_PARAMETER)
             assert ctx.fence_header()[3:5] == (rejected + 1, code)
         assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+
+
+async def test_hostile_chains_while_the_lane_owns_the_ring(
+    tmp_path: Path, agent: AgentProc
+) -> None:
+    """Bad chains reach the lane first: it hands each to Python, which answers
+    as it always did; an avail index run too far ahead is refused once, not
+    spun on, and the ring serves again once the driver repairs it."""
+    from vpcie.virtqueue.layout import AVAIL_IDX
+
+    async with rig(tmp_path) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx = await r.gpu.open()
+        await alloc(ctx, 64)
+        await lent(r, ctx)
+        assert r.device.lanes.owns_ring()
+        fe = r.fe
+        handed = lane_stats(r)["lane_handed"]
+        head = fe.ctrl.add(readable=[(1 << 40, 64)], writable=[(fe.alloc(64), 64)])
+        fe.kick(0)
+        assert await fe.wait_used(0, head) == 0
+        fe.ctrl.add_raw_head(fe.ctrl.num + 44)  # a head past the queue, then a good one
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+        assert lane_stats(r)["lane_handed"] >= handed + 2
+        # avail.idx published num + 5 entries ahead of the device.
+        ring = fe.ctrl
+        ring._avail16[AVAIL_IDX >> 1] = (ring._published + ring.num + 5) & 0xFFFF
+        os.eventfd_write(fe.kick_fds[0], 1)
+        await asyncio.sleep(0.2)
+        kicks, handed = lane_stats(r)["lane_kicks"], lane_stats(r)["lane_handed"]
+        await asyncio.sleep(0.2)
+        assert lane_stats(r)["lane_handed"] == handed  # waiting for a kick, not spinning
+        assert lane_stats(r)["lane_kicks"] == kicks
+        ring._avail16[AVAIL_IDX >> 1] = ring._published  # the driver repairs it
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+        n = lane_stats(r)["lane_submits"]
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+        assert lane_stats(r)["lane_submits"] == n + 1

@@ -78,11 +78,18 @@ def _human(cmd: str, r: dict[str, Any]) -> str:
         f"counters: {r['commands']} commands, {r['submits']} submits, "
         f"{r['rejected']} rejected, {r['errors']} errors; {r['resources']} resources",
     ]
+    if "lane_submits" in r:
+        lines.append(
+            f"lane    : {r['lane_submits']} batches sent, {r['lane_completed']} completed in C, "
+            f"{r['lane_handed']} chains left to Python, {r['lane_lost']} sessions lost"
+        )
     ctxs = r.get("contexts") or []
     if ctxs:
         lines.append(f"{'ctx':>5}  {'name':<20} {'res':>4} {'inflight':>8}  session")
         for c in ctxs:
             state = "lost" if c["lost"] else ("open" if c["session"] else "-")
+            if c.get("lent"):
+                state = "lent to the lane"
             name = c["name"][:20]
             lines.append(
                 f"{c['id']:>5}  {name:<20} {c['resources']:>4} {c['inflight']:>8}  {state}"
