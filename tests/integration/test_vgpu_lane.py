@@ -29,7 +29,7 @@ from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
 from vpcie.gpu.guest_driver import GuestContext, Reply, hdr
-from vpcie.protocol.batch import encode_batch, rec
+from vpcie.protocol.batch import Record, encode_batch, rec
 from vpcie.protocol.codes import DType, Opcode
 from vpcie.tunnel import commands as cmds
 
@@ -51,6 +51,23 @@ async def lent(r: Rig, ctx: GuestContext, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def lent_context(r: Rig, agent: AgentProc, name: str = "python3.11") -> GuestContext:
+    """Bind ``agent``, open a context, run its first batch (which opens the
+    session on the Python path) and wait until the session is lent."""
+    if r.device.binding.target is None:
+        assert (await r.bind(agent))["ok"]
+    ctx = await r.gpu.open(name)
+    await alloc(ctx, 64)
+    await lent(r, ctx)
+    return ctx
+
+
+async def hold(ctx: GuestContext, event: int, last: Record, stream: int = 1) -> int:
+    """Start a batch the agent holds (EVENT_WAIT on ``event``, then ``last``);
+    its SIGNAL's seq."""
+    return await ctx.start([rec(Opcode.EVENT_WAIT, event, stream=stream), last], stream=stream)
+
+
 async def test_lane_serves_and_hands_back(tmp_path: Path, agent: AgentProc) -> None:
     async with rig(tmp_path) as r:
         assert (await r.bind(agent))["ok"]
@@ -66,9 +83,7 @@ async def test_lane_serves_and_hands_back(tmp_path: Path, agent: AgentProc) -> N
         # A batch the lane holds (stream 1 waits on an event) when a copy
         # needs the session back: the lane's batch is adopted, nothing waits
         # on the agent, and both end right.
-        held = await ctx.start(
-            [rec(Opcode.EVENT_WAIT, 3, stream=1), rec(Opcode.NOP, stream=1)], stream=1
-        )
+        held = await hold(ctx, 3, rec(Opcode.NOP, stream=1))
         assert lane_stats(r)["lane_submits"] == after["lane_submits"] + 1
         blob = os.urandom(1 << 20)
         src, dst = await ctx.create_bo(len(blob), scatter=True), await ctx.create_bo(len(blob))
@@ -151,16 +166,8 @@ async def test_lane_and_python_path_agree(tmp_path: Path, agent_factory: Any) ->
 async def test_lane_agent_killed_in_flight(tmp_path: Path, agent_factory: Any) -> None:
     first = agent_factory()
     async with rig(tmp_path) as r:
-        assert (await r.bind(first))["ok"]
-        ctx = await r.gpu.open()
-        await alloc(ctx, 64)
-        await lent(r, ctx)
-        held = [
-            await ctx.start(
-                [rec(Opcode.EVENT_WAIT, 5, stream=s), rec(Opcode.NOP, stream=s)], stream=s
-            )
-            for s in (1, 2)
-        ]
+        ctx = await lent_context(r, first)
+        held = [await hold(ctx, 5, rec(Opcode.NOP, stream=s), stream=s) for s in (1, 2)]
         await asyncio.sleep(0.1)
         assert lane_stats(r)["lane_submits"] >= 2
         first.kill()
@@ -182,13 +189,8 @@ async def test_lane_agent_silent(tmp_path: Path, agent: AgentProc) -> None:
     """A stopped agent (its kernel still ACKs) answers no PING: after 1 s of
     silence the lane's batches end with DEVICE_LOST, within 2 s."""
     async with rig(tmp_path) as r:
-        assert (await r.bind(agent))["ok"]
-        ctx = await r.gpu.open()
-        await alloc(ctx, 64)
-        await lent(r, ctx)
-        seq = await ctx.start(
-            [rec(Opcode.EVENT_WAIT, 5, stream=1), rec(Opcode.NOP, stream=1)], stream=1
-        )
+        ctx = await lent_context(r, agent)
+        seq = await hold(ctx, 5, rec(Opcode.NOP, stream=1))
         os.killpg(agent.proc.pid, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
@@ -201,15 +203,8 @@ async def test_lane_agent_silent(tmp_path: Path, agent: AgentProc) -> None:
 
 async def test_lane_context_destroyed_in_flight(tmp_path: Path, agent: AgentProc) -> None:
     async with rig(tmp_path) as r:
-        assert (await r.bind(agent))["ok"]
-        ctx, other = await r.gpu.open("one"), await r.gpu.open("two")
-        await alloc(ctx, 64)
-        await alloc(other, 64)
-        await lent(r, ctx)
-        await lent(r, other)
-        seq = await ctx.start(
-            [rec(Opcode.EVENT_WAIT, 5, stream=1), rec(Opcode.NOP, stream=1)], stream=1
-        )
+        ctx, other = await lent_context(r, agent, "one"), await lent_context(r, agent, "two")
+        seq = await hold(ctx, 5, rec(Opcode.NOP, stream=1))
         await ctx.destroy()
         reply = await ctx.wait(1, seq, timeout=2)
         assert reply.status == ErrorCode.DEVICE_LOST and "destroyed" in reply.message
@@ -225,13 +220,8 @@ async def test_lane_new_memory_table_mid_flight(tmp_path: Path, agent: AgentProc
     batch: its fence word and reply land through the new mapping, the old
     one is closed, and the lane serves on the restarted ring."""
     async with rig(tmp_path) as r:
-        assert (await r.bind(agent))["ok"]
-        ctx = await r.gpu.open()
-        await alloc(ctx, 64)
-        await lent(r, ctx)
-        seq = await ctx.start(
-            [rec(Opcode.EVENT_WAIT, 5, stream=1), rec(Opcode.QUERY, stream=1)], stream=1
-        )
+        ctx = await lent_context(r, agent)
+        seq = await hold(ctx, 5, rec(Opcode.QUERY, stream=1))
         await asyncio.sleep(0.1)
         table = r.device.host.memory if r.device.host is not None else None
         assert table is not None
@@ -253,10 +243,7 @@ async def test_hostile_batches_on_a_lent_context(tmp_path: Path, agent: AgentPro
     """What the lane declines reaches Python, which answers the exact error;
     the session stays usable."""
     async with rig(tmp_path) as r:
-        assert (await r.bind(agent))["ok"]
-        ctx = await r.gpu.open()
-        await alloc(ctx, 64)
-        await lent(r, ctx)
+        ctx = await lent_context(r, agent)
         assert ctx.reply_bo is not None
         foreign = await r.gpu.open("other")
         bo = await foreign.create_bo(4096)
@@ -284,10 +271,7 @@ async def test_hostile_chains_while_the_lane_owns_the_ring(
     from vpcie.virtqueue.layout import AVAIL_IDX
 
     async with rig(tmp_path) as r:
-        assert (await r.bind(agent))["ok"]
-        ctx = await r.gpu.open()
-        await alloc(ctx, 64)
-        await lent(r, ctx)
+        ctx = await lent_context(r, agent)
         assert r.device.lanes.owns_ring()
         fe = r.fe
         handed = lane_stats(r)["lane_handed"]

@@ -702,6 +702,21 @@ static void *vl_main(void *arg)
 
 /* ---- the API Python calls ---- */
 
+/* What vl_new made: its descriptors and buffers, the mutex, the lane. */
+static void vl_drop(struct vl_lane *L)
+{
+    int fds[] = {L->ep, L->wake_fd, L->event_fd, L->timer_fd};
+    for (unsigned i = 0; i < sizeof fds / sizeof fds[0]; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    free(L->segs);
+    free(L->req);
+    free(L->fwd);
+    free(L->idx);
+    pthread_mutex_destroy(&L->mu);
+    free(L);
+}
+
 struct vl_lane *vl_new(uint32_t max_segs, uint64_t max_bytes, uint32_t max_indirect,
                        uint64_t max_request)
 {
@@ -739,16 +754,7 @@ struct vl_lane *vl_new(uint32_t max_segs, uint64_t max_bytes, uint32_t max_indir
     ok = ok && !epoll_ctl(L->ep, EPOLL_CTL_ADD, L->timer_fd, &ev);
     ok = ok && !pthread_create(&L->thread, NULL, vl_main, L);
     if (!ok) {
-        int fds[] = {L->ep, L->wake_fd, L->event_fd, L->timer_fd};
-        for (unsigned i = 0; i < 4; i++)
-            if (fds[i] >= 0)
-                close(fds[i]);
-        free(L->segs);
-        free(L->req);
-        free(L->fwd);
-        free(L->idx);
-        pthread_mutex_destroy(&L->mu);
-        free(L);
+        vl_drop(L);
         return NULL;
     }
     L->started = 1;
@@ -789,17 +795,8 @@ void vl_free(struct vl_lane *L)
         free(c->gsegs);
     }
     vl_free_events(L->ev_head);
-    close(L->ep);
-    close(L->wake_fd);
-    close(L->event_fd);
-    close(L->timer_fd);
     free(L->regs);
-    free(L->segs);
-    free(L->req);
-    free(L->fwd);
-    free(L->idx);
-    pthread_mutex_destroy(&L->mu);
-    free(L);
+    vl_drop(L);
 }
 
 int vl_event_fd(struct vl_lane *L) { return L->event_fd; }
