@@ -295,3 +295,40 @@ async def test_hostile_chains_while_the_lane_owns_the_ring(
         n = lane_stats(r)["lane_submits"]
         assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
         assert lane_stats(r)["lane_submits"] == n + 1
+
+
+@pytest.mark.parametrize("lane", [False, True])
+async def test_refused_batch_signals_after_earlier_work(
+    tmp_path: Path, agent: AgentProc, lane: bool
+) -> None:
+    """A SIGNAL of a batch the backend refuses still waits for the work
+    submitted before it (GUEST_ABI.md): the fence page must not say 'done'
+    for a stream whose earlier batch is still running."""
+    async with rig(tmp_path, lane=lane) as r:
+        assert (await r.bind(agent))["ok"]
+        ctx = await r.gpu.open()
+        await alloc(ctx, 64)
+        if lane:
+            await lent(r, ctx)
+        held = await hold(ctx, 7, rec(Opcode.NOP, stream=1))
+        other = await r.gpu.open("other")
+        foreign = await other.create_bo(4096)
+        bad = encode_batch(
+            [
+                rec(Opcode.NOP, stream=1),
+                rec(Opcode.SIGNAL, held + 1, foreign.resource_id, 0, 64, stream=1),
+            ]
+        )
+        req = hdr(wire.Cmd.SUBMIT_3D, ctx_id=ctx.ctx_id) + struct.pack("<II", len(bad), 0)
+        rejected = ctx.fence_header()[3]
+        await r.gpu.call(req + bad, expect=wire.Resp.ERR_INVALID_PARAMETER)
+        assert ctx.fence_header()[3:5] == (rejected + 1, ErrorCode.INVALID_HANDLE)  # at once
+        await asyncio.sleep(0.2)
+        assert ctx.fence_slot(1)[0] < held, "a refused batch's SIGNAL overtook running work"
+        assert (await ctx.run([rec(Opcode.EVENT_RECORD, 7, stream=2)], stream=2)).ok
+        assert (await ctx.wait(1, held, timeout=5)).ok
+        deadline = time.monotonic() + 5
+        while ctx.fence_slot(1)[0] < held + 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        assert ctx.fence_slot(1)[:3] == (held + 1, held + 1, ErrorCode.INVALID_HANDLE)

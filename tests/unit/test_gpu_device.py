@@ -289,8 +289,10 @@ class _HeldSession:
 
 async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
     """A guest cannot make the backend hold unbounded work: past the byte
-    budget of batches in flight on the vGPU, a submission ends at once with
-    QUOTA_EXCEEDED on its fence slot; completions free the budget again."""
+    budget of batches in flight on the vGPU, a submission is refused with
+    QUOTA_EXCEEDED on its fence slot (published once the work before it has
+    finished: a SIGNAL never overtakes earlier work); completions free the
+    budget again."""
     from vpcie.gpu.binding import AgentTarget, Binding
     from vpcie.gpu.device import MAX_CTX_INFLIGHT, MAX_INFLIGHT_BATCH_BYTES
 
@@ -313,18 +315,21 @@ async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
         seqs.append(await ctx.start(big, stream=1))
         await asyncio.sleep(0)  # the forwarder task opens the session, then sends
     assert dev.inflight_bytes <= MAX_INFLIGHT_BATCH_BYTES
+    assert ctx.fence_slot(1)[0] < seqs[0]  # the refusal waits for the work before it
+    # The agent finishes everything it holds: the budget is free again, and
+    # the refused batch's SIGNAL says why.
+    held.complete_all()
+    assert dev.inflight_bytes == 0
     done, err_seq, err, _ = ctx.fence_slot(1)
     assert err == ErrorCode.QUOTA_EXCEEDED and err_seq == seqs[-1] and done == seqs[-1]
     assert "MiB of batches in flight" in (await ctx.wait(1, seqs[-1], timeout=1)).message
-    # The agent finishes everything it holds: the budget is free again.
-    held.complete_all()
-    assert dev.inflight_bytes == 0
     ok = await ctx.start(big, stream=1)
     await asyncio.sleep(0)
     assert ctx.fence_slot(1)[0] < ok  # held again, not refused
     # The count of batches in flight per context is bounded too.
     for _ in range(MAX_CTX_INFLIGHT):
         last = await ctx.start([rec(Opcode.NOP, stream=2)], stream=2)
+    held.complete_all()
     reply = await ctx.wait(2, last, timeout=1)
     assert reply.status == ErrorCode.QUOTA_EXCEEDED and "1024 batches" in reply.message
 
@@ -368,11 +373,12 @@ async def test_native_check_and_python_path_agree(mem: GuestMemory, native: bool
     # Another context's buffer as a SIGNAL reply: refused by the Python path.
     with pytest.raises(CommandFailed):
         await ctx.start([rec(Opcode.SIGNAL, 99, foreign.resource_id, 0, 64, stream=3)], stream=3)
-    _done, err_seq, code, failed = ctx.fence_slot(3)
-    assert (err_seq, code, failed) == (1, ErrorCode.INVALID_HANDLE, 0)
+    assert ctx.fence_slot(3)[0] == 0  # published after the batches before it
     more = await ctx.start([rec(Opcode.NOP, stream=2)], stream=2)
     sent = [data for data, _ in session.sent]
     session.complete_all()
+    _done, err_seq, code, failed = ctx.fence_slot(3)
+    assert (err_seq, code, failed) == (1, ErrorCode.INVALID_HANDLE, 0)
     replies = [await ctx.wait(2, s, timeout=1) for s in (*seqs, more)]
     assert [r.status for r in replies] == [ErrorCode.OK] * 4
     assert len(sent) == 4
@@ -380,3 +386,37 @@ async def test_native_check_and_python_path_agree(mem: GuestMemory, native: bool
     assert dev.stats["submits_native"] == (3 if native else 0)
     expected = [encode_batch([r for r in b if r.opcode != Opcode.SIGNAL]) for b in batches[:2]]
     assert sent[:2] == expected
+
+
+async def test_refusals_waiting_for_earlier_work_are_bounded(mem: GuestMemory) -> None:
+    """Refused batches wait for the work before them to publish their
+    SIGNALs, but a guest that keeps one batch held and floods refusals
+    cannot grow that list: past MAX_DEFERRED they publish at once."""
+    from vpcie.gpu.binding import AgentTarget, Binding
+    from vpcie.gpu.device import MAX_DEFERRED
+
+    held = _HeldSession()
+
+    async def factory(target: AgentTarget, name: str) -> _HeldSession:
+        return held
+
+    binding = Binding(factory)  # type: ignore[arg-type]
+    dev = GpuDevice(binding, memory=lambda: mem)
+    heap = GuestAllocator(mem, 0x1000, MEM - 0x1000)
+    gpu = GuestGpu(DirectTransport(dev), mem, heap.alloc)
+    binding.bind(AgentTarget("127.0.0.1", 9, psk=b"k" * 16))
+    ctx = await gpu.open()
+    await ctx.setup_fences()
+    await ctx.start([rec(Opcode.NOP, stream=1)], stream=1)
+    await asyncio.sleep(0)  # the forwarder opens the session and sends it: held
+    await asyncio.sleep(0)
+    for seq in range(1, MAX_DEFERRED + 4):  # SIGNAL replies into an unknown resource
+        bad = encode_batch([rec(Opcode.SIGNAL, seq, 424242, 0, 64, stream=2)])
+        with pytest.raises(CommandFailed):
+            await ctx.submit(bad)
+    state = dev.contexts[ctx.ctx_id]
+    assert len(state.deferred) == MAX_DEFERRED
+    assert ctx.fence_slot(2)[0] == MAX_DEFERRED + 3  # the overflow published at once
+    assert ctx.fence_header()[3] == MAX_DEFERRED + 3  # every refusal counted at once
+    held.complete_all()
+    assert not state.deferred

@@ -66,6 +66,11 @@ CONTROL_QUEUE, CURSOR_QUEUE = 0, 1
 MAX_REQUEST_BYTES = wire.SUBMIT_3D.sizeof() + MAX_BATCH_BYTES
 MAX_CONTEXTS = 1024
 MAX_CTX_INFLIGHT = 1024  # forwarded batches per context not yet completed
+# Outcomes of batches ended here (refused, over a cap) that wait for earlier
+# work of their context before their SIGNALs publish; past this many a
+# context's next ones publish at once (a guest that keeps this many failed
+# batches outstanding gets no ordering for them, the backend no growth).
+MAX_DEFERRED = 1024
 # Guest batch bytes this vGPU holds for work not yet completed (queued behind
 # the agent's window, or on the wire): a guest resubmitting 1 MiB batches must
 # not grow the backend's memory without bound.
@@ -110,6 +115,17 @@ class Context:
     inflight: list[Pending] = field(default_factory=list)
     window_open: asyncio.Event = field(default_factory=asyncio.Event)
     forwarding: bool = False  # the forwarder holds a batch (waiting for session/window)
+    deferred: list[Deferred] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Deferred:
+    """The SIGNALs of a batch ended here, published once the batches that
+    were in flight when it ended have finished (a SIGNAL never overtakes
+    earlier work, GUEST_ABI.md)."""
+
+    publish: Callable[[], None]
+    waiting: set[Pending]
 
 
 class GpuDevice(Device):
@@ -462,20 +478,39 @@ class GpuDevice(Device):
     def _reject(
         self, ctx: Context, code: ErrorCode, records: list[Any], message: str, index: int = -1
     ) -> None:
-        """A batch refused before anything ran: count it and end its SIGNALs."""
+        """A batch refused before anything ran: count it now, end its SIGNALs
+        after the work submitted before it."""
         self.stats["rejected"] += 1
         log.info("context %d: batch rejected: %s: %s", ctx.ctx_id, code.name, message)
         if ctx.fence is None:
             return
         with self.lanes.locked(ctx):
             ctx.fence.reject(int(code))
-            for r in records:
-                if (
-                    r.opcode == Opcode.SIGNAL
-                    and isinstance(r.body, tuple)
-                    and r.stream < MAX_STREAMS
-                ):
-                    ctx.fence.complete(r.stream, r.body[0], int(code), max(index, 0))
+        signals = [
+            (r.stream, r.body[0])
+            for r in records
+            if r.opcode == Opcode.SIGNAL and isinstance(r.body, tuple) and r.stream < MAX_STREAMS
+        ]
+        if not signals:
+            return
+
+        def publish() -> None:
+            fence = ctx.fence
+            if fence is not None:
+                with self.lanes.locked(ctx):
+                    for stream, seq in signals:
+                        fence.complete(stream, seq, int(code), max(index, 0))
+
+        self._after_earlier(ctx, publish)
+
+    def _after_earlier(self, ctx: Context, publish: Callable[[], None]) -> None:
+        """Run ``publish`` once every batch of ``ctx`` now in flight has
+        finished (at once when none is)."""
+        self.lanes.take_back(ctx)  # the lane's batches become ctx.inflight
+        if not ctx.inflight or len(ctx.deferred) >= MAX_DEFERRED:
+            publish()
+            return
+        ctx.deferred.append(Deferred(publish, set(ctx.inflight)))
 
     def _dispatch(self, ctx: Context, prepared: Prepared) -> None:
         # A lent session comes back before Python sends on it, with the lane's
@@ -513,7 +548,15 @@ class GpuDevice(Device):
         elif self.inflight_bytes + nbytes > MAX_INFLIGHT_BATCH_BYTES:
             over = f"more than {MAX_INFLIGHT_BATCH_BYTES >> 20} MiB of batches in flight"
         if over:
-            self._finish(Pending(prepared, ctx), ErrorCode.QUOTA_EXCEEDED, 0, over, {}, b"")
+            refused = Pending(prepared, ctx)
+            if self.host is not None:  # its reply views stay mapped until it publishes
+                refused.mem = self.host.memory.acquire()
+            self._after_earlier(
+                ctx,
+                functools.partial(
+                    self._finish, refused, ErrorCode.QUOTA_EXCEEDED, 0, over, {}, b""
+                ),
+            )
             return
         pending = Pending(prepared, ctx, nbytes=nbytes)
         self.inflight_bytes += nbytes
@@ -674,6 +717,20 @@ class GpuDevice(Device):
                 if ctx.fence is not None:
                     failed = orig_failed if orig_failed != NO_INDEX else 0
                     ctx.fence.complete(sig.stream, sig.seq, sig_code, failed)
+        if ctx.deferred:
+            self._release_deferred(ctx, pending)
+
+    def _release_deferred(self, ctx: Context, done: Pending) -> None:
+        """``done`` has finished: publish, in order, what waited only for it."""
+        ready = []
+        for d in ctx.deferred:
+            d.waiting.discard(done)
+            if not d.waiting:
+                ready.append(d)
+        if ready:
+            ctx.deferred = [d for d in ctx.deferred if d.waiting]
+            for d in ready:
+                d.publish()
 
     def _fail_inflight(self, ctx: Context, code: ErrorCode, message: str) -> None:
         for pending in list(ctx.inflight):
