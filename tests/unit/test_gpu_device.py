@@ -13,7 +13,7 @@ from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.capset import CAPSET_SIZE, VGPU_CAPSET_ID, decode_capset
 from vpcie.gpu.device import GpuDevice
-from vpcie.gpu.guest_driver import CommandFailed, DirectTransport, GuestGpu, hdr
+from vpcie.gpu.guest_driver import CommandFailed, DirectTransport, GuestContext, GuestGpu, hdr
 from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import encode_batch, rec
 from vpcie.protocol.codes import NO_INDEX, ExecutorKind, Opcode
@@ -287,14 +287,12 @@ class _HeldSession:
             )
 
 
-async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
-    """A guest cannot make the backend hold unbounded work: past the byte
-    budget of batches in flight on the vGPU, a submission is refused with
-    QUOTA_EXCEEDED on its fence slot (published once the work before it has
-    finished: a SIGNAL never overtakes earlier work); completions free the
-    budget again."""
+async def held_device(
+    mem: GuestMemory, *, native: bool = True
+) -> tuple[GpuDevice, _HeldSession, GuestGpu, GuestContext]:
+    """A bound GpuDevice whose agent session (a _HeldSession) holds every
+    batch until the test completes it, and a guest context with its fence page."""
     from vpcie.gpu.binding import AgentTarget, Binding
-    from vpcie.gpu.device import MAX_CTX_INFLIGHT, MAX_INFLIGHT_BATCH_BYTES
 
     held = _HeldSession()
 
@@ -303,11 +301,25 @@ async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
 
     binding = Binding(factory)  # type: ignore[arg-type]
     dev = GpuDevice(binding, memory=lambda: mem)
+    if not native:
+        dev._checker = None
     heap = GuestAllocator(mem, 0x1000, MEM - 0x1000)
     gpu = GuestGpu(DirectTransport(dev), mem, heap.alloc)
     binding.bind(AgentTarget("127.0.0.1", 9, psk=b"k" * 16))
     ctx = await gpu.open()
     await ctx.setup_fences()
+    return dev, held, gpu, ctx
+
+
+async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
+    """A guest cannot make the backend hold unbounded work: past the byte
+    budget of batches in flight on the vGPU, a submission is refused with
+    QUOTA_EXCEEDED on its fence slot (published once the work before it has
+    finished: a SIGNAL never overtakes earlier work); completions free the
+    budget again."""
+    from vpcie.gpu.device import MAX_CTX_INFLIGHT, MAX_INFLIGHT_BATCH_BYTES
+
+    dev, held, _gpu, ctx = await held_device(mem)
     code = bytes(200_000)  # a 200 KB MODULE_LOAD: real payload the backend must keep
     big = [rec(Opcode.MODULE_LOAD, 1, "m", code, stream=1)]
     seqs = []
@@ -340,24 +352,10 @@ async def test_native_check_and_python_path_agree(mem: GuestMemory, native: bool
     Python decode: the same bytes reach the agent, the same replies and fence
     slots come back, and refusals are the Python path's."""
     from vpcie._native.batchcheck import batch_checker
-    from vpcie.gpu.binding import AgentTarget, Binding
 
     if native and batch_checker() is None:
         pytest.skip("native module not built: python -m vpcie._native._build")
-    session = _HeldSession()
-
-    async def factory(target: AgentTarget, name: str) -> _HeldSession:
-        return session
-
-    binding = Binding(factory)  # type: ignore[arg-type]
-    dev = GpuDevice(binding, memory=lambda: mem)
-    if not native:
-        dev._checker = None
-    heap = GuestAllocator(mem, 0x1000, MEM - 0x1000)
-    gpu = GuestGpu(DirectTransport(dev), mem, heap.alloc)
-    binding.bind(AgentTarget("127.0.0.1", 9, psk=b"k" * 16))
-    ctx = await gpu.open()
-    await ctx.setup_fences()
+    dev, session, gpu, ctx = await held_device(mem, native=native)
     buf = await ctx.create_bo(8192)
     other = await gpu.open("other")
     foreign = await other.create_bo(4096)
@@ -392,21 +390,9 @@ async def test_refusals_waiting_for_earlier_work_are_bounded(mem: GuestMemory) -
     """Refused batches wait for the work before them to publish their
     SIGNALs, but a guest that keeps one batch held and floods refusals
     cannot grow that list: past MAX_DEFERRED they publish at once."""
-    from vpcie.gpu.binding import AgentTarget, Binding
     from vpcie.gpu.device import MAX_DEFERRED
 
-    held = _HeldSession()
-
-    async def factory(target: AgentTarget, name: str) -> _HeldSession:
-        return held
-
-    binding = Binding(factory)  # type: ignore[arg-type]
-    dev = GpuDevice(binding, memory=lambda: mem)
-    heap = GuestAllocator(mem, 0x1000, MEM - 0x1000)
-    gpu = GuestGpu(DirectTransport(dev), mem, heap.alloc)
-    binding.bind(AgentTarget("127.0.0.1", 9, psk=b"k" * 16))
-    ctx = await gpu.open()
-    await ctx.setup_fences()
+    dev, held, _gpu, ctx = await held_device(mem)
     await ctx.start([rec(Opcode.NOP, stream=1)], stream=1)
     await asyncio.sleep(0)  # the forwarder opens the session and sends it: held
     await asyncio.sleep(0)
