@@ -405,3 +405,41 @@ def test_runs_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert len(runner.run(scenario())) == 4
+
+
+async def test_a_lent_socket_comes_back_with_its_commands(agent: tuple[FakeAgent, int]) -> None:
+    """lend() / take_back(), as the vGPU lane uses them: while lent the client
+    neither sends nor reads; the borrower's command still in flight is adopted
+    and its COMPLETION, half read by the borrower, finishes it; the next
+    command goes on with the following seq."""
+    _fake, port = agent
+    c = await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t")
+    try:
+        assert (await c.nop()).ok and c.lendable()
+        fd, session, seq = c.lend()
+        assert not c.lendable()
+        with pytest.raises(RuntimeError, match="lent"):
+            c.send_nop()
+        frame = encode_frame(
+            FrameType.COMMAND, encode_batch([cmds.nop()]), session=session, seq=seq + 1
+        )
+        os.write(fd, frame)
+        got = b""
+        deadline = time.monotonic() + 5
+        while len(got) < 10:  # the first bytes of the COMPLETION: the borrower's
+            assert time.monotonic() < deadline
+            try:
+                got += os.read(fd, 10 - len(got))
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        done: list[Completion] = []
+        c.take_back(seq + 1, [(seq + 1, done.append)], got)
+        while not done:  # the rest arrives through the client's own reader
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        assert done[0].ok
+        assert (await c.nop()).ok and c.inflight == 0
+        with pytest.raises(RuntimeError, match="not lent"):
+            c.take_back(seq + 2)
+    finally:
+        await c.close()

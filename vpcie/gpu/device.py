@@ -160,7 +160,7 @@ class GpuDevice(Device):
         self._servers: dict[int, Callable[[bytes, int], bytes]] = {}
         self._checker = batch_checker()
         # Copy-free batches of lent sessions are served by a C thread (lanes.py).
-        self.lanes = Lanes(self, enabled=lane)
+        self.lanes = Lanes(self, MAX_REQUEST_BYTES, enabled=lane)
 
     # -- Device interface ---------------------------------------------------------
     def features(self) -> int:
@@ -786,10 +786,6 @@ class GpuDevice(Device):
             if rid in self.resources:
                 self.resources.get(rid).contexts.discard(ctx.ctx_id)
         self.contexts.pop(ctx.ctx_id, None)
-
-    def background(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` on the loop, keeping a reference until it ends."""
-        self._background(coro)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         try:

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTROL_QUEUE = 0
-_COMPLETION, _ERROR = int(FrameType.COMPLETION), int(FrameType.ERROR)
+_ERROR = int(FrameType.ERROR)
 
 
 @dataclass(eq=False)
@@ -65,8 +65,9 @@ class Lease:
 class Lanes:
     """The lane of one GpuDevice and the contexts lent to it."""
 
-    def __init__(self, device: GpuDevice, *, enabled: bool = True) -> None:
+    def __init__(self, device: GpuDevice, max_request: int, *, enabled: bool = True) -> None:
         self.device = device
+        self.max_request = max_request  # the device's cap on a control request
         self.enabled = enabled and native_available()
         self.lane: NativeLane | None = None
         self.leases: dict[int, Lease] = {}
@@ -197,10 +198,8 @@ class Lanes:
     # -- the ring ------------------------------------------------------------------
     def _start(self, vq: Any) -> NativeLane | None:
         if self.lane is None:
-            from vpcie.gpu.device import MAX_REQUEST_BYTES
-
             try:
-                self.lane = NativeLane(vq._walker.max_segments, MAX_REQUEST_BYTES)
+                self.lane = NativeLane(vq._walker.max_segments, self.max_request)
             except (OSError, RuntimeError) as exc:
                 log.warning("lane unavailable, every batch takes the Python path: %s", exc)
                 self.enabled = False
@@ -313,7 +312,7 @@ class Lanes:
             return
         repop = True
         try:
-            vq.serve(self.device.serve_control, 1, _max_request())
+            vq.serve(self.device.serve_control, 1, self.max_request)
         except GuestError as exc:  # avail.idx too far ahead: wait for the next kick
             log.warning("queue %d: guest error: %s", CONTROL_QUEUE, exc)
             repop = False
@@ -398,9 +397,3 @@ class Lanes:
         if self.lane is None:
             return {}
         return {f"lane_{k}": v for k, v in self.lane.stats().items()}
-
-
-def _max_request() -> int:
-    from vpcie.gpu.device import MAX_REQUEST_BYTES
-
-    return int(MAX_REQUEST_BYTES)

@@ -53,9 +53,6 @@ class Prepared:
     # ``forward`` stays empty and ``fwd_index`` says how many records it holds.
     wire: bytes | None = None
 
-    def original_index(self, fwd: int) -> int:
-        return self.fwd_index[fwd] if 0 <= fwd < len(self.fwd_index) else fwd
-
     def encoded(self) -> bytes:
         """The batch to send: ``forward`` encoded (ProtocolError if over the caps)."""
         if self.wire is not None:
