@@ -183,15 +183,12 @@ class GpuDevice(Device):
         serve = self._servers.get(queue_index)
         if serve is None:
             serve = self._servers[queue_index] = (
-                self._serve_control if queue_index == CONTROL_QUEUE else self._serve_cursor
+                self.serve_control if queue_index == CONTROL_QUEUE else self._serve_cursor
             )
         vq.serve(serve, MAX_CHAINS_PER_KICK, MAX_REQUEST_BYTES)
 
     def serve_control(self, request: bytes, read_len: int) -> bytes:
         """A control-queue request (a chain's readable bytes) -> its response."""
-        return self._serve_control(request, read_len)
-
-    def _serve_control(self, request: bytes, read_len: int) -> bytes:
         if read_len > MAX_REQUEST_BYTES or read_len < wire.HDR_SIZE:
             # Too long: ``request`` is its leading bytes; too short: nothing to echo.
             head = request[: wire.HDR_SIZE] if read_len >= wire.HDR_SIZE else b""
@@ -200,7 +197,7 @@ class GpuDevice(Device):
 
     def _serve_cursor(self, request: bytes, read_len: int) -> bytes:
         # The cursor queue has no response buffers (virtio 1.2 §5.7.6.10).
-        self._serve_control(request, read_len)
+        self.serve_control(request, read_len)
         return b""
 
     def on_set_socket(self, fd: int) -> None:

@@ -31,8 +31,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +51,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_QUEUE = 0
 _ERROR = int(FrameType.ERROR)
+_UNLOCKED = nullcontext()  # reusable: enters and exits with no state
 
 
 @dataclass(eq=False)
@@ -188,12 +188,13 @@ class Lanes:
             self._set_memory(None)
         return True
 
-    @contextmanager
-    def locked(self, ctx: Context) -> Iterator[None]:
-        """Python's fence-page writes for a lent context: under the lane lock."""
+    def locked(self, ctx: Context) -> AbstractContextManager[None]:
+        """Python's fence-page writes for a lent context: under the lane lock
+        (nothing to take for any other: no generator on the Python path)."""
         lane = self.lane
-        with lane.locked() if lane is not None and ctx.ctx_id in self.leases else nullcontext():
-            yield
+        if lane is not None and ctx.ctx_id in self.leases:
+            return lane.locked()
+        return _UNLOCKED
 
     # -- the ring ------------------------------------------------------------------
     def _start(self, vq: Any) -> NativeLane | None:
