@@ -107,6 +107,12 @@ def held(after_code: ErrorCode) -> int:
     with Device() as dev:
         dev.run([rec(Opcode.MEM_ALLOC, 64, 0)]).check()  # opens the agent session
         seq = dev.start([rec(Opcode.EVENT_WAIT, 7, stream=1), rec(Opcode.NOP, stream=1)], stream=1)
+        # The ioctl returns once the chain is on the ring, not once the device
+        # has read it. A round trip on stream 0 (served after the held batch,
+        # in ring order, over the same session) proves the held batch is on
+        # the agent before the host is told to act; without it an unbind can
+        # reach the backend first, and the batch is then rightly NO_DEVICE.
+        dev.run([rec(Opcode.NOP)]).check()
         t0 = time.monotonic()
         say("held")
         reply = dev.wait(1, seq, timeout=30)
