@@ -160,6 +160,40 @@ def test_eof_and_silence_lose_the_session(lent: tuple[NativeLane, socket.socket]
         peer.close()
 
 
+def test_an_agent_that_takes_no_bytes_loses_the_session() -> None:
+    """The agent keeps sending PINGs (so it is not silent) but reads nothing:
+    the lane's PONGs fill the socket, and once the kernel has taken no byte of
+    a frame for 1 s the session is lost; it is not waited on for ever."""
+    ours, agent = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    agent.setblocking(False)
+    lane = NativeLane(64, 1 << 16)
+    try:
+        assert lane.add(1, ours.fileno(), SESSION, 0, 8, 0)
+        ping = encode_frame(FrameType.PING, struct.pack("<Q", 5), session=SESSION, seq=3)
+        pending, sent, ev = b"", 0, None
+        deadline = time.monotonic() + 10
+        while ev is None and time.monotonic() < deadline:
+            if not pending:
+                pending = ping
+            try:
+                n = agent.send(pending)  # whole frames only: the stream stays well-formed
+                pending, sent = pending[n:], sent + n
+            except BlockingIOError:  # the lane stopped reading: it is stuck sending
+                time.sleep(0.01)
+            ev = lane.next_event()
+        assert ev is not None and ev.kind == LOST, "the lane never gave up"
+        assert ev.data == b"the agent took no bytes for 1 s (send buffer full)"
+        assert sent > len(ping)  # it answered for a while, then filled up
+        back = lane.release(1)
+        assert back is not None and back.lost == ev.data.decode()
+    finally:
+        lane.close()
+        ours.close()
+        agent.close()
+
+
 def test_frames_left_to_python(lent: tuple[NativeLane, socket.socket]) -> None:
     """An ERROR and a malformed PING are Python's to judge (TunnelClient's
     rules); a frame split across reads is parsed once it is whole."""

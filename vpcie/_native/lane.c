@@ -87,7 +87,7 @@ static const uint8_t vl_ok_payload[] = {0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0
 
 #define VL_TICK_NS 250000000LL  /* client.PING_INTERVAL */
 #define VL_DEAD_NS 1000000000LL /* client.DEAD_AFTER */
-#define VL_SEND_WAIT_MS 1000    /* a frame the kernel will not take in 1 s: lost */
+#define VL_SEND_WAIT_MS 1000    /* no byte of a frame taken for 1 s: lost */
 
 enum { VL_FREE = 0, VL_LANE = 1, VL_KILLED = 2 };
 enum { VL_EV_TURN = 1, VL_EV_FRAME = 2, VL_EV_LOST = 3 };
@@ -255,21 +255,26 @@ static void vl_lost(struct vl_lane *L, struct vl_ctx *c, const char *why)
 }
 
 /* The whole frame, or lost. The socket is non-blocking (asyncio's); a full
- * send buffer is waited out for at most VL_SEND_WAIT_MS. */
+ * send buffer is waited out while the agent keeps taking bytes: lost only
+ * after VL_SEND_WAIT_MS with no progress (a slow link is not a dead agent). */
 static int vl_send_all(struct vl_lane *L, struct vl_ctx *c, const uint8_t *buf, uint32_t len)
 {
     uint32_t done = 0;
-    int64_t deadline = vl_now() + (int64_t)VL_SEND_WAIT_MS * 1000000LL;
+    int64_t deadline = 0; /* set when the kernel first refuses; cleared by progress */
     while (done < len) {
         ssize_t k = send(c->fd, buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (k > 0) {
             done += (uint32_t)k;
+            deadline = 0;
             continue;
         }
         if (k < 0 && errno == EINTR)
             continue;
         if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            int64_t left = deadline - vl_now();
+            int64_t now = vl_now();
+            if (!deadline)
+                deadline = now + (int64_t)VL_SEND_WAIT_MS * 1000000LL;
+            int64_t left = deadline - now;
             struct pollfd p = {.fd = c->fd, .events = POLLOUT};
             if (left > 0 && poll(&p, 1, (int)(left / 1000000LL) + 1) >= 0)
                 continue;
