@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import socket
 import struct
 import time
 from pathlib import Path
@@ -199,6 +200,45 @@ async def test_lane_agent_silent(tmp_path: Path, agent: AgentProc) -> None:
             assert time.monotonic() - t0 < 2.0
         finally:
             os.killpg(agent.proc.pid, signal.SIGCONT)
+
+
+async def test_lane_backlog_comes_back_with_the_session(tmp_path: Path, agent: AgentProc) -> None:
+    """The agent stops reading for a moment (SIGSTOP, well under the 1 s of
+    silence) while the lane sends 48 KiB batches on a socket with a small send
+    buffer: the kernel takes part of a frame and the rest waits in the lane's
+    backlog; the lane does not wait on it. The context's next batch goes to
+    Python, which takes the session back with the backlog and writes it
+    first. Once the agent runs again every batch completes, in order."""
+    async with rig(tmp_path) as r:
+        ctx = await lent_context(r, agent)
+        (h,) = await alloc(ctx, 64)
+        await lent(r, ctx)
+        lease = r.device.lanes.leases[ctx.ctx_id]
+        sock = lease.session._transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        before = lane_stats(r)["lane_backlogged"]
+        seqs = []
+        os.killpg(agent.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            for i in range(1, 41):
+                big = [rec(Opcode.NOP)] * 3000 + [rec(Opcode.MEMSET, h, i, 0, 64)]
+                seqs.append(await ctx.start(big))
+                if lane_stats(r)["lane_backlogged"] > before:
+                    break
+            assert lane_stats(r)["lane_backlogged"] > before, "the socket never filled"
+            assert r.device.lanes.leased(r.device.contexts[ctx.ctx_id])
+            seqs.append(await ctx.start([rec(Opcode.MEMSET, h, 0xEE, 0, 64)]))
+            assert not r.device.lanes.leased(r.device.contexts[ctx.ctx_id])  # taken back
+            assert time.monotonic() - t0 < 0.8, "too slow to stay under the silence limit"
+        finally:
+            os.killpg(agent.proc.pid, signal.SIGCONT)
+        for seq in seqs:
+            assert (await ctx.wait(0, seq, timeout=10)).status == ErrorCode.OK
+        dst = await ctx.create_bo(64)
+        assert (await ctx.run([rec(Opcode.COPY_D2H, h, dst.resource_id, 0, 0, 64)])).ok
+        assert dst.read() == b"\xee" * 64  # the last batch ran last
+        assert r.device.status()["binding"] == "bound"
 
 
 async def test_lane_context_destroyed_in_flight(tmp_path: Path, agent: AgentProc) -> None:

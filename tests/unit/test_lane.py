@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from vpcie._native import native, native_available
-from vpcie._native.lane import FRAME, LOST, TURN, NativeLane
+from vpcie._native.lane import FRAME, LOST, TURN, LaneEvent, NativeLane
 from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.fencepage import HEADER_ST, SLOT_ST
@@ -160,38 +160,121 @@ def test_eof_and_silence_lose_the_session(lent: tuple[NativeLane, socket.socket]
         peer.close()
 
 
-def test_an_agent_that_takes_no_bytes_loses_the_session() -> None:
-    """The agent keeps sending PINGs (so it is not silent) but reads nothing:
-    the lane's PONGs fill the socket, and once the kernel has taken no byte of
-    a frame for 1 s the session is lost; it is not waited on for ever."""
+@pytest.fixture
+def stuck() -> Iterator[tuple[NativeLane, socket.socket]]:
+    """Context 1 lent on a socket with a small send buffer, and its agent
+    end non-blocking: ``fill`` makes the lane's answers back up."""
     ours, agent = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     ours.setblocking(False)
     agent.setblocking(False)
     lane = NativeLane(64, 1 << 16)
+    assert lane.add(1, ours.fileno(), SESSION, 0, 8, 0)
     try:
-        assert lane.add(1, ours.fileno(), SESSION, 0, 8, 0)
-        ping = encode_frame(FrameType.PING, struct.pack("<Q", 5), session=SESSION, seq=3)
-        pending, sent, ev = b"", 0, None
-        deadline = time.monotonic() + 10
-        while ev is None and time.monotonic() < deadline:
-            if not pending:
-                pending = ping
-            try:
-                n = agent.send(pending)  # whole frames only: the stream stays well-formed
-                pending, sent = pending[n:], sent + n
-            except BlockingIOError:  # the lane stopped reading: it is stuck sending
-                time.sleep(0.01)
-            ev = lane.next_event()
-        assert ev is not None and ev.kind == LOST, "the lane never gave up"
-        assert ev.data == b"the agent took no bytes for 1 s (send buffer full)"
-        assert sent > len(ping)  # it answered for a while, then filled up
-        back = lane.release(1)
-        assert back is not None and back.lost == ev.data.decode()
+        yield lane, agent
     finally:
+        lane.kill(1)
+        lane.release(1)
         lane.close()
         ours.close()
         agent.close()
+
+
+PING_3 = encode_frame(FrameType.PING, struct.pack("<Q", 5), session=SESSION, seq=3)
+
+
+def fill(
+    lane: NativeLane, agent: socket.socket, until: float, *, flood: bool = False
+) -> tuple[int, float, LaneEvent | None]:
+    """Send PINGs (whole frames only: the stream stays well-formed) and read
+    nothing, until the lane has a backlog (or with ``flood``, on), an event
+    comes, or ``until`` s pass. Returns (bytes sent, the longest a call into
+    the lane took, the event or None)."""
+    pending, sent, ev, slowest = b"", 0, None, 0.0
+    deadline = time.monotonic() + until
+    while ev is None and time.monotonic() < deadline:
+        if not pending:
+            if lane.stats()["backlogged"] and not flood:
+                break
+            pending = PING_3
+        try:
+            n = agent.send(pending)
+            pending, sent = pending[n:], sent + n
+        except BlockingIOError:  # the lane is not reading as fast as we send
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        ev = lane.next_event()
+        slowest = max(slowest, time.monotonic() - t0)
+    return sent, slowest, ev
+
+
+def test_a_stuck_agent_loses_the_session(stuck: tuple[NativeLane, socket.socket]) -> None:
+    """The agent stops reading (and sending) with the lane's answers backed
+    up. The lane never waits on the socket: every call into it stays quick
+    (its lock is not held across a send), and once the backlog has taken no
+    byte for 1 s the session is lost."""
+    lane, agent = stuck
+    sent, slowest, ev = fill(lane, agent, 5.0)
+    assert ev is None and sent > len(PING_3) and lane.stats()["backlogged"] > 0
+    t0 = time.monotonic()
+    while (ev := lane.next_event()) is None and time.monotonic() - t0 < 5:
+        t1 = time.monotonic()
+        lane.stats()
+        slowest = max(slowest, time.monotonic() - t1)
+        time.sleep(0.005)
+    assert ev is not None and ev.kind == LOST, "the lane never gave up"
+    assert ev.data == b"the agent took no bytes for 1 s (send buffer full)"
+    assert time.monotonic() - t0 < 2.0
+    assert slowest < 0.5  # a send waited on under the lock would take up to 1 s
+    back = lane.release(1)
+    assert back is not None and back.lost == ev.data.decode()
+
+
+def test_an_agent_that_sends_but_never_reads(stuck: tuple[NativeLane, socket.socket]) -> None:
+    """PINGs flood in and no PONG is read: the backlog stops at its cap
+    (one COMMAND and 64 KiB) and the session is lost, memory bounded."""
+    lane, agent = stuck
+    _sent, _slowest, ev = fill(lane, agent, 10.0, flood=True)
+    assert ev is not None and ev.kind == LOST
+    assert ev.data in (
+        b"the agent reads nothing of what it is sent (backlog over its cap)",
+        b"the agent took no bytes for 1 s (send buffer full)",  # a slow machine
+    )
+
+
+def test_take_back_hands_over_the_backlog(stuck: tuple[NativeLane, socket.socket]) -> None:
+    """Taken back while its answers are backed up: the socket's bytes plus
+    ``unsent`` are exactly the lane's frames, whole and in order."""
+    lane, agent = stuck
+    sent, _slowest, ev = fill(lane, agent, 0.8)
+    assert ev is None and lane.stats()["backlogged"] > 0
+    lane.kill(1)
+    back = lane.release(1)
+    assert back is not None and back.lost == "" and back.unsent
+    agent.setblocking(True)
+    agent.settimeout(0.2)
+    got = b""
+    while True:
+        try:
+            chunk = agent.recv(1 << 16)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    stream, pongs = got + back.unsent, 0
+    while stream:
+        magic, _v, ftype, _f, session, seq, length = struct.unpack_from("<IBBHIQI", stream)
+        assert magic == FRAME_MAGIC and session == SESSION and length == 8
+        assert ftype in (FrameType.PONG, FrameType.PING)
+        if ftype == FrameType.PONG:
+            assert seq == 3 and stream[HEADER_SIZE : HEADER_SIZE + 8] == struct.pack("<Q", 5)
+            pongs += 1
+        stream = stream[HEADER_SIZE + length :]
+    # Every PING the lane read was answered; the rest it had not read.
+    read_pings = (sent - len(back.leftover)) // len(PING_3)
+    assert 0 < pongs <= sent // len(PING_3)
+    assert pongs >= read_pings - 1
 
 
 def test_frames_left_to_python(lent: tuple[NativeLane, socket.socket]) -> None:

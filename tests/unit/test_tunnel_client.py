@@ -443,3 +443,30 @@ async def test_a_lent_socket_comes_back_with_its_commands(agent: tuple[FakeAgent
             c.take_back(seq + 2)
     finally:
         await c.close()
+
+
+async def test_a_lent_socket_comes_back_with_its_unsent_bytes(
+    agent: tuple[FakeAgent, int],
+) -> None:
+    """The borrower got only part of a COMMAND into the kernel: take_back's
+    ``unsent`` goes out first, so the agent sees the whole frame, answers it,
+    and the client's own next command follows it on the stream."""
+    _fake, port = agent
+    c = await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t")
+    try:
+        assert (await c.nop()).ok
+        fd, session, seq = c.lend()
+        frame = encode_frame(
+            FrameType.COMMAND, encode_batch([cmds.nop()]), session=session, seq=seq + 1
+        )
+        os.write(fd, frame[:7])  # mid-header: a frame the stream cannot do without
+        done: list[Completion] = []
+        c.take_back(seq + 1, [(seq + 1, done.append)], b"", frame[7:])
+        deadline = time.monotonic() + 5
+        while not done:
+            assert time.monotonic() < deadline, "the agent never saw the whole COMMAND"
+            await asyncio.sleep(0.001)
+        assert done[0].ok
+        assert (await c.nop()).ok and c.state is Runstate.READY and c.inflight == 0
+    finally:
+        await c.close()

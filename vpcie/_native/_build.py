@@ -150,10 +150,15 @@ struct vl_event {
     uint8_t *data;
     ...;
 };
-struct vl_handback { int32_t fd; uint32_t rx_len; uint64_t seq; char why[160]; };
+struct vl_handback {
+    int32_t fd; uint32_t rx_len; uint64_t seq;
+    uint8_t *tx; uint32_t tx_len; uint32_t pad;
+    char why[160];
+};
 struct vl_stats {
     uint64_t submits; uint64_t completed; uint64_t handed; uint64_t python_frames;
     uint64_t kicks; uint64_t notifies; uint64_t pings; uint64_t lost;
+    uint64_t backlogged;
 };
 int vl_reply_needed(struct vl_batch *b);
 struct vl_lane *vl_new(uint32_t max_segs, uint64_t max_bytes, uint32_t max_indirect,
@@ -179,6 +184,7 @@ int vl_kill(struct vl_lane *L, uint32_t ctx_id);
 struct vl_event *vl_take_frame(struct vl_lane *L, uint32_t ctx_id);
 struct vl_batch *vl_take_batch(struct vl_lane *L, uint32_t ctx_id);
 void vl_batch_free(struct vl_batch *b);
+void vl_tx_free(uint8_t *tx);
 void vl_publish(struct vl_lane *L, struct vl_batch *b, const uint8_t *reply, uint32_t len,
                 uint32_t code, uint32_t failed, uint64_t fence_gpa, uint32_t has_fence);
 int vl_release(struct vl_lane *L, uint32_t ctx_id, struct vl_handback *out, uint8_t *rx,

@@ -22,6 +22,10 @@
  *   PINGs are answered. A stream Python would call broken (bad header,
  *   unknown seq, DATA, EOF, reset, 1 s of silence) ends in a LOST event: the
  *   lane stops reading it and Python fails its batches with DEVICE_LOST.
+ * - It never waits on a socket: what the kernel will not take joins the
+ *   session's backlog (vl_send), flushed on EPOLLOUT; while there is one the
+ *   context's chains go to Python, which takes the session back, backlog
+ *   and all. A backlog that takes no byte for 1 s loses the session.
  * - Every 250 ms it pings each lent session (the agent drops a session after
  *   10 s without bytes; docs/PROTOCOL.md "Liveness").
  *
@@ -36,7 +40,6 @@
  * vpcie/gpu/fencepage.py; tests/unit/test_lane.py checks each against Python.
  */
 #include <errno.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,7 +90,9 @@ static const uint8_t vl_ok_payload[] = {0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0
 
 #define VL_TICK_NS 250000000LL  /* client.PING_INTERVAL */
 #define VL_DEAD_NS 1000000000LL /* client.DEAD_AFTER */
-#define VL_SEND_WAIT_MS 1000    /* no byte of a frame taken for 1 s: lost */
+/* A session's backlog (what the kernel would not take yet): one COMMAND
+ * and room for PINGs and PONGs. More: the agent sends but does not read. */
+#define VL_TX_CAP (VL_FRAME_HDR + VL_MAX_COMMAND + 65536u)
 
 enum { VL_FREE = 0, VL_LANE = 1, VL_KILLED = 2 };
 enum { VL_EV_TURN = 1, VL_EV_FRAME = 2, VL_EV_LOST = 3 };
@@ -121,11 +126,16 @@ struct vl_event {
     uint8_t *data;
 };
 
-struct vl_handback { int32_t fd; uint32_t rx_len; uint64_t seq; char why[160]; };
+struct vl_handback {
+    int32_t fd; uint32_t rx_len; uint64_t seq;
+    uint8_t *tx; uint32_t tx_len; uint32_t pad; /* the backlog, now the caller's (vl_tx_free) */
+    char why[160];
+};
 
 struct vl_stats {
     uint64_t submits; uint64_t completed; uint64_t handed; uint64_t python_frames;
     uint64_t kicks; uint64_t notifies; uint64_t pings; uint64_t lost;
+    uint64_t backlogged; /* frames the kernel would not take whole at once */
 };
 
 struct vl_ctx {
@@ -140,6 +150,8 @@ struct vl_ctx {
     struct vl_gseg *gsegs; uint32_t ngsegs;
     struct vl_batch *head, *tail;
     uint8_t *rx; uint32_t rx_len, rx_cap;
+    uint8_t *tx; uint32_t tx_len, tx_cap; /* backlog, flushed on EPOLLOUT */
+    int64_t tx_since;                     /* its last progress */
     int64_t last_life;
     char why[160]; /* why it was lost ("": it was not) */
 };
@@ -254,39 +266,90 @@ static void vl_lost(struct vl_lane *L, struct vl_ctx *c, const char *why)
     vl_post(L, VL_EV_LOST, c->ctx_id, why, (uint32_t)strlen(why));
 }
 
-/* The whole frame, or lost. The socket is non-blocking (asyncio's); a full
- * send buffer is waited out while the agent keeps taking bytes: lost only
- * after VL_SEND_WAIT_MS with no progress (a slow link is not a dead agent). */
-static int vl_send_all(struct vl_lane *L, struct vl_ctx *c, const uint8_t *buf, uint32_t len)
+static int vl_send_failed(struct vl_lane *L, struct vl_ctx *c, ssize_t k)
+{
+    char why[160];
+    snprintf(why, sizeof why, "connection to agent lost (%s)", k == 0 ? "EOF" : strerror(errno));
+    vl_lost(L, c, why);
+    return -1;
+}
+
+/* Bytes of buf the kernel takes now (it never waits), or -1: lost. */
+static int64_t vl_push(struct vl_lane *L, struct vl_ctx *c, const uint8_t *buf, uint32_t len)
 {
     uint32_t done = 0;
-    int64_t deadline = 0; /* set when the kernel first refuses; cleared by progress */
     while (done < len) {
         ssize_t k = send(c->fd, buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (k > 0) {
+        if (k > 0)
             done += (uint32_t)k;
-            deadline = 0;
+        else if (k < 0 && errno == EINTR)
             continue;
-        }
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            int64_t now = vl_now();
-            if (!deadline)
-                deadline = now + (int64_t)VL_SEND_WAIT_MS * 1000000LL;
-            int64_t left = deadline - now;
-            struct pollfd p = {.fd = c->fd, .events = POLLOUT};
-            if (left > 0 && poll(&p, 1, (int)(left / 1000000LL) + 1) >= 0)
-                continue;
-            vl_lost(L, c, "the agent took no bytes for 1 s (send buffer full)");
+        else if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        else
+            return vl_send_failed(L, c, k);
+    }
+    return done;
+}
+
+static void vl_watch_out(struct vl_lane *L, struct vl_ctx *c, int on)
+{
+    struct epoll_event ev = {.events = EPOLLIN | (on ? EPOLLOUT : 0)};
+    ev.data.u64 = VL_TAG_CTX + (uint64_t)(c - L->ctx);
+    if (c->watched)
+        epoll_ctl(L->ep, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+/* A whole frame onto the session, in order after its backlog. The socket is
+ * non-blocking (asyncio's) and the lane never waits on it: what the kernel
+ * will not take now joins the backlog, flushed on EPOLLOUT (vl_flush). A
+ * backlog that takes no byte for 1 s loses the session (vl_tick), as does one
+ * past VL_TX_CAP. 0, or -1: lost. */
+static int vl_send(struct vl_lane *L, struct vl_ctx *c, const uint8_t *buf, uint32_t len)
+{
+    uint32_t done = 0;
+    if (!c->tx_len) {
+        int64_t k = vl_push(L, c, buf, len);
+        if (k < 0)
             return -1;
-        }
-        char why[160];
-        snprintf(why, sizeof why, "connection to agent lost (%s)", k == 0 ? "EOF" : strerror(errno));
-        vl_lost(L, c, why);
+        done = (uint32_t)k;
+        if (done == len)
+            return 0;
+        c->tx_since = vl_now();
+    }
+    uint32_t rest = len - done;
+    if (rest > VL_TX_CAP - c->tx_len) {
+        vl_lost(L, c, "the agent reads nothing of what it is sent (backlog over its cap)");
         return -1;
     }
+    if (c->tx_len + rest > c->tx_cap) {
+        uint8_t *tx = realloc(c->tx, VL_TX_CAP);
+        if (!tx) {
+            vl_lost(L, c, "out of memory for the session's backlog");
+            return -1;
+        }
+        c->tx = tx;
+        c->tx_cap = VL_TX_CAP;
+    }
+    memcpy(c->tx + c->tx_len, buf + done, rest);
+    if (!c->tx_len)
+        vl_watch_out(L, c, 1);
+    c->tx_len += rest;
+    L->stats.backlogged++;
     return 0;
+}
+
+/* EPOLLOUT: as much of the backlog as the kernel takes. */
+static void vl_flush(struct vl_lane *L, struct vl_ctx *c)
+{
+    int64_t k = vl_push(L, c, c->tx, c->tx_len);
+    if (k <= 0)
+        return; /* lost, or nothing taken (a spurious wake-up) */
+    memmove(c->tx, c->tx + k, c->tx_len - (uint32_t)k);
+    c->tx_len -= (uint32_t)k;
+    c->tx_since = c->last_life = vl_now(); /* a draining send buffer is life */
+    if (!c->tx_len)
+        vl_watch_out(L, c, 0);
 }
 
 /* ---- publishing a batch's outcome (GpuDevice._finish's order) ---- */
@@ -402,7 +465,7 @@ static int vl_frame(struct vl_lane *L, struct vl_ctx *c, const uint8_t *f, uint3
             uint8_t pong[VL_FRAME_HDR + VL_PING_SIZE];
             vl_frame_header(pong, VL_T_PONG, c->session, seq, VL_PING_SIZE);
             memcpy(pong + VL_FRAME_HDR, payload, VL_PING_SIZE);
-            return vl_send_all(L, c, pong, sizeof pong) == 0;
+            return vl_send(L, c, pong, sizeof pong) == 0;
         }
         return 1;
     }
@@ -502,6 +565,10 @@ static void vl_tick(struct vl_lane *L)
         struct vl_ctx *c = &L->ctx[i];
         if (c->state != VL_LANE)
             continue;
+        if (c->tx_len && now - c->tx_since > VL_DEAD_NS) {
+            vl_lost(L, c, "the agent took no bytes for 1 s (send buffer full)");
+            continue;
+        }
         int64_t silent = now - c->last_life;
         if (silent > VL_DEAD_NS) {
             char why[96];
@@ -512,7 +579,7 @@ static void vl_tick(struct vl_lane *L)
         uint8_t ping[VL_FRAME_HDR + VL_PING_SIZE];
         vl_frame_header(ping, VL_T_PING, c->session, 0, VL_PING_SIZE);
         vl_put64(ping + VL_FRAME_HDR, (uint64_t)now);
-        if (vl_send_all(L, c, ping, sizeof ping) == 0)
+        if (vl_send(L, c, ping, sizeof ping) == 0)
             L->stats.pings++;
     }
 }
@@ -578,8 +645,9 @@ static int vl_take(struct vl_lane *L, uint32_t head)
     if (type != VL_CMD_SUBMIT_3D || size != read_len - VL_SUBMIT_HDR)
         return 0;
     struct vl_ctx *c = vl_find(L, ctx_id);
-    if (!c || c->state != VL_LANE || c->inflight >= c->window || c->inflight >= VL_MAX_CTX_INFLIGHT)
-        return 0;
+    if (!c || c->state != VL_LANE || c->inflight >= c->window ||
+        c->inflight >= VL_MAX_CTX_INFLIGHT || c->tx_len)
+        return 0; /* a backlog: Python takes the session (and the backlog) back */
     struct vb_out out;
     uint32_t max_fwd = c->max_batch && c->max_batch < VL_MAX_COMMAND ? c->max_batch : VL_MAX_COMMAND;
     if (!vb_check(req + VL_SUBMIT_HDR, size, max_fwd, L->fwd + VL_FRAME_HDR,
@@ -613,7 +681,7 @@ static int vl_take(struct vl_lane *L, uint32_t head)
     c->inflight++;
     L->stats.submits++;
     vl_frame_header(L->fwd, VL_T_COMMAND, c->session, b->seq, out.fwd_len);
-    vl_send_all(L, c, L->fwd, VL_FRAME_HDR + out.fwd_len); /* lost: Python fails it */
+    vl_send(L, c, L->fwd, VL_FRAME_HDR + out.fwd_len); /* lost: Python fails it */
     /* The answer GpuDevice.handle() gives: OK_NODATA, the fence echoed. */
     uint8_t resp[VL_GPU_HDR];
     memset(resp, 0, sizeof resp);
@@ -694,7 +762,9 @@ static void *vl_main(void *arg)
                     vl_tick(L);
             } else if (tag >= VL_TAG_CTX && tag < VL_TAG_CTX + VL_MAX_CTX) {
                 struct vl_ctx *c = &L->ctx[tag - VL_TAG_CTX];
-                if (c->watched && c->state == VL_LANE)
+                if (c->watched && c->state == VL_LANE && (evs[i].events & EPOLLOUT) && c->tx_len)
+                    vl_flush(L, c);
+                if (c->watched && c->state == VL_LANE && (evs[i].events & ~(uint32_t)EPOLLOUT))
                     vl_read(L, c);
             }
         }
@@ -796,6 +866,7 @@ void vl_free(struct vl_lane *L)
             b = next;
         }
         free(c->rx);
+        free(c->tx);
         free(c->res);
         free(c->gsegs);
     }
@@ -1048,6 +1119,7 @@ struct vl_batch *vl_take_batch(struct vl_lane *L, uint32_t ctx_id)
 }
 
 void vl_batch_free(struct vl_batch *b) { free(b); }
+void vl_tx_free(uint8_t *tx) { free(tx); }
 
 /* Publish the outcome Python decided for a completion the lane held back
  * (its reply bytes, ErrorCode, the failed record's index in the guest's
@@ -1075,6 +1147,10 @@ int vl_release(struct vl_lane *L, uint32_t ctx_id, struct vl_handback *out, uint
         out->fd = c->fd;
         out->seq = c->seq;
         out->rx_len = c->rx_len;
+        out->tx = c->tx;
+        out->tx_len = c->tx_len;
+        c->tx = NULL;
+        c->tx_len = c->tx_cap = 0;
         memcpy(out->why, c->why, sizeof out->why);
         memcpy(rx, c->rx, c->rx_len);
         free(c->res);

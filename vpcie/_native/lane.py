@@ -18,7 +18,10 @@ from vpcie._native import native
 from vpcie.virtqueue.layout import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES
 
 TURN, FRAME, LOST = 1, 2, 3
-_STATS = ("submits", "completed", "handed", "python_frames", "kicks", "notifies", "pings", "lost")
+_STATS = (
+    "submits", "completed", "handed", "python_frames", "kicks", "notifies", "pings", "lost",
+    "backlogged",
+)  # fmt: skip
 
 
 class LaneEvent(NamedTuple):
@@ -34,6 +37,7 @@ class Handback(NamedTuple):
     seq: int  # the last COMMAND seq the lane sent
     leftover: bytes  # bytes read past the last whole frame
     lost: str  # why the lane found the session broken ("": it did not)
+    unsent: bytes = b""  # the backlog: bytes of frames the kernel had not taken yet
 
 
 class BatchParts(NamedTuple):
@@ -186,7 +190,12 @@ class NativeLane:
             return None
         hb, ffi = self._hb, self._ffi
         why = ffi.string(hb.why).decode("utf-8", "replace")
-        return Handback(int(hb.fd), int(hb.seq), ffi.buffer(self._rx, hb.rx_len)[:], why)
+        unsent = b""
+        if hb.tx != ffi.NULL:
+            unsent = ffi.buffer(hb.tx, hb.tx_len)[:]
+            self._lib.vl_tx_free(hb.tx)
+        leftover = ffi.buffer(self._rx, hb.rx_len)[:]
+        return Handback(int(hb.fd), int(hb.seq), leftover, why, unsent)
 
     # -- events and figures ---------------------------------------------------------
     def next_event(self) -> LaneEvent | None:

@@ -81,7 +81,8 @@ def _human(cmd: str, r: dict[str, Any]) -> str:
     if "lane_submits" in r:
         lines.append(
             f"lane    : {r['lane_submits']} batches sent, {r['lane_completed']} completed in C, "
-            f"{r['lane_handed']} chains left to Python, {r['lane_lost']} sessions lost"
+            f"{r['lane_handed']} chains left to Python, {r['lane_lost']} sessions lost, "
+            f"{r.get('lane_backlogged', 0)} frames backed up (agent slow to read)"
         )
     ctxs = r.get("contexts") or []
     if ctxs:

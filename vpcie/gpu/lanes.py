@@ -178,9 +178,11 @@ class Lanes:
         if back.lost and not lost:
             lost, protocol = back.lost, back.lost.startswith("agent broke the protocol")
         session = lease.session
-        session.take_back(
-            back.seq, self.device.lane_adopt(ctx, adopted), b"" if lost else back.leftover
-        )
+        adopt = self.device.lane_adopt(ctx, adopted)
+        if lost:
+            session.take_back(back.seq, adopt)
+        else:
+            session.take_back(back.seq, adopt, back.leftover, back.unsent)
         if lost:
             session.fail(lost, protocol=protocol)
         if not self.leases:

@@ -452,11 +452,14 @@ class TunnelClient(asyncio.BufferedProtocol):
         seq: int,
         adopt: Sequence[tuple[int, Callable[[Completion], None]]] = (),
         leftover: bytes = b"",
+        unsent: bytes = b"",
     ) -> None:
         """The socket is ours again: ``seq`` the last COMMAND seq sent on it;
         ``adopt`` the commands sent meanwhile still in flight (seq, and the
         ``on_done`` their Completion goes to, as with send()); ``leftover``
-        the bytes read past the last whole frame."""
+        the bytes read past the last whole frame; ``unsent`` the tail of the
+        frames written meanwhile that the kernel had not taken yet (written
+        before anything of ours)."""
         if not self._lent:
             raise RuntimeError("session was not lent")
         self._lent = False
@@ -469,6 +472,8 @@ class TunnelClient(asyncio.BufferedProtocol):
         if self._state is not _READY:
             return
         if self._transport is not None:
+            if unsent:
+                self._transport.write(unsent)
             self._transport.resume_reading()
         self._timer = self._loop.call_later(PING_INTERVAL, self._tick)
         pos = 0
