@@ -10,6 +10,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -58,20 +59,32 @@ def test_constants_match_python() -> None:
     assert (lib.VL_EV_TURN, lib.VL_EV_FRAME, lib.VL_EV_LOST) == (TURN, FRAME, LOST)
 
 
-@pytest.fixture
-def lent() -> Iterator[tuple[NativeLane, socket.socket]]:
-    """A lane holding context 1, lent one end of a socket pair (seq 41 sent
-    so far); the test is the agent on the other end."""
+@contextmanager
+def lent_pair(seq: int, *, small: bool = False) -> Iterator[tuple[NativeLane, socket.socket]]:
+    """A lane holding context 1, lent one end of a socket pair (``seq`` sent
+    so far); the test is the agent on the other end. ``small``: a small send
+    buffer on the lane's end and a non-blocking agent end."""
     ours, agent = socket.socketpair()
+    if small:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        agent.setblocking(False)
     ours.setblocking(False)
     lane = NativeLane(64, 1 << 16)
-    assert lane.add(1, ours.fileno(), SESSION, 41, 8, 0)
+    assert lane.add(1, ours.fileno(), SESSION, seq, 8, 0)
     try:
         yield lane, agent
     finally:
+        lane.kill(1)
+        lane.release(1)
         lane.close()
         ours.close()
         agent.close()
+
+
+@pytest.fixture
+def lent() -> Iterator[tuple[NativeLane, socket.socket]]:
+    with lent_pair(41) as pair:
+        yield pair
 
 
 def wait_event(lane: NativeLane, timeout: float = 3.0) -> tuple[int, int, bytes]:
@@ -162,22 +175,9 @@ def test_eof_and_silence_lose_the_session(lent: tuple[NativeLane, socket.socket]
 
 @pytest.fixture
 def stuck() -> Iterator[tuple[NativeLane, socket.socket]]:
-    """Context 1 lent on a socket with a small send buffer, and its agent
-    end non-blocking: ``fill`` makes the lane's answers back up."""
-    ours, agent = socket.socketpair()
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    ours.setblocking(False)
-    agent.setblocking(False)
-    lane = NativeLane(64, 1 << 16)
-    assert lane.add(1, ours.fileno(), SESSION, 0, 8, 0)
-    try:
-        yield lane, agent
-    finally:
-        lane.kill(1)
-        lane.release(1)
-        lane.close()
-        ours.close()
-        agent.close()
+    """``fill`` makes the lane's answers back up on this one."""
+    with lent_pair(0, small=True) as pair:
+        yield pair
 
 
 PING_3 = encode_frame(FrameType.PING, struct.pack("<Q", 5), session=SESSION, seq=3)
