@@ -150,7 +150,7 @@ struct vl_ctx {
     struct vl_gseg *gsegs; uint32_t ngsegs;
     struct vl_batch *head, *tail;
     uint8_t *rx; uint32_t rx_len, rx_cap;
-    uint8_t *tx; uint32_t tx_len, tx_cap; /* backlog, flushed on EPOLLOUT */
+    uint8_t *tx; uint32_t tx_len;         /* backlog (VL_TX_CAP once made), flushed on EPOLLOUT */
     int64_t tx_since;                     /* its last progress */
     int64_t last_life;
     char why[160]; /* why it was lost ("": it was not) */
@@ -322,14 +322,9 @@ static int vl_send(struct vl_lane *L, struct vl_ctx *c, const uint8_t *buf, uint
         vl_lost(L, c, "the agent reads nothing of what it is sent (backlog over its cap)");
         return -1;
     }
-    if (c->tx_len + rest > c->tx_cap) {
-        uint8_t *tx = realloc(c->tx, VL_TX_CAP);
-        if (!tx) {
-            vl_lost(L, c, "out of memory for the session's backlog");
-            return -1;
-        }
-        c->tx = tx;
-        c->tx_cap = VL_TX_CAP;
+    if (!c->tx && !(c->tx = malloc(VL_TX_CAP))) {
+        vl_lost(L, c, "out of memory for the session's backlog");
+        return -1;
     }
     memcpy(c->tx + c->tx_len, buf + done, rest);
     if (!c->tx_len)
@@ -1150,7 +1145,7 @@ int vl_release(struct vl_lane *L, uint32_t ctx_id, struct vl_handback *out, uint
         out->tx = c->tx;
         out->tx_len = c->tx_len;
         c->tx = NULL;
-        c->tx_len = c->tx_cap = 0;
+        c->tx_len = 0;
         memcpy(out->why, c->why, sizeof out->why);
         memcpy(rx, c->rx, c->rx_len);
         free(c->res);

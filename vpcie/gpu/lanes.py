@@ -181,10 +181,9 @@ class Lanes:
         adopt = self.device.lane_adopt(ctx, adopted)
         if lost:
             session.take_back(back.seq, adopt)
+            session.fail(lost, protocol=protocol)
         else:
             session.take_back(back.seq, adopt, back.leftover, back.unsent)
-        if lost:
-            session.fail(lost, protocol=protocol)
         if not self.leases:
             self._detach()
             self._set_memory(None)
