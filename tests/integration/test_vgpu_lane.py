@@ -29,9 +29,10 @@ from vpcie.cli.vgpu import _human
 from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
-from vpcie.gpu.guest_driver import GuestContext, Reply, hdr
+from vpcie.gpu.guest_driver import REPLY_SLOT, REPLY_SLOTS, GuestContext, Reply, hdr
 from vpcie.protocol.batch import Record, encode_batch, rec
-from vpcie.protocol.codes import DType, Opcode
+from vpcie.protocol.codes import NO_INDEX, DType, Opcode
+from vpcie.protocol.frames import encode_completion
 from vpcie.tunnel import commands as cmds
 
 pytestmark = [
@@ -60,6 +61,17 @@ async def lent_context(r: Rig, agent: AgentProc, name: str = "python3.11") -> Gu
     ctx = await r.gpu.open(name)
     await alloc(ctx, 64)
     await lent(r, ctx)
+    return ctx
+
+
+async def session_context(r: Rig, agent: AgentProc, lane: bool) -> GuestContext:
+    """A context whose agent session is open: lent to the lane, or (the rig
+    started with ``lane=False``) on the Python path."""
+    if lane:
+        return await lent_context(r, agent)
+    assert (await r.bind(agent))["ok"]
+    ctx = await r.gpu.open()
+    await alloc(ctx, 64)
     return ctx
 
 
@@ -239,6 +251,60 @@ async def test_lane_backlog_comes_back_with_the_session(tmp_path: Path, agent: A
         assert (await ctx.run([rec(Opcode.COPY_D2H, h, dst.resource_id, 0, 0, 64)])).ok
         assert dst.read() == b"\xee" * 64  # the last batch ran last
         assert r.device.status()["binding"] == "bound"
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "python"])
+async def test_unref_waits_for_batches_using_the_resource(
+    tmp_path: Path, agent: AgentProc, lane: bool
+) -> None:
+    """A process frees a buffer (GEM close: CTX_DETACH_RESOURCE, UNREF) that
+    a batch held on the agent will write its reply into. Linux frees the
+    pages when UNREF is answered, and they may then be another process's: so
+    the answer waits until the batch has finished (other commands are served
+    meanwhile, out of order), and the reply lands while the pages are still
+    the buffer's. A buffer no batch uses is answered at once."""
+    async with rig(tmp_path, lane=lane) as r:
+        ctx = await session_context(r, agent, lane)
+        out = await ctx.create_bo(4096)
+        sig = rec(Opcode.SIGNAL, 1, out.resource_id, 0, 256, stream=2)
+        held = await hold(ctx, 9, sig)
+        unref = asyncio.create_task(ctx.close_bo(out))
+        await asyncio.sleep(0.3)
+        assert not unref.done(), "UNREF answered while a batch still writes into the buffer"
+        assert r.device.status()["unrefs_held"] == 1
+        idle = await ctx.create_bo(4096)  # served meanwhile, and nothing uses it
+        await asyncio.wait_for(ctx.close_bo(idle), 2)
+        assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
+        assert (await ctx.run([rec(Opcode.EVENT_RECORD, 9)])).status == ErrorCode.OK
+        assert (await ctx.wait(1, held, timeout=5)).status == ErrorCode.OK
+        await asyncio.wait_for(unref, 5)
+        ok = encode_completion(0, failed_index=NO_INDEX)
+        assert out.read()[: len(ok)] == ok  # the reply landed before the pages went back
+        assert r.device.status()["unrefs_held"] == 0
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "python"])
+async def test_unref_of_the_fence_page_stops_its_writes(
+    tmp_path: Path, agent: AgentProc, lane: bool
+) -> None:
+    """The fence page's buffer is freed: once UNREF is answered nothing more
+    is written into its pages (they are the guest kernel's again); the
+    context's batches still run and their replies still land."""
+    async with rig(tmp_path, lane=lane) as r:
+        ctx = await session_context(r, agent, lane)
+        assert ctx.fence_bo is not None and ctx.reply_bo is not None
+        fence = ctx.fence_bo
+        await ctx.close_bo(fence)
+        before = fence.read()
+        ok = encode_completion(0, failed_index=NO_INDEX)
+        slot = ctx._reply_next % REPLY_SLOTS
+        await ctx.start([rec(Opcode.NOP)])
+        deadline = time.monotonic() + 5
+        while ctx.reply_bo.read(slot * REPLY_SLOT, len(ok)) != ok:
+            assert time.monotonic() < deadline, "the batch never completed"
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        assert fence.read() == before
 
 
 async def test_lane_context_destroyed_in_flight(tmp_path: Path, agent: AgentProc) -> None:

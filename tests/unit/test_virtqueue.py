@@ -22,6 +22,8 @@ from vpcie.virtqueue import (
     GuestAllocator,
     VirtQueue,
 )
+from vpcie.virtqueue.chain import DescChain
+from vpcie.virtqueue.device import withheld
 from vpcie.virtqueue.layout import (
     REQUEST_PREFIX,
 )
@@ -359,6 +361,29 @@ def test_serve_answers_each_request(pair: Pair) -> None:
     assert pair.drv.get_used() == list(zip(heads, [4, 6, 2], strict=True))
     assert pair.mem.read(bufs[1][0], 6) == b"HELLO!"
     assert pair.dev.needs_notify()
+
+
+def test_serve_withholds_a_response_and_answers_it_later(pair: Pair) -> None:
+    """A Withheld response leaves its chain out of the used ring (the next
+    chains are returned past it); VirtQueue.answer returns it later, with
+    the response written into the chain's own buffers."""
+    kept: list[DescChain] = []
+
+    def handle(request: bytes, read_len: int) -> bytes:
+        if request == b"later":
+            return withheld(b"done", kept.append)
+        return b"now"
+
+    bufs = [pair.buf(8), pair.buf(8)]
+    first = pair.drv.add([b"later"], [bufs[0]], indirect=True)
+    second = pair.drv.add([b"x"], [bufs[1]])
+    pair.drv.kick()
+    assert pair.dev.serve(handle, 8, 64) == 2
+    assert pair.drv.get_used() == [(second, 3)]
+    assert len(kept) == 1 and kept[0].head == first
+    pair.dev.answer(kept[0], b"done")
+    assert pair.drv.get_used() == [(first, 4)]
+    assert pair.mem.read(bufs[0][0], 4) == b"done"
 
 
 def test_serve_truncates_long_requests_and_responses(pair: Pair) -> None:

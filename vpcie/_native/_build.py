@@ -131,7 +131,7 @@ struct vl_res { uint32_t rid; uint32_t first; uint32_t nsegs; uint32_t pad; uint
 struct vl_gseg { uint64_t gpa; uint64_t len; };
 struct vl_sig {
     uint64_t seq;
-    uint32_t stream; uint32_t reply_size; uint32_t nsegs; uint32_t pad;
+    uint32_t stream; uint32_t reply_size; uint32_t nsegs; uint32_t rid;
     struct vq_seg segs[8];
 };
 struct vl_batch {

@@ -103,7 +103,7 @@ struct vl_gseg { uint64_t gpa; uint64_t len; };
 
 struct vl_sig {
     uint64_t seq;
-    uint32_t stream; uint32_t reply_size; uint32_t nsegs; uint32_t pad;
+    uint32_t stream; uint32_t reply_size; uint32_t nsegs; uint32_t rid;
     struct vq_seg segs[VL_REPLY_SEGS];
 };
 
@@ -596,6 +596,7 @@ static int vl_reply_segs(struct vl_lane *L, struct vl_ctx *c, const struct vb_si
     out->seq = s->seq;
     out->stream = s->stream;
     out->reply_size = s->size;
+    out->rid = s->resource; /* Python keeps it busy if the batch is taken back */
     out->nsegs = 0;
     if (!s->resource)
         return 0;

@@ -46,8 +46,8 @@ class BatchParts(NamedTuple):
     seq: int  # its COMMAND's seq on the session
     fwd_index: list[int]  # forwarded record i was record fwd_index[i] of the guest's batch
     signals: list[
-        tuple[int, int, int, list[tuple[int, int]]]
-    ]  # stream, seq, reply size, reply GPAs
+        tuple[int, int, int, list[tuple[int, int]], int]
+    ]  # stream, seq, reply size, reply GPAs, reply resource (0: none)
 
 
 # A resource the lane may write SIGNAL replies into: id, addressable bytes
@@ -167,7 +167,9 @@ class NativeLane:
             for i in range(b.nsigs):
                 sig = b.sigs[i]
                 segs = [(int(sig.segs[k].addr), int(sig.segs[k].len)) for k in range(sig.nsegs)]
-                signals.append((int(sig.stream), int(sig.seq), int(sig.reply_size), segs))
+                signals.append(
+                    (int(sig.stream), int(sig.seq), int(sig.reply_size), segs, int(sig.rid))
+                )
             return BatchParts(int(b.seq), ffi.unpack(b.fwd_index, b.nfwd), signals)
         finally:
             lib.vl_batch_free(b)

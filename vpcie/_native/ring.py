@@ -20,6 +20,7 @@ from vpcie._native.walker import NativeWalker
 from vpcie.errors import GuestError
 from vpcie.memory import GuestMemory
 from vpcie.virtqueue.chain import DescChain
+from vpcie.virtqueue.device import Withheld
 from vpcie.virtqueue.layout import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES, REQUEST_PREFIX
 
 if TYPE_CHECKING:
@@ -109,6 +110,9 @@ class NativeRing:
             except BaseException:
                 lib.vq_ring_push(r, headp[0], 0)  # never leave a popped chain behind
                 raise
+            if type(response) is Withheld:  # the walk's state is still this chain's
+                response.keep(w.chain(mem, int(headp[0]), regs))
+                continue
             lib.vq_ring_reply(r, table, nregs, segs, out.nsegs, headp[0], response, len(response))
         return limit
 

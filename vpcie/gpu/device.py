@@ -59,6 +59,8 @@ from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import Record, decode_batch
 from vpcie.protocol.codes import MAX_BATCH_BYTES, MAX_STREAMS, NO_INDEX, Opcode
 from vpcie.virtqueue import VirtQueue
+from vpcie.virtqueue.chain import DescChain
+from vpcie.virtqueue.device import Withheld, withheld
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class Context:
     resources: set[int] = field(default_factory=set)
     fence: FencePage | None = None
     fence_gpa: int = 0
+    fence_rid: int = 0
     session: Session | None = None
     session_gen: int = -1
     lost_gen: int = -1  # binding generation in which this context's session was lost
@@ -126,6 +129,19 @@ class Deferred:
 
     publish: Callable[[], None]
     waiting: set[Pending]
+    pending: Pending | None = None  # a refused batch whose reply views wait with it
+
+
+@dataclass(eq=False)
+class HeldUnref:
+    """An UNREF (or DETACH_BACKING) answered once no batch still reads or
+    writes the resource's backing: the guest kernel frees those pages only
+    when the answer comes, so until then they are still this context's."""
+
+    rids: set[int]
+    chain: DescChain
+    response: bytes
+    mem: GuestMemory | None  # the table ``chain`` points into, held until answered
 
 
 class GpuDevice(Device):
@@ -159,6 +175,8 @@ class GpuDevice(Device):
         self.gpu_socket: int | None = None
         self._servers: dict[int, Callable[[bytes, int], bytes]] = {}
         self._checker = batch_checker()
+        self._withhold: list[int] = []  # set by a handler: answer this request later
+        self._held: list[HeldUnref] = []
         # Copy-free batches of lent sessions are served by a C thread (lanes.py).
         self.lanes = Lanes(self, MAX_REQUEST_BYTES, enabled=lane)
 
@@ -210,6 +228,8 @@ class GpuDevice(Device):
 
     def on_queue_started(self, queue_index: int) -> None:
         self.lanes.queue_started(queue_index)
+        if queue_index == CONTROL_QUEUE and self._held:
+            self._answer_held()
 
     def on_queue_stopped(self, queue_index: int) -> None:
         self.lanes.queue_stopped(queue_index)
@@ -219,6 +239,10 @@ class GpuDevice(Device):
 
     def reset(self) -> None:
         super().reset()
+        self._withhold.clear()
+        held, self._held = self._held, []  # the rings are gone: nothing to answer
+        for h in held:
+            self._release_mem(h.mem)
         for ctx in list(self.contexts.values()):
             self._destroy_context(ctx)
         self.resources.clear()
@@ -270,7 +294,10 @@ class GpuDevice(Device):
             head = _HDR_PACK(rtype, flags & _ECHO_FLAGS, fields[2], fields[3], fields[4], _PAD3)
         else:
             head = _PLAIN_HEAD.get(rtype) or wire.response(rtype, 0, 0, 0, 0)
-        return head + payload if payload else head
+        out = head + payload if payload else head
+        if self._withhold:
+            return self._hold(out)
+        return out
 
     def _error_reply(self, request: bytes, rtype: wire.Resp) -> bytes:
         self.stats["errors"] += 1
@@ -307,6 +334,7 @@ class GpuDevice(Device):
                 ctx.resources.discard(res.resource_id)
         if self.scanout_resource == res.resource_id:
             self.scanout_resource = 0
+        self._backing_gone(res.resource_id)
         return wire.Resp.OK_NODATA, b""
 
     def _set_scanout(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
@@ -353,6 +381,7 @@ class GpuDevice(Device):
             raise ParameterError(f"resource {res.resource_id} has no backing")
         res.backing, res.backing_bytes = None, 0
         self.lanes.dirty = True
+        self._backing_gone(res.resource_id)
         return wire.Resp.OK_NODATA, b""
 
     # -- capsets ----------------------------------------------------------------
@@ -467,7 +496,7 @@ class GpuDevice(Device):
         if prepared.fence_page is not None:
             with self.lanes.locked(ctx):
                 ctx.fence = FencePage(prepared.fence_page)
-            ctx.fence_gpa = prepared.fence_gpa
+            ctx.fence_gpa, ctx.fence_rid = prepared.fence_gpa, prepared.fence_rid
             self.lanes.dirty = True
         self._dispatch(ctx, prepared)
         return wire.Resp.OK_NODATA, b""
@@ -500,14 +529,16 @@ class GpuDevice(Device):
 
         self._after_earlier(ctx, publish)
 
-    def _after_earlier(self, ctx: Context, publish: Callable[[], None]) -> None:
-        """Run ``publish`` once every batch of ``ctx`` now in flight has
-        finished (at once when none is)."""
+    def _after_earlier(
+        self, ctx: Context, publish: Callable[[], None], pending: Pending | None = None
+    ) -> None:
+        """Run ``publish`` (ending ``pending``, if given) once every batch of
+        ``ctx`` now in flight has finished (at once when none is)."""
         self.lanes.take_back(ctx)  # the lane's batches become ctx.inflight
         if not ctx.inflight or len(ctx.deferred) >= MAX_DEFERRED:
             publish()
             return
-        ctx.deferred.append(Deferred(publish, set(ctx.inflight)))
+        ctx.deferred.append(Deferred(publish, set(ctx.inflight), pending))
 
     def _dispatch(self, ctx: Context, prepared: Prepared) -> None:
         # A lent session comes back before Python sends on it, with the lane's
@@ -553,6 +584,7 @@ class GpuDevice(Device):
                 functools.partial(
                     self._finish, refused, ErrorCode.QUOTA_EXCEEDED, 0, over, {}, b""
                 ),
+                refused,
             )
             return
         pending = Pending(prepared, ctx, nbytes=nbytes)
@@ -696,8 +728,7 @@ class GpuDevice(Device):
                 self.lanes.schedule_lend(ctx)
         self.inflight_bytes -= pending.nbytes
         pending.nbytes = 0
-        if pending.mem is not None and self.host is not None:
-            self.host.memory.release(pending.mem)
+        self._release_mem(pending.mem)
         pending.mem = None
         reply, orig_failed = completion_reply(
             p.fwd_index, any(sig.reply for sig in p.signals), code, failed_index, message,
@@ -716,6 +747,8 @@ class GpuDevice(Device):
                     ctx.fence.complete(sig.stream, sig.seq, sig_code, failed)
         if ctx.deferred:
             self._release_deferred(ctx, pending)
+        if self._held:
+            self._answer_held()
 
     def _release_deferred(self, ctx: Context, done: Pending) -> None:
         """``done`` has finished: publish, in order, what waited only for it."""
@@ -760,8 +793,8 @@ class GpuDevice(Device):
         out: list[tuple[int, Callable[[Any], None]]] = []
         for parts in batches:
             mem = self.host.memory.acquire() if self.host is not None else None
-            signals = []
-            for stream, seq, size, segs in parts.signals:
+            signals, rids = [], set()
+            for stream, seq, size, segs, rid in parts.signals:
                 views: list[memoryview] = []
                 try:
                     for gpa, length in segs:
@@ -769,11 +802,71 @@ class GpuDevice(Device):
                 except GuestError:  # checked when sent; gone with a new table since
                     views = []
                 signals.append(Signal(stream, seq, views, size))
-            pending = Pending(Prepared([], parts.fwd_index, signals=signals), ctx, mem=mem)
+                if rid:
+                    rids.add(rid)
+            prepared = Prepared([], parts.fwd_index, signals=signals, rids=rids)
+            pending = Pending(prepared, ctx, mem=mem)
             adopted.append(pending)
             out.append((parts.seq, functools.partial(self._done, pending)))
         ctx.inflight[0:0] = adopted
         return out
+
+    # -- a resource's backing going away while batches still use it --------------
+    def _backing_gone(self, rid: int) -> None:
+        """RESOURCE_UNREF / DETACH_BACKING of ``rid``: nothing may touch its
+        pages once the guest has the answer (Linux frees them then). A fence
+        page on it is dropped now; batches still reading or writing it (SIGNAL
+        replies, copies) make the answer wait for them (``_hold``)."""
+        self.lanes.take_back_all()  # the lane writes nothing more (its batches join ctx.inflight)
+        for ctx in self.contexts.values():
+            if ctx.fence_rid == rid and ctx.fence is not None:
+                ctx.fence, ctx.fence_gpa, ctx.fence_rid = None, 0, 0
+        if rid in self._busy_rids():
+            self._withhold.append(rid)
+
+    def _busy_rids(self) -> set[int]:
+        busy: set[int] = set()
+        for ctx in self.contexts.values():
+            for p in ctx.inflight:
+                busy |= p.prepared.rids
+            for d in ctx.deferred:
+                if d.pending is not None:
+                    busy |= d.pending.prepared.rids
+        return busy
+
+    def _hold(self, response: bytes) -> Withheld:
+        rids, self._withhold = set(self._withhold), []
+        log.info("resource(s) %s still in use by batches in flight: answer held", sorted(rids))
+        return withheld(response, functools.partial(self._keep, rids, response))
+
+    def _keep(self, rids: set[int], response: bytes, chain: DescChain) -> None:
+        mem = self.host.memory.acquire() if self.host is not None else None
+        self._held.append(HeldUnref(rids, chain, response, mem))
+
+    def _answer_held(self) -> None:
+        """Answer the held UNREFs whose resources no batch uses any more."""
+        host = self.host
+        vq = host.queue(CONTROL_QUEUE) if host is not None else None
+        if vq is None:  # the ring is stopped: answered once it runs again
+            return
+        busy = self._busy_rids()
+        ready = [h for h in self._held if not h.rids & busy]
+        if not ready:
+            return
+        self._held = [h for h in self._held if h.rids & busy]
+        assert host is not None
+        with self.lanes.ring_locked():  # the lane may be using the ring meanwhile
+            for h in ready:
+                try:
+                    vq.answer(h.chain, h.response)
+                except (GuestError, ValueError) as exc:  # a reset ring, a bad chain
+                    log.warning("held answer to chain %d dropped: %s", h.chain.head, exc)
+                self._release_mem(h.mem)
+            host.notify(CONTROL_QUEUE)
+
+    def _release_mem(self, mem: GuestMemory | None) -> None:
+        if mem is not None and self.host is not None:
+            self.host.memory.release(mem)
 
     def _destroy_context(self, ctx: Context) -> None:
         self._drop_session(ctx, "context destroyed")
@@ -812,6 +905,7 @@ class GpuDevice(Device):
             ],
             "resources": len(self.resources),
             "inflight_bytes": self.inflight_bytes,
+            "unrefs_held": len(self._held),
             **self.stats,
             **self.lanes.stats(),
         }

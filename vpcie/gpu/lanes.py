@@ -155,7 +155,16 @@ class Lanes:
         for lease in self.leases.values():
             self.refresh(lease.ctx)
 
+    def ring_locked(self) -> AbstractContextManager[None]:
+        """Python's own pushes onto the control ring while the lane serves it."""
+        lane = self.lane
+        return lane.locked() if lane is not None and self._attached else _UNLOCKED
+
     # -- taking back ---------------------------------------------------------------
+    def take_back_all(self) -> None:
+        for lease in list(self.leases.values()):
+            self.take_back(lease.ctx)
+
     def take_back(self, ctx: Context) -> bool:
         """``ctx``'s session is TunnelClient's again, now, with the lane's
         batches in flight adopted into ``ctx.inflight``. False if not lent."""
@@ -382,8 +391,7 @@ class Lanes:
         lane = self.lane
         if lane is None:
             return
-        for lease in list(self.leases.values()):
-            self.take_back(lease.ctx)
+        self.take_back_all()
         self._on_events()
         self._detach()
         if self._loop is not None and not self._loop.is_closed():

@@ -44,6 +44,10 @@ class Prepared:
     signals: list[Signal] = field(default_factory=list)
     fence_page: memoryview | None = None  # set by FENCE_PAGE_SET
     fence_gpa: int = 0  # its guest address
+    fence_rid: int = 0  # and its resource
+    # Resources whose backing it reads or writes after SUBMIT_3D is answered
+    # (SIGNAL replies, copies): their UNREF is answered once it has finished.
+    rids: set[int] = field(default_factory=set)
     # The guest's batch and its records' spans (decode_batch(spans=)): records
     # forwarded unchanged are sent as the guest's bytes, not encoded again.
     records: list[Record] | None = None
@@ -158,7 +162,7 @@ def prepare(
                         ErrorCode.INVALID_ARGUMENT, "fence page must not cross backing entries", i
                     )
                 out.fence_page = mem.view(*segs[0])
-                out.fence_gpa = segs[0][0]
+                out.fence_gpa, out.fence_rid = segs[0][0], rid
                 try:  # the backing GPA too: fence words are single aligned stores
                     word_view(out.fence_page, "Q")
                 except ValueError:
@@ -172,6 +176,8 @@ def prepare(
                 out.signals.append(
                     _signal(table, ctx_resources, mem, r.stream, seq, rid, offset, size, i)
                 )
+                if rid:
+                    out.rids.add(rid)
                 continue
             if op in _COPY_HOST:
                 assert isinstance(body, tuple)
@@ -183,6 +189,7 @@ def prepare(
                 _attached(table, ctx_resources, rid, i)
                 views = table.get(rid).views(mem, host_off, size)
                 (out.h2d if op == Opcode.COPY_H2D else out.d2h).extend(views)
+                out.rids.add(rid)
                 r = Record(op, r.flags, r.stream, (handle, 0, dev_off, 0, size))
         except GuestError as exc:  # range / backing problems found by the resource
             raise VgpuError(ErrorCode.OUT_OF_RANGE, str(exc), i) from exc
@@ -206,4 +213,5 @@ def prepare_checked(
         ]
     except (GuestError, VgpuError):  # the Python path answers it
         return None
+    out.rids = {sig[3] for sig in checked.signals if sig[3]}
     return out

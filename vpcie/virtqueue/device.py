@@ -49,6 +49,23 @@ log = logging.getLogger(__name__)
 # What a device answers a request with (VirtQueue.serve): (request bytes, the
 # chain's readable length) -> response bytes (b"": nothing written).
 RequestHandler = Callable[[bytes, int], bytes]
+
+
+class Withheld(bytes):
+    """A response the device gives later: ``serve`` hands the chain to
+    ``keep`` instead of returning it, and the device returns it with
+    ``VirtQueue.answer`` once it can (a split virtqueue's used ring takes
+    chains in any order unless VIRTIO_F_IN_ORDER, which we never offer)."""
+
+    keep: Callable[[DescChain], None]
+
+
+def withheld(response: bytes, keep: Callable[[DescChain], None]) -> Withheld:
+    out = Withheld(response)
+    out.keep = keep
+    return out
+
+
 # x86-64 keeps store->store and load->load order; only weakly ordered hosts need
 # a fence between the used element and used.idx (§2.7.8).
 _WEAK_ORDER = platform.machine() not in ("x86_64", "AMD64", "i686", "i386")
@@ -325,5 +342,12 @@ class VirtQueue:
             except BaseException:
                 self.push(chain.head, 0)  # never leave a popped chain behind
                 raise
+            if type(response) is Withheld:
+                response.keep(chain)
+                continue
             self.push(chain.head, chain.write(response) if response else 0)
         return limit
+
+    def answer(self, chain: DescChain, response: bytes) -> None:
+        """Return a chain whose response was Withheld."""
+        self.push(chain.head, chain.write(response) if response else 0)
