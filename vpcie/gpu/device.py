@@ -334,7 +334,8 @@ class GpuDevice(Device):
                 ctx.resources.discard(res.resource_id)
         if self.scanout_resource == res.resource_id:
             self.scanout_resource = 0
-        self._backing_gone(res.resource_id)
+        if self.contexts:  # else no batch, fence page or lane can be using it
+            self._backing_gone(res.resource_id)
         return wire.Resp.OK_NODATA, b""
 
     def _set_scanout(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
@@ -381,7 +382,8 @@ class GpuDevice(Device):
             raise ParameterError(f"resource {res.resource_id} has no backing")
         res.backing, res.backing_bytes = None, 0
         self.lanes.dirty = True
-        self._backing_gone(res.resource_id)
+        if self.contexts:
+            self._backing_gone(res.resource_id)
         return wire.Resp.OK_NODATA, b""
 
     # -- capsets ----------------------------------------------------------------
@@ -817,21 +819,25 @@ class GpuDevice(Device):
         pages once the guest has the answer (Linux frees them then). A fence
         page on it is dropped now; batches still reading or writing it (SIGNAL
         replies, copies) make the answer wait for them (``_hold``)."""
-        self.lanes.take_back_all()  # the lane writes nothing more (its batches join ctx.inflight)
+        if self.lanes.leases:  # the lane writes nothing more (its batches join ctx.inflight)
+            self.lanes.take_back_all()
+        busy = False
         for ctx in self.contexts.values():
             if ctx.fence_rid == rid and ctx.fence is not None:
                 ctx.fence, ctx.fence_gpa, ctx.fence_rid = None, 0, 0
-        if rid in self._busy_rids():
+            busy = busy or rid in self._busy_rids(ctx)
+        if busy:
             self._withhold.append(rid)
 
-    def _busy_rids(self) -> set[int]:
+    @staticmethod
+    def _busy_rids(ctx: Context) -> set[int]:
+        """The resources ``ctx``'s unfinished batches read or write."""
         busy: set[int] = set()
-        for ctx in self.contexts.values():
-            for p in ctx.inflight:
-                busy |= p.prepared.rids
-            for d in ctx.deferred:
-                if d.pending is not None:
-                    busy |= d.pending.prepared.rids
+        for p in ctx.inflight:
+            busy |= p.prepared.rids
+        for d in ctx.deferred:
+            if d.pending is not None:
+                busy |= d.pending.prepared.rids
         return busy
 
     def _hold(self, response: bytes) -> Withheld:
@@ -849,7 +855,9 @@ class GpuDevice(Device):
         vq = host.queue(CONTROL_QUEUE) if host is not None else None
         if vq is None:  # the ring is stopped: answered once it runs again
             return
-        busy = self._busy_rids()
+        busy: set[int] = set()
+        for ctx in self.contexts.values():
+            busy |= self._busy_rids(ctx)
         ready = [h for h in self._held if not h.rids & busy]
         if not ready:
             return
