@@ -136,7 +136,7 @@ class Deferred:
 class HeldUnref:
     """An UNREF (or DETACH_BACKING) answered once no batch still reads or
     writes the resource's backing: the guest kernel frees those pages only
-    when the answer comes, so until then they are still this context's."""
+    when the answer comes, so until then they are still the buffer's."""
 
     rids: set[int]
     chain: DescChain
