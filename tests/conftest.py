@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -9,13 +10,48 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def _say(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
+
+
+def wait_for(
+    pred: Callable[[], T], timeout: float, what: str | Callable[[], str], interval: float = 0.01
+) -> T:
+    """Poll ``pred`` until it returns something truthy, and return that.
+
+    Use it instead of sleeping a fixed time and then asserting: a loaded
+    machine then makes a test slower, never flaky. On the deadline it fails
+    saying what did not happen (``what``: text, or a function called only
+    then, e.g. to add a log)."""
+    deadline = time.monotonic() + timeout
+    while not (got := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {_say(what)}")
+        time.sleep(interval)
+    return got
+
+
+async def until(
+    pred: Callable[[], T], timeout: float, what: str | Callable[[], str], interval: float = 0.005
+) -> T:
+    """``wait_for`` for asyncio tests: the event loop runs between polls."""
+    deadline = time.monotonic() + timeout
+    while not (got := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {_say(what)}")
+        await asyncio.sleep(interval)
+    return got
 
 
 def free_port() -> int:

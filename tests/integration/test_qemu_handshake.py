@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import until
+
 pytestmark = pytest.mark.qemu
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -49,6 +51,10 @@ def qemu_cmd(sock: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _events(path: Path) -> list[dict[str, object]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
+
+
 async def _wait_for(path: Path, what: str, timeout: float) -> list[dict[str, object]]:
     """Poll the backend's JSON log until an event ``what`` appears."""
     loop = asyncio.get_running_loop()
@@ -82,8 +88,13 @@ async def test_qemu_handshake_quit_and_backend_exit(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
         )
         evs = await _wait_for(log, "connected", 15)
-        # realize: vhost_dev_init's queries, SET_OWNER, per-queue CALL/ERR.
-        await asyncio.sleep(0.5)
+        # realize: vhost_dev_init's queries, SET_OWNER, per-queue CALL/ERR;
+        # QEMU is told to quit only once it has sent them all.
+        await until(
+            lambda: [e.get("request") for e in _events(log)].count("SET_VRING_ERR") >= 2,
+            15,
+            lambda: f"QEMU's realize never finished:\n{log.read_text()}",
+        )
         assert qemu.stdin is not None
         qemu.stdin.write(b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n')
         await qemu.stdin.drain()

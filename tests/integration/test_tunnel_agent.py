@@ -231,11 +231,14 @@ async def test_agent_killed_mid_stream(tmp_path: Path) -> None:
         futs = [c.send([cmds.copy_h2d(h, 0, big.nbytes)], h2d=[big])]
         futs += [c.send_nop() for _ in range(100)]
         futs.append(c.send([cmds.copy_d2h(h, 0, big.nbytes)], d2h=[np.empty_like(big)]))
+        # Let the H2D start crossing. What follows needs only that neither
+        # copy has finished when the agent dies: checked here, not assumed
+        # from the timing (64 MiB does not cross loopback in 5 ms).
         await asyncio.sleep(0.005)
+        assert not futs[0].done() and not futs[-1].done()
         agent.kill()
         t0 = time.monotonic()
         await _assert_all_lost(futs, t0)
-        # 64 MiB cannot cross loopback in 5 ms here: both copies were in flight
         assert futs[0].result().status is ErrorCode.DEVICE_LOST
         assert futs[-1].result().status is ErrorCode.DEVICE_LOST
         assert c.state is Runstate.LOST

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import AgentProc
+from tests.conftest import AgentProc, until
 from vpcie.backend.server import BackendServer
 from vpcie.errors import ErrorCode
 from vpcie.gpu.binding import Binding
@@ -65,6 +65,14 @@ async def rig(tmp_path: Path, *, lane: bool = True) -> AsyncIterator[Rig]:
         server.stop()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, 5)
+
+
+def held(device: GpuDevice, ctx: GuestContext) -> bool:
+    """A batch of ``ctx`` has left the backend for its agent session and not
+    come back (in Python's in-flight list, or sent by the lane)."""
+    status = device.status()
+    (mine,) = [c for c in status["contexts"] if c["id"] == ctx.ctx_id]
+    return bool(mine["inflight"]) or status.get("lane_submits", 0) > status.get("lane_completed", 0)
 
 
 async def alloc(ctx: GuestContext, *sizes: int) -> list[int]:
@@ -155,7 +163,7 @@ async def test_unbind_in_flight_ends_with_device_lost(tmp_path: Path, agent: Age
         seq = await ctx.start(
             [rec(Opcode.EVENT_WAIT, 7, stream=1), rec(Opcode.NOP, stream=1)], stream=1
         )
-        await asyncio.sleep(0.2)
+        await until(lambda: held(r.device, ctx), 5, "the batch never went to the agent")
         assert ctx.fence_slot(1)[0] < seq
         t0 = time.monotonic()
         assert (await r.unbind())["ok"]
@@ -325,14 +333,10 @@ async def test_frontend_disconnect_mid_flight(tmp_path: Path, agent: AgentProc) 
             ctx = await gpu.open()
             await alloc(ctx, 64)
             await ctx.start([rec(Opcode.EVENT_WAIT, 9, stream=2)], stream=2)
-            await asyncio.sleep(0.2)
-            assert device.contexts and device.contexts[ctx.ctx_id].session is not None
+            await until(lambda: held(device, ctx), 5, "the batch never went to the agent")
+            assert device.contexts[ctx.ctx_id].session is not None
         # The frontend is gone: contexts and sessions with it.
-        for _ in range(100):
-            if not device.contexts:
-                break
-            await asyncio.sleep(0.02)
-        assert not device.contexts
+        await until(lambda: not device.contexts, 5, "contexts outlived their frontend")
         async with VhostUserFrontend.connect(sock, mem_size=64 << 20) as fe:
             gpu = GuestGpu(FrontendTransport(fe), fe.mem, fe.alloc)
             await gpu.load()
@@ -357,6 +361,10 @@ async def test_signal_alone_waits_for_earlier_work(tmp_path: Path, agent: AgentP
         # Stream 0 held on the agent behind an event nobody has recorded yet.
         await ctx.submit(encode_batch([rec(Opcode.EVENT_WAIT, 5), rec(Opcode.NOP)]))
         seq = await ctx.start([], stream=0)  # a batch of just SIGNAL(seq) on stream 0
+        # Asserting an absence: nothing can be waited for, so give a wrong
+        # implementation 0.3 s to publish the SIGNAL (a right one never does:
+        # event 5 is recorded only below). A loaded machine can hide the bug
+        # here, never fail a correct backend.
         await asyncio.sleep(0.3)
         assert ctx.fence_slot(0)[0] < seq, "SIGNAL published before the work ahead of it"
         released = await ctx.run([rec(Opcode.EVENT_RECORD, 5, stream=1)], stream=1)
@@ -385,7 +393,7 @@ async def test_new_memory_table_mid_flight(tmp_path: Path, agent: AgentProc) -> 
             ],
             stream=1,
         )
-        await asyncio.sleep(0.2)
+        await until(lambda: held(r.device, ctx), 5, "the copy never went to the agent")
         assert ctx.fence_slot(1)[0] < seq
         table = r.device.host.memory if r.device.host is not None else None
         assert table is not None

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AgentProc
-from tests.integration.test_vgpu_device import Rig, alloc, rig
+from tests.conftest import AgentProc, until
+from tests.integration.test_vgpu_device import Rig, alloc, held, rig
 from vpcie._native import native_available
 from vpcie.cli.vgpu import _human
 from vpcie.errors import ErrorCode
@@ -47,10 +47,8 @@ def lane_stats(r: Rig) -> dict[str, int]:
 
 async def lent(r: Rig, ctx: GuestContext, timeout: float = 5.0) -> None:
     """Wait until ``ctx``'s session is with the lane."""
-    deadline = time.monotonic() + timeout
-    while not r.device.lanes.leased(r.device.contexts[ctx.ctx_id]):
-        assert time.monotonic() < deadline, "the session was never lent to the lane"
-        await asyncio.sleep(0.01)
+    leased = r.device.lanes.leased
+    await until(lambda: leased(r.device.contexts[ctx.ctx_id]), timeout, "never lent to the lane")
 
 
 async def lent_context(r: Rig, agent: AgentProc, name: str = "python3.11") -> GuestContext:
@@ -144,9 +142,7 @@ async def scripted(r: Rig) -> tuple[list[Reply], list[bytes]]:
     await ctx.submit(
         encode_batch([rec(Opcode.QUERY), rec(Opcode.SIGNAL, 100, ctx.reply_bo.resource_id, 0, 16)])
     )
-    deadline = time.monotonic() + 5
-    while ctx.fence_slot(0)[0] < 100 and time.monotonic() < deadline:
-        await asyncio.sleep(0.005)
+    await until(lambda: ctx.fence_slot(0)[0] >= 100, 5, "the QUERY's SIGNAL never landed")
     return replies, [ctx.fence_bo.read(0, FENCE_PAGE_SIZE), ctx.reply_bo.read(0, 16)]
 
 
@@ -181,8 +177,7 @@ async def test_lane_agent_killed_in_flight(tmp_path: Path, agent_factory: Any) -
     async with rig(tmp_path) as r:
         ctx = await lent_context(r, first)
         held = [await hold(ctx, 5, rec(Opcode.NOP, stream=s), stream=s) for s in (1, 2)]
-        await asyncio.sleep(0.1)
-        assert lane_stats(r)["lane_submits"] >= 2
+        await until(lambda: lane_stats(r)["lane_submits"] >= 2, 5, "the lane sent no batches")
         first.kill()
         t0 = time.monotonic()
         for s, seq in zip((1, 2), held, strict=True):
@@ -269,9 +264,8 @@ async def test_unref_waits_for_batches_using_the_resource(
         sig = rec(Opcode.SIGNAL, 1, out.resource_id, 0, 256, stream=2)
         held = await hold(ctx, 9, sig)
         unref = asyncio.create_task(ctx.close_bo(out))
-        await asyncio.sleep(0.3)
+        await until(lambda: r.device.status()["unrefs_held"] == 1, 5, "the UNREF was not held")
         assert not unref.done(), "UNREF answered while a batch still writes into the buffer"
-        assert r.device.status()["unrefs_held"] == 1
         idle = await ctx.create_bo(4096)  # served meanwhile, and nothing uses it
         await asyncio.wait_for(ctx.close_bo(idle), 2)
         assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
@@ -299,10 +293,12 @@ async def test_unref_of_the_fence_page_stops_its_writes(
         ok = encode_completion(0, failed_index=NO_INDEX)
         slot = ctx._reply_next % REPLY_SLOTS
         await ctx.start([rec(Opcode.NOP)])
-        deadline = time.monotonic() + 5
-        while ctx.reply_bo.read(slot * REPLY_SLOT, len(ok)) != ok:
-            assert time.monotonic() < deadline, "the batch never completed"
-            await asyncio.sleep(0.005)
+        reply_bo = ctx.reply_bo
+        await until(
+            lambda: reply_bo.read(slot * REPLY_SLOT, len(ok)) == ok, 5, "the batch never completed"
+        )
+        # Asserting an absence: the reply landed, and a late fence word would
+        # follow it at once; 50 ms gives a wrong implementation time to write.
         await asyncio.sleep(0.05)
         assert fence.read() == before
 
@@ -328,7 +324,7 @@ async def test_lane_new_memory_table_mid_flight(tmp_path: Path, agent: AgentProc
     async with rig(tmp_path) as r:
         ctx = await lent_context(r, agent)
         seq = await hold(ctx, 5, rec(Opcode.QUERY, stream=1))
-        await asyncio.sleep(0.1)
+        await until(lambda: held(r.device, ctx), 5, "the lane never sent the batch")
         table = r.device.host.memory if r.device.host is not None else None
         assert table is not None
         before = table.mem
@@ -390,9 +386,15 @@ async def test_hostile_chains_while_the_lane_owns_the_ring(
         # avail.idx published num + 5 entries ahead of the device.
         ring = fe.ctrl
         ring._avail16[AVAIL_IDX >> 1] = (ring._published + ring.num + 5) & 0xFFFF
+        kicked = lane_stats(r)["lane_kicks"]
         os.eventfd_write(fe.kick_fds[0], 1)
+        await until(lambda: lane_stats(r)["lane_kicks"] > kicked, 5, "the lane saw no kick")
+        # Let it finish with that kick (one pass over the bad index: Python's
+        # turn and back) before the counts are taken as the baseline.
         await asyncio.sleep(0.2)
         kicks, handed = lane_stats(r)["lane_kicks"], lane_stats(r)["lane_handed"]
+        # Asserting an absence (no spinning on the bad index): 0.2 s in which a
+        # spinning lane would hand or count thousands of times.
         await asyncio.sleep(0.2)
         assert lane_stats(r)["lane_handed"] == handed  # waiting for a kick, not spinning
         assert lane_stats(r)["lane_kicks"] == kicks
@@ -429,12 +431,11 @@ async def test_refused_batch_signals_after_earlier_work(
         rejected = ctx.fence_header()[3]
         await r.gpu.call(req + bad, expect=wire.Resp.ERR_INVALID_PARAMETER)
         assert ctx.fence_header()[3:5] == (rejected + 1, ErrorCode.INVALID_HANDLE)  # at once
+        # Asserting an absence: event 7 is recorded only below, so a right
+        # backend never publishes; 0.2 s gives a wrong one time to.
         await asyncio.sleep(0.2)
         assert ctx.fence_slot(1)[0] < held, "a refused batch's SIGNAL overtook running work"
         assert (await ctx.run([rec(Opcode.EVENT_RECORD, 7, stream=2)], stream=2)).ok
         assert (await ctx.wait(1, held, timeout=5)).ok
-        deadline = time.monotonic() + 5
-        while ctx.fence_slot(1)[0] < held + 1:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
+        await until(lambda: ctx.fence_slot(1)[0] >= held + 1, 5, "the refused SIGNAL never came")
         assert ctx.fence_slot(1)[:3] == (held + 1, held + 1, ErrorCode.INVALID_HANDLE)

@@ -5,16 +5,19 @@ ring side runs in tests/integration/test_vgpu_lane.py."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
 import struct
+import termios
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
+from tests.conftest import wait_for
 from vpcie._native import native, native_available
 from vpcie._native.lane import FRAME, LOST, TURN, LaneEvent, NativeLane
 from vpcie.errors import ErrorCode
@@ -99,6 +102,12 @@ def wait_event(lane: NativeLane, timeout: float = 3.0) -> tuple[int, int, bytes]
         if left <= 0:
             raise TimeoutError("no lane event")
         select.select([lane.event_fd], [], [], left)
+
+
+def unread(agent: socket.socket) -> int:
+    """Bytes the test sent on ``agent`` that the lane has not read yet
+    (SIOCOUTQ on a unix socket: what the peer has not consumed)."""
+    return int(struct.unpack("i", fcntl.ioctl(agent.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
 
 
 def read_frame(sock: socket.socket, timeout: float = 3.0) -> tuple[int, int, int, bytes]:
@@ -293,7 +302,7 @@ def test_frames_left_to_python(lent: tuple[NativeLane, socket.socket]) -> None:
     lane, agent = lent
     err = encode_frame(FrameType.ERROR, encode_payload("ERROR", 5, 0, "slow down"), session=SESSION)
     agent.sendall(err[:10])
-    time.sleep(0.05)
+    wait_for(lambda: unread(agent) == 0, 3, "the lane never read the first 10 bytes")
     agent.sendall(err[10:])
     bad_ping = struct.pack("<IBBHIQI", FRAME_MAGIC, 1, FrameType.PING, 0, SESSION, 0, 4) + b"abcd"
     agent.sendall(bad_ping)
@@ -307,7 +316,7 @@ def test_take_back_returns_unread_bytes(lent: tuple[NativeLane, socket.socket]) 
     assert lane.release(1) is None  # still lent
     pong_head = encode_frame(FrameType.PONG, struct.pack("<Q", 5), session=SESSION)[:20]
     agent.sendall(pong_head)  # part of a frame: the lane keeps it
-    time.sleep(0.1)
+    wait_for(lambda: unread(agent) == 0, 3, "the lane never read the partial frame")
     lane.kill(1)
     assert lane.take_frame(1) is None and lane.take_batch(1) is None
     back = lane.release(1)

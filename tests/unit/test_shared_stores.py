@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.conftest import wait_for
 from vpcie._native import Impl, native_available
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST, FencePage
 from vpcie.memory import GuestMemory, word_view
@@ -37,17 +38,18 @@ _STOP = struct.Struct("<I")
 class Watch:
     """A child process that reads a little-endian word at ``gpa`` until told to
     stop (a flag word at ``stop_gpa``) and reports how many transient values it
-    saw (see _watch)."""
+    saw (see _watch). The word after the flag says the child has started."""
 
     def __init__(self, mem: GuestMemory, gpa: int, size: int, stop_gpa: int) -> None:
         self.mem, self.stop_gpa = mem, stop_gpa
-        mem.write(stop_gpa, _STOP.pack(0))
+        mem.write(stop_gpa, _STOP.pack(0) + _STOP.pack(0))
         rfd, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: only reads, then leaves without running any cleanup
             os.close(rfd)
             code = 1
             try:
+                mem.write(stop_gpa + _STOP.size, _STOP.pack(1))
                 bad, reads = _watch(mem, gpa, size, stop_gpa)
                 os.write(wfd, struct.pack("<QQ", bad, reads))
                 code = 0
@@ -55,6 +57,9 @@ class Watch:
                 os._exit(code)
         os.close(wfd)
         self.pid, self.rfd = pid, rfd
+
+    def started(self) -> bool:
+        return bool(_STOP.unpack(self.mem.read(self.stop_gpa + _STOP.size, _STOP.size))[0])
 
     def result(self) -> tuple[int, int]:
         self.mem.write(self.stop_gpa, _STOP.pack(1))
@@ -99,7 +104,7 @@ def mem() -> Iterator[GuestMemory]:
 def _watched(mem: GuestMemory, gpa: int, size: int, writer: Callable[[int], None]) -> None:
     watch = Watch(mem, gpa, size, stop_gpa=RAM - 4096)
     try:
-        time.sleep(0.05)  # let the child start reading
+        wait_for(watch.started, 10, "the watching child never started")
         for _ in range(ROUNDS):
             for value in range(1, WRITES + 1):
                 writer(value)

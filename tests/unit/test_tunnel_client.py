@@ -18,6 +18,7 @@ from typing import cast
 
 import pytest
 
+from tests.conftest import until
 from vpcie.errors import AuthError, ErrorCode, VgpuError
 from vpcie.protocol.batch import Record, decode_batch, encode_batch, fields
 from vpcie.protocol.codes import NO_INDEX, ExecutorKind, FrameFlag, FrameType, Opcode
@@ -243,7 +244,7 @@ async def test_inflight_limit_raises_at_once(agent: tuple[FakeAgent, int]) -> No
             c.send([cmds.nop()])
         assert err.value.code is ErrorCode.QUOTA_EXCEEDED
         assert time.monotonic() - t0 < 0.1
-        await asyncio.sleep(0.05)
+        await until(lambda: len(fake.held) == 4, 5, "the fake agent never got the 4 commands")
         fake.hold = False
         fake.release()
         results = await asyncio.wait_for(asyncio.gather(*futs), 5)
@@ -286,9 +287,8 @@ async def test_silent_agent_is_lost_within_2s(agent: tuple[FakeAgent, int]) -> N
 async def test_pings_keep_an_idle_session_alive(agent: tuple[FakeAgent, int]) -> None:
     fake, port = agent
     async with await TunnelClient.connect("127.0.0.1", port, psk=PSK) as c:
-        await asyncio.sleep(1.6)
+        await until(lambda: fake.pings >= 4, 5, "the client sent fewer than 4 pings")
         assert c.state is Runstate.READY
-        assert fake.pings >= 4
         assert c.rtt is not None
         assert (await c.nop()).ok
 
@@ -311,11 +311,7 @@ async def test_malformed_completion_ends_its_command(agent: tuple[FakeAgent, int
     c = await TunnelClient.connect("127.0.0.1", port, psk=PSK)
     fake.hold = True
     held = c.send([cmds.nop()])  # in flight, completion held back
-    for _ in range(100):  # until the fake agent has taken it
-        if fake.held:
-            break
-        await asyncio.sleep(0.01)
-    assert fake.held
+    await until(lambda: fake.held, 5, "the fake agent never took the command")
     fake.bad_completion = True
     done = await asyncio.wait_for(c.submit([cmds.nop()]), 3)
     assert done.status is ErrorCode.DEVICE_LOST and "malformed" in done.message

@@ -31,6 +31,11 @@ class BusyPoller:
     def enabled(self) -> bool:
         return self.window_s > 0
 
+    @property
+    def spinning(self) -> bool:
+        """Inside a window: the loop is being kept hot now."""
+        return self._spinning
+
     def touch(self) -> None:
         """Activity: keep the loop hot for another window."""
         if not self.window_s:
