@@ -4,6 +4,10 @@ Only the standard library: ``fcntl.ioctl`` on the render node with the
 structs packed by hand, ``ctypes`` for the user pointers some of them carry,
 ``mmap`` for buffer objects. Every failing ioctl becomes a DrmError that names
 the ioctl and the errno.
+
+``render_nodes`` and ``probe`` look at the machine's render nodes (which
+driver, which capsets) without assuming which one is which: a guest may have
+other GPUs too (guest_tools.vgpu.find_render_node picks the vGPU).
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ import errno
 import fcntl
 import mmap
 import os
+import re
 import struct
 from collections.abc import Sequence
+from typing import NamedTuple
 
-RENDER_NODE = "/dev/dri/renderD128"
+DRI_DIR = "/dev/dri"
+RENDER_NODE = "/dev/dri/renderD128"  # the first render node; not necessarily the vGPU
+VIRTIO_GPU_DRIVER = "virtio_gpu"  # the DRM driver name of Linux's virtio-gpu
+_RENDER_NAME = re.compile(r"^renderD(\d+)$")
 
 _IOC_WRITE, _IOC_READ = 1, 2
 _DRM_COMMAND_BASE = 0x40
@@ -42,6 +51,9 @@ _RESOURCE_CREATE = struct.Struct("<14I")
 _WAIT = struct.Struct("<II")  # handle, flags
 _GET_CAPS = struct.Struct("<IIQII")  # cap_set_id, cap_set_ver, addr, size, pad
 _GEM_CLOSE = struct.Struct("<II")  # handle, pad
+# struct drm_version: major, minor, patchlevel, (pad), name_len, name,
+# date_len, date, desc_len, desc; every DRM driver answers it.
+_VERSION = struct.Struct("<iiiiQQQQQQ")
 
 IOCTL_MAP = _iowr(_DRM_COMMAND_BASE + 0x01, _MAP.size)
 IOCTL_EXECBUFFER = _iowr(_DRM_COMMAND_BASE + 0x02, _EXECBUFFER.size)
@@ -50,6 +62,7 @@ IOCTL_RESOURCE_CREATE = _iowr(_DRM_COMMAND_BASE + 0x04, _RESOURCE_CREATE.size)
 IOCTL_WAIT = _iowr(_DRM_COMMAND_BASE + 0x08, _WAIT.size)
 IOCTL_GET_CAPS = _iowr(_DRM_COMMAND_BASE + 0x09, _GET_CAPS.size)
 IOCTL_GEM_CLOSE = _ioc(_IOC_WRITE, 0x09, _GEM_CLOSE.size)  # DRM_IOCTL_GEM_CLOSE
+IOCTL_VERSION = _iowr(0x00, _VERSION.size)  # DRM_IOCTL_VERSION (core DRM, not virtgpu)
 
 PARAM_3D_FEATURES = 1
 PARAM_SUPPORTED_CAPSET_IDS = 7
@@ -95,6 +108,16 @@ class RenderNode:
         return arg
 
     # ------------------------------------------------------------------ queries
+    def driver_name(self) -> str:
+        """The DRM driver behind this node ("virtio_gpu" for a vGPU). Ask it
+        before any virtgpu ioctl: those numbers mean other things to other
+        drivers."""
+        name = ctypes.create_string_buffer(64)
+        arg = bytearray(_VERSION.pack(0, 0, 0, 0, len(name), ctypes.addressof(name), 0, 0, 0, 0))
+        self._ioctl("DRM_VERSION", IOCTL_VERSION, arg)
+        length = min(_VERSION.unpack(arg)[4], len(name))
+        return name.raw[:length].decode("ascii", "replace")
+
     def getparam(self, param: int) -> int:
         value = ctypes.c_uint64(0)
         arg = bytearray(_GETPARAM.pack(param, ctypes.addressof(value)))
@@ -158,3 +181,36 @@ class RenderNode:
                 return False
             raise
         return True
+
+
+class NodeProbe(NamedTuple):
+    """What one render node is: its driver, and for a virtio-gpu the capset
+    ids it offers (a bit mask), or why it could not be asked."""
+
+    path: str
+    driver: str = ""
+    capset_ids: int = 0
+    error: str = ""
+
+
+def render_nodes(dri_dir: str = DRI_DIR) -> list[str]:
+    """The render nodes in ``dri_dir`` (renderD128, renderD129...), in the
+    kernel's order; none if the folder does not exist."""
+    try:
+        names = os.listdir(dri_dir)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), n) for n in names if (m := _RENDER_NAME.match(n))]
+    return [os.path.join(dri_dir, n) for _num, n in sorted(found)]
+
+
+def probe(path: str) -> NodeProbe:
+    """Open ``path`` and ask its driver (and a virtio-gpu its capset ids)."""
+    try:
+        with RenderNode(path) as node:
+            driver = node.driver_name()
+            if driver != VIRTIO_GPU_DRIVER:
+                return NodeProbe(path, driver)
+            return NodeProbe(path, driver, node.getparam(PARAM_SUPPORTED_CAPSET_IDS))
+    except DrmError as exc:
+        return NodeProbe(path, error=str(exc.strerror))

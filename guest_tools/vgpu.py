@@ -7,7 +7,7 @@ COPY_D2H name them). The ioctl's fence only means "accepted": completion is
 the fence page (docs/GUEST_ABI.md), a buffer the backend writes and this
 module polls, and each batch's COMPLETION reply lands in a reply buffer.
 
-    dev = Device()
+    dev = Device()  # the vGPU among /dev/dri's render nodes; Device(path) to name one
     a = dev.buffer(4096); a.write(data)
     reply = dev.run([rec(Opcode.MEM_ALLOC, 4096, 0)])
     h = reply.value(0)
@@ -17,13 +17,15 @@ module polls, and each batch's COMPLETION reply lands in a reply buffer.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from guest_tools.drm import PARAM_SUPPORTED_CAPSET_IDS, RENDER_NODE, RenderNode
+from guest_tools import drm
+from guest_tools.drm import PARAM_SUPPORTED_CAPSET_IDS, VIRTIO_GPU_DRIVER, NodeProbe, RenderNode
 from vpcie.errors import ErrorCode, VgpuError
 from vpcie.protocol.batch import Record, encode_batch, rec
 from vpcie.protocol.codes import ExecutorKind, Opcode
@@ -40,6 +42,47 @@ REPLY_SLOT = 4096  # bytes of COMPLETION per SIGNAL in flight
 REPLY_SLOTS = 16
 PAGE = 4096
 SPIN_S = 0.005  # wait(): busy-poll this long before sleeping between looks
+RENDER_NODE_ENV = "VPCIE_RENDER_NODE"  # names the vGPU's render node, skipping the lookup
+
+
+def _is_vgpu(p: NodeProbe) -> bool:
+    return p.driver == VIRTIO_GPU_DRIVER and bool(p.capset_ids & (1 << CAPSET_ID))
+
+
+def _what(p: NodeProbe) -> str:
+    name = os.path.basename(p.path)
+    if p.error:
+        return f"{name}: {p.error}"
+    if p.driver != VIRTIO_GPU_DRIVER:
+        return f"{name}: {p.driver or 'unknown'} driver"
+    return f"{name}: virtio-gpu without capset {CAPSET_ID}"
+
+
+def choose_render_node(probes: Sequence[NodeProbe], where: str = drm.DRI_DIR) -> str:
+    """The first node that is a virtio-gpu offering the vpcie capset, else
+    VgpuError(NO_DEVICE) saying what each node was and what to do."""
+    for p in probes:
+        if _is_vgpu(p):
+            return p.path
+    if not probes:
+        seen = f"no render node in {where} (is the virtio_gpu module loaded?)"
+    else:
+        seen = "; ".join(_what(p) for p in probes)
+    raise VgpuError(
+        ErrorCode.NO_DEVICE,
+        f"no vpcie vGPU found ({seen}): "
+        f"name its render node with Device(path) or {RENDER_NODE_ENV}",
+    )
+
+
+def find_render_node(
+    dri_dir: str | None = None, probe: Callable[[str], NodeProbe] = drm.probe
+) -> str:
+    """The vGPU's render node in ``dri_dir`` (default /dev/dri): every render
+    node is asked its driver and capsets (an open and two ioctls each, once
+    per Device)."""
+    where = dri_dir or drm.DRI_DIR
+    return choose_render_node([probe(path) for path in drm.render_nodes(where)], where)
 
 
 class VgpuInfo(NamedTuple):
@@ -132,11 +175,18 @@ class Buffer:
 
 
 class Device:
-    """A vpcie vGPU as one guest process sees it."""
+    """A vpcie vGPU as one guest process sees it: ``path`` names its render
+    node, else $VPCIE_RENDER_NODE, else the render nodes are searched for it."""
 
-    def __init__(self, path: str = RENDER_NODE) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or os.environ.get(RENDER_NODE_ENV) or find_render_node()
         self.node = RenderNode(path)
         try:
+            driver = self.node.driver_name()
+            if driver != VIRTIO_GPU_DRIVER:
+                raise VgpuError(
+                    ErrorCode.NO_DEVICE, f"{path} is not a virtio-gpu (its driver: {driver})"
+                )
             ids = self.node.getparam(PARAM_SUPPORTED_CAPSET_IDS)
             if not ids & (1 << CAPSET_ID):
                 raise VgpuError(
