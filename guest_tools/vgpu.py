@@ -179,8 +179,9 @@ class Device:
     node, else $VPCIE_RENDER_NODE, else the render nodes are searched for it."""
 
     def __init__(self, path: str | None = None) -> None:
-        path = path or os.environ.get(RENDER_NODE_ENV) or find_render_node()
-        self.node = RenderNode(path)
+        self.path = path or os.environ.get(RENDER_NODE_ENV) or find_render_node()
+        self.node = RenderNode(self.path)
+        path = self.path
         try:
             driver = self.node.driver_name()
             if driver != VIRTIO_GPU_DRIVER:

@@ -6,19 +6,26 @@ kernel and initramfs built by images/build.sh, and
 ``-device vhost-user-gpu-pci`` on a vpcie-backend's socket. The guest's /init
 runs ``vpcie.run=PROGRAM`` with ``vpcie.args=A,B`` and ends with
 ``vpcie-guest: exit N``; this module streams the console and returns it.
+
+A user's own programs and files go in without rebuilding the image:
+``run_guest(..., files={"job.py": Path("job.py")})`` appends a second,
+gzip'd cpio archive holding them under /opt/vpcie/user to a copy of the
+initramfs (Linux unpacks concatenated archives, later over earlier).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +34,8 @@ from vpcie.errors import ConfigError, ErrorCode, VgpuError
 IMAGE_DIR = Path(__file__).resolve().parent.parent / "images" / "out"
 QEMU = "qemu-system-x86_64"
 GUEST_TOOLS = "/opt/vpcie/guest_tools"  # where images/build.sh puts guest_tools
+USER_DIR = "/opt/vpcie/user"  # where run_guest(files=...) puts the user's files
+_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 _EXIT = re.compile(r"vpcie-guest: exit (\d+)")
 
 
@@ -55,6 +64,40 @@ def image_dir() -> Path:
     return d
 
 
+def _newc(ino: int, name: str, mode: int, data: bytes = b"") -> bytes:
+    """One entry of a "newc" cpio archive (the initramfs format: Linux's
+    Documentation/driver-api/early-userspace/buffer-format.rst)."""
+    raw = name.encode() + b"\0"
+    nlink = 2 if mode & 0o040000 else 1
+    fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(raw), 0)
+    head = b"070701" + b"".join(b"%08X" % f for f in fields) + raw
+    return head + bytes(-len(head) % 4) + data + bytes(-len(data) % 4)
+
+
+def user_archive(files: Mapping[str, Path]) -> bytes:
+    """A gzip'd cpio archive with ``files`` (name in the guest -> file here)
+    in USER_DIR; ConfigError for a name that is not a plain file name or a
+    file that cannot be read."""
+    out = [_newc(1, USER_DIR.lstrip("/"), 0o040755)]
+    for ino, (name, src) in enumerate(sorted(files.items()), start=2):
+        if not _USER_NAME.match(name):
+            raise ConfigError(f"guest file name {name!r}: use letters, digits, '.', '_', '-'")
+        try:
+            data = Path(src).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {src} for the guest: {exc.strerror}") from None
+        out.append(_newc(ino, f"{USER_DIR.lstrip('/')}/{name}", 0o100755, data))
+    out.append(_newc(0, "TRAILER!!!", 0))
+    return gzip.compress(b"".join(out), mtime=0)
+
+
+def initramfs_with(files: Mapping[str, Path], out: Path, images: Path | None = None) -> Path:
+    """Write the image's initramfs followed by ``user_archive(files)`` to ``out``."""
+    base = (images or image_dir()) / "initramfs.gz"
+    out.write_bytes(base.read_bytes() + user_archive(files))
+    return out
+
+
 def qemu_command(
     vgpu_socket: str | None,
     program: str | None = None,
@@ -63,8 +106,10 @@ def qemu_command(
     memory_mb: int = 512,
     images: Path | None = None,
     fbdev: bool = False,
+    initrd: Path | None = None,
 ) -> list[str]:
-    """``fbdev``: the guest keeps its DRM framebuffer console (2D traffic)."""
+    """``fbdev``: the guest keeps its DRM framebuffer console (2D traffic);
+    ``initrd``: instead of the image's (e.g. from ``initramfs_with``)."""
     d = images or image_dir()
     qemu = shutil.which(QEMU)
     if qemu is None:
@@ -81,7 +126,7 @@ def qemu_command(
         "-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on",
         "-machine", "q35,memory-backend=mem",
         "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio",
-        "-kernel", str(d / "vmlinuz"), "-initrd", str(d / "initramfs.gz"),
+        "-kernel", str(d / "vmlinuz"), "-initrd", str(initrd or d / "initramfs.gz"),
         "-append", append,
     ]  # fmt: skip
     if vgpu_socket is not None:
@@ -101,10 +146,29 @@ async def run_guest(
     on_line: Callable[[str], None] | None = None,
     memory_mb: int = 512,
     fbdev: bool = False,
+    files: Mapping[str, Path] | None = None,
 ) -> GuestRun:
     """Boot the guest, run ``program`` in it, return its console. The VM is
-    killed at ``timeout`` (``timed_out``); it never outlives this call."""
+    killed at ``timeout`` (``timed_out``); it never outlives this call.
+    ``files``: the user's own files, at USER_DIR/NAME in the guest (e.g.
+    ``program=f"{USER_DIR}/job.py", files={"job.py": Path("job.py")}``)."""
+    if files:
+        with tempfile.TemporaryDirectory(prefix="vpcie-guest-") as tmp:
+            initrd = initramfs_with(files, Path(tmp) / "initramfs.gz")
+            return await _run_guest(
+                qemu_command(
+                    vgpu_socket, program, args, memory_mb=memory_mb, fbdev=fbdev, initrd=initrd
+                ),
+                timeout,
+                on_line,
+            )
     cmd = qemu_command(vgpu_socket, program, args, memory_mb=memory_mb, fbdev=fbdev)
+    return await _run_guest(cmd, timeout, on_line)
+
+
+async def _run_guest(
+    cmd: list[str], timeout: float, on_line: Callable[[str], None] | None
+) -> GuestRun:
     run = GuestRun()
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(

@@ -22,7 +22,14 @@ import pytest
 
 from tests.conftest import AgentProc
 from vpcie._native import native_available
-from vpcie.guestvm import GUEST_TOOLS, image_dir, run_guest, start_backend, stop_backend
+from vpcie.guestvm import (
+    GUEST_TOOLS,
+    USER_DIR,
+    image_dir,
+    run_guest,
+    start_backend,
+    stop_backend,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(240)]
 
@@ -75,6 +82,50 @@ async def test_guest_sees_no_gpu_bound(tmp_path: Path) -> None:
     assert "capset at driver load: no GPU bound to this vGPU" in lines
     assert "demo FAILED: VgpuError" in lines and "NO_DEVICE" in lines
     assert run.exit_code == 1
+
+
+USER_PROGRAM = """\
+import sys
+from guest_tools.vgpu import Device
+from vpcie.protocol.batch import rec
+from vpcie.protocol.codes import Opcode
+
+size = int(open(sys.argv[1]).read())
+with Device() as dev:  # found among the render nodes by its capset
+    print("user: device", dev.path, "args", sys.argv[1:], flush=True)
+    buf = dev.buffer(size)
+    buf.write(bytes(range(256)) * (size // 256))
+    h = dev.run([rec(Opcode.MEM_ALLOC, size, 0)]).check().value(0)
+    dev.run([rec(Opcode.COPY_H2D, h, buf.resource_id, 0, 0, size)]).check()
+    dev.run([rec(Opcode.MEMSET, h, 7, 0, 16)]).check()
+    dev.run([rec(Opcode.COPY_D2H, h, buf.resource_id, 0, 0, size)]).check()
+    print("user: read back", bytes(buf.read(0, 20)).hex(), flush=True)
+sys.exit(3)
+"""
+
+
+async def test_users_own_program(tmp_path: Path, agent: AgentProc) -> None:
+    """docs/TROUBLESHOOTING.md "Running your own program in the guest": a
+    program and a data file from this machine, added to the initramfs by
+    ``run_guest(files=...)``, run with arguments; Device() finds the vGPU
+    by itself; the program's exit status comes back."""
+    job, size = tmp_path / "job.py", tmp_path / "size.txt"
+    job.write_text(USER_PROGRAM)
+    size.write_text("4096")
+    async with backend(
+        tmp_path, "--bind", agent.address, "--psk-file", str(agent.psk_file)
+    ) as sock:
+        run = await run_guest(
+            sock,
+            f"{USER_DIR}/job.py",
+            [f"{USER_DIR}/size.txt", "x"],
+            files={"job.py": job, "size.txt": size},
+            timeout=GUEST_TIMEOUT,
+        )
+    out = "\n".join(run.lines)
+    assert run.exit_code == 3, "\n".join(run.lines[-30:])
+    assert f"user: device /dev/dri/renderD128 args ['{USER_DIR}/size.txt', 'x']" in out
+    assert "user: read back " + "07" * 16 + "10111213" in out
 
 
 async def test_guest_on_a_bound_agent(tmp_path: Path, agent: AgentProc) -> None:
