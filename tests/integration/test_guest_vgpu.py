@@ -105,7 +105,7 @@ sys.exit(3)
 
 
 async def test_users_own_program(tmp_path: Path, agent: AgentProc) -> None:
-    """docs/TROUBLESHOOTING.md "Running your own program in the guest": a
+    """README.md "Your own program in the guest": a
     program and a data file from this machine, added to the initramfs by
     ``run_guest(files=...)``, run with arguments; Device() finds the vGPU
     by itself; the program's exit status comes back."""
