@@ -390,8 +390,14 @@ async def test_hostile_chains_while_the_lane_owns_the_ring(
         os.eventfd_write(fe.kick_fds[0], 1)
         await until(lambda: lane_stats(r)["lane_kicks"] > kicked, 5, "the lane saw no kick")
         # Let it finish with that kick (one pass over the bad index: Python's
-        # turn and back) before the counts are taken as the baseline.
-        await asyncio.sleep(0.2)
+        # turn and back): the counts stop moving; they are the baseline.
+        seen: list[tuple[int, int]] = []
+
+        def settled() -> bool:
+            seen.append((lane_stats(r)["lane_kicks"], lane_stats(r)["lane_handed"]))
+            return len(seen) > 1 and seen[-1] == seen[-2]
+
+        await until(settled, 5, "the lane's counters never settled after the kick", 0.05)
         kicks, handed = lane_stats(r)["lane_kicks"], lane_stats(r)["lane_handed"]
         # Asserting an absence (no spinning on the bad index): 0.2 s in which a
         # spinning lane would hand or count thousands of times.
