@@ -22,9 +22,10 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from vpcie.errors import VpcieError
+from vpcie.errors import ConfigError, VpcieError
 from vpcie.gpu.binding import AgentTarget, Binding, info_bytes
 from vpcie.gpu.device import GpuDevice
+from vpcie.tls_files import check_pki_files, tls_folder
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,17 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 def client_tls_context(tls_dir: str, name: str) -> ssl.SSLContext:
     """mTLS client context from a PKI folder made by ``vpcie-agent pki``:
-    ca.crt, NAME.crt (a client certificate) and NAME.key."""
-    d = Path(tls_dir)
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(d / "ca.crt"))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(str(d / f"{name}.crt"), str(d / f"{name}.key"))
+    ca.crt, NAME.crt (a client certificate) and NAME.key. A folder or file
+    that cannot be used is a ConfigError naming it (and the user we run as)."""
+    d = tls_folder(tls_dir)
+    ca, cert, key = d / "ca.crt", d / f"{name}.crt", d / f"{name}.key"
+    check_pki_files(ca, cert, key)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:  # checked above; a race or an OpenSSL-only refusal
+        raise ConfigError(f"cannot use TLS files in {d} ({name}.crt/.key, ca.crt): {exc}") from exc
     ctx.check_hostname = False  # agents are pinned by the fleet CA, not by DNS names
     return ctx
 
@@ -143,16 +150,69 @@ class ControlServer:
         await session.close()
 
 
+# A control socket answers "status" at once; a vhost-user socket given by
+# mistake resets the connection (our JSON is not a vhost-user header) or, with
+# QEMU attached, leaves us in its accept backlog. Only that first answer has
+# this short deadline; a bind may then take PROBE_TIMEOUT_S.
+FIRST_ANSWER_S = 2.0
+
+
+class NotAControlSocket(VpcieError):
+    """The path is a socket, but nothing there speaks the control protocol."""
+
+
 async def control_request(path: str, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    """Client side (CLI, hooks, tests): one request, one answer."""
+    """Client side (CLI, hooks, tests): one request, one answer.
+
+    A request other than status is preceded by a status on the same
+    connection, so a path that is not a control socket fails within
+    FIRST_ANSWER_S (NotAControlSocket), not after ``timeout``."""
     reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    try:
+        first = req if req.get("op") == "status" else {"op": "status"}
+        reply = await _exchange(reader, writer, first, path, None)
+        if first is not req:
+            reply = await _exchange(reader, writer, req, path, timeout)
+        return reply
+    finally:
+        writer.close()
+
+
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    req: dict[str, Any],
+    path: str,
+    timeout: float | None,
+) -> dict[str, Any]:
+    """Send one request, read one answer; ``timeout`` None: this is the first
+    answer on the connection, which proves (or not) that a control socket is there."""
+    first = timeout is None
+    timeout = FIRST_ANSWER_S if timeout is None else timeout
+    not_ctl = (
+        f"{path} does not answer as a vpcie control socket (a vhost-user socket? the "
+        "control socket is the vhost-user path + .ctl unless --control-socket said otherwise)"
+    )
     try:
         writer.write(json.dumps(req).encode() + b"\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
-        if not line:
-            raise OSError("backend closed the control socket without answering")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-    finally:
-        writer.close()
+    except TimeoutError:
+        if first:
+            raise NotAControlSocket(f"{not_ctl}: no answer in {timeout} s") from None
+        raise OSError(f"backend at {path} did not answer in {timeout} s") from None
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        if first:
+            raise NotAControlSocket(f"{not_ctl}: connection reset") from exc
+        raise
+    if not line:
+        if first:
+            raise NotAControlSocket(f"{not_ctl}: closed without answering")
+        raise OSError("backend closed the control socket without answering")
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise NotAControlSocket(f"{path} answered something that is not a control reply")
+    return reply
