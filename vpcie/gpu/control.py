@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import ssl
 from pathlib import Path
 from typing import Any
 
+from vpcie.backend.sockpath import ClaimedSocket, SocketAccess
 from vpcie.errors import ConfigError, VpcieError
 from vpcie.gpu.binding import AgentTarget, Binding, info_bytes
 from vpcie.gpu.device import GpuDevice
@@ -84,17 +84,23 @@ class ControlServer:
         self.device = device
         self.binding = binding
         self._server: asyncio.AbstractServer | None = None
+        self._claimed: ClaimedSocket | None = None
 
-    async def start(self, path: str) -> None:
-        if os.path.exists(path):
-            os.unlink(path)
-        self._server = await asyncio.start_unix_server(self._client, path, limit=MAX_REQUEST_LINE)
-        os.chmod(path, 0o600)
+    async def start(self, path: str, access: SocketAccess | None = None) -> None:
+        """Listen on ``path`` (mode 0600 unless ``access`` says otherwise); a
+        live socket or a non-socket there is refused, never replaced."""
+        self._claimed = ClaimedSocket(path, access, default_mode=0o600, backlog=16)
+        self._server = await asyncio.start_unix_server(
+            self._client, sock=self._claimed.sock, limit=MAX_REQUEST_LINE
+        )
         log.info("control socket on %s", path)
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._claimed is not None:
+            self._claimed.release()
+            self._claimed = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
