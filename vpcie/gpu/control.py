@@ -37,6 +37,8 @@ def parse_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"agent address {text!r} is not HOST:PORT")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"agent address {text!r}: port {int(port)} is not in 1..65535")
     return host.strip("[]"), int(port)
 
 
