@@ -289,7 +289,11 @@ async def _name_later(fd: int, plan: Plan, control: Any, log: logging.Logger) ->
     other end of our socket, then open the log and the control socket."""
     from vpcie.backend.managed import fallback_name, learn_guest_name
 
-    learned = await learn_guest_name(fd)
+    try:
+        learned = await learn_guest_name(fd)
+    except Exception as exc:  # a /proc or netlink surprise must not cost the guest its GPU
+        log.error("guest name lookup failed", extra={"fields": {"error": repr(exc)}})
+        learned = None
     name = learned or fallback_name()
     if learned is None:
         log.warning("guest name not learned from the QEMU peer; give --name", extra={})

@@ -100,7 +100,9 @@ def test_serve_with_a_corrupt_key_names_the_key(pki: Path, tmp_path: Path) -> No
     for name in ("ca.crt", "agent.crt"):
         (bad / name).write_bytes((pki / name).read_bytes())
     (bad / "agent.key").write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n")
-    r = run(AGENT, "serve", "--listen", "127.0.0.1:0", "--tls-dir", str(bad), "--cert-name", "agent")
+    r = run(
+        AGENT, "serve", "--listen", "127.0.0.1:0", "--tls-dir", str(bad), "--cert-name", "agent"
+    )
     line = one_line(r, str(bad / "agent.key"))
     assert "PEM lib" not in line
 

@@ -15,6 +15,7 @@ import itertools
 import os
 import re
 import socket
+import struct
 from collections.abc import Iterator, Sequence
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -79,19 +80,52 @@ def _peercred_pid(sock: socket.socket) -> int | None:
     return pid or None
 
 
-def _peer_inode(sock: socket.socket) -> int | None:
-    try:
-        from pyroute2 import DiagSocket
+# sock_diag(7) for one unix socket: a netlink request by inode asking for the
+# peer's inode (linux/unix_diag.h). Written out here (a 28-byte request)
+# because pyroute2's synchronous API starts an event loop of the installed
+# policy, and uvloop cannot open netlink sockets.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_UDIAG_SHOW_PEER = 4
+_UNIX_DIAG_PEER = 2
+_NLMSG = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")
+_UNIX_DIAG_MSG_SIZE = 16
 
-        ino = os.fstat(sock.fileno()).st_ino
-        with DiagSocket() as ds:
-            ds.bind()
-            for msg in ds.get_sock_stats():
-                if msg["udiag_ino"] == ino:
-                    peer = msg.get_attr("UNIX_DIAG_PEER")
-                    return int(peer) if peer else None
-    except Exception:  # no sock_diag (container, old kernel): SO_PEERCRED is all we have
+
+def _peer_inode(sock: socket.socket) -> int | None:
+    ino = os.fstat(sock.fileno()).st_ino
+    req = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, _UDIAG_SHOW_PEER,
+                              0xFFFFFFFF, 0xFFFFFFFF)  # fmt: skip
+    msg = _NLMSG.pack(_NLMSG.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + req
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1.0)
+            nl.send(msg)
+            reply = nl.recv(8192)
+    except OSError:  # no sock_diag here (container, module missing): SO_PEERCRED is all
         return None
+    return parse_peer_inode(reply)
+
+
+def parse_peer_inode(reply: bytes) -> int | None:
+    """UNIX_DIAG_PEER from a sock_diag reply (one message), or None."""
+    if len(reply) < _NLMSG.size + _UNIX_DIAG_MSG_SIZE:
+        return None
+    length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(reply)
+    if kind == _NLMSG_ERROR or length > len(reply):
+        return None
+    off = _NLMSG.size + _UNIX_DIAG_MSG_SIZE
+    while off + 4 <= length:
+        alen, atype = struct.unpack_from("=HH", reply, off)
+        if alen < 4 or off + alen > length:
+            return None
+        if atype == _UNIX_DIAG_PEER and alen >= 8:
+            peer: int = struct.unpack_from("=I", reply, off + 4)[0]
+            return peer or None
+        off += (alen + 3) & ~3  # attributes are 4-byte aligned
     return None
 
 
