@@ -166,7 +166,8 @@ def prepare(args: argparse.Namespace) -> Plan:
         plan.managed.check()
         plan.log_file = HeldFileHandler()
         plan.name = args.name
-        if plan.name is None and _is_listener(args.fd):
+        listener = _is_listener(args.fd)  # also: is it a unix socket at all
+        if plan.name is None and listener:
             plan.name = fallback_name()  # no peer to ask until QEMU connects
     if not args.null_device:
         if args.control_socket:
@@ -185,13 +186,16 @@ def prepare(args: argparse.Namespace) -> Plan:
 
 
 def _is_listener(fd: int) -> bool:
+    """Whether inherited ``fd`` listens; ConfigError unless it is a unix stream socket."""
     import socket
 
     try:
         s = socket.socket(fileno=os.dup(fd))
     except OSError as exc:
-        raise ConfigError(f"--fd {fd}: {exc.strerror}") from exc
+        raise ConfigError(f"--fd {fd}: {exc.strerror or exc}") from exc
     with s:
+        if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
+            raise ConfigError(f"--fd {fd} is not a unix stream socket")
         return bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
@@ -215,10 +219,26 @@ def _bind_target(args: argparse.Namespace) -> Any:
         raise ConfigError(str(exc)) from exc
 
 
+class _DecideOnce(logging.Filter):
+    """One budget verdict per record, however many handlers ask (the budget
+    counts tokens and edits the message of the record that passes)."""
+
+    def __init__(self, inner: logging.Filter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        verdict = getattr(record, "vpcie_budget", None)
+        if verdict is None:
+            verdict = bool(self.inner.filter(record))
+            record.vpcie_budget = verdict
+        return bool(verdict)
+
+
 def setup_logging(verbose: bool, log_file: logging.Handler | None = None) -> None:
     from vpcie.backend.logbudget import GuestLogBudget
 
-    budget = GuestLogBudget()  # a guest must not flood the host's journal (or our file)
+    budget = _DecideOnce(GuestLogBudget())  # a guest must not flood the journal or our file
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         handlers.append(log_file)  # --fd mode: libvirt discards our stderr
