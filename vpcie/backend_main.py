@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,7 @@ class JsonLineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": round(time.time(), 6),
+            "ts": round(record.created, 6),  # when it happened (a held record is written later)
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),

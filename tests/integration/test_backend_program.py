@@ -297,6 +297,8 @@ async def test_fd_mode_control_socket_and_log_named_after_the_guest(tmp_path: Pa
             assert time.monotonic() < deadline, log.read_text()
             await asyncio.sleep(0.05)
         assert managed[0]["name"] == "web,1" and managed[0]["control"] == str(ctl)
+        early = [e for e in events(log.read_text()) if e["event"] == "inherited_connection"]
+        assert early and early[0]["ts"] <= managed[0]["ts"]  # held until the name was known
     finally:
         qemu.kill()
         qemu.wait()
