@@ -198,8 +198,9 @@ async def _exchange(
     first = timeout is None
     timeout = FIRST_ANSWER_S if timeout is None else timeout
     not_ctl = (
-        f"{path} does not answer as a vpcie control socket (a vhost-user socket? the "
-        "control socket is the vhost-user path + .ctl unless --control-socket said otherwise)"
+        f"{path} does not answer as a vpcie control socket (a vhost-user socket? a "
+        "backend's control socket is its vhost-user path + .ctl, or /run/vpcie/NAME.ctl "
+        "when libvirt started it)"
     )
     try:
         writer.write(json.dumps(req).encode() + b"\n")
@@ -207,7 +208,9 @@ async def _exchange(
         line = await asyncio.wait_for(reader.readline(), timeout)
     except TimeoutError:
         if first:
-            raise NotAControlSocket(f"{not_ctl}: no answer in {timeout} s") from None
+            raise NotAControlSocket(
+                f"{not_ctl}: no answer in {timeout} s (or a backend too busy to answer)"
+            ) from None
         raise OSError(f"backend at {path} did not answer in {timeout} s") from None
     except (ConnectionResetError, BrokenPipeError) as exc:
         if first:
