@@ -23,11 +23,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vpcie.cli.oneline import OneLineParser
 from vpcie.errors import ConfigError, VpcieError
 from vpcie.places import DEFAULT_LOG_DIR, DEFAULT_RUN_DIR
+
+if TYPE_CHECKING:  # the modules are imported where used: --print-capabilities stays light
+    from vpcie.backend.managed import HeldFileHandler, ManagedPaths
+    from vpcie.backend.sockpath import SocketAccess
+    from vpcie.gpu.binding import AgentTarget
 
 # libvirt reads these; "render-node" must never be listed (libvirt would then
 # demand a /dev/dri render node, which GPU-less hosts lack). "virgl": we
@@ -141,12 +146,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 class Plan:
     """What ``prepare`` checked before anything starts."""
 
-    access: Any = None  # SocketAccess
-    target: Any = None  # AgentTarget for --bind
+    access: SocketAccess
+    target: AgentTarget | None = None  # for --bind
     control_path: str | None = None  # None: none, or (managed) once the name is known
-    managed: Any = None  # ManagedPaths in --fd mode
+    managed: ManagedPaths | None = None  # in --fd mode
     name: str | None = None  # managed mode's name, when known at start
-    log_file: Any = None  # HeldFileHandler in --fd mode
+    log_file: HeldFileHandler | None = None  # in --fd mode
 
 
 def prepare(args: argparse.Namespace) -> Plan:
@@ -173,11 +178,11 @@ def prepare(args: argparse.Namespace) -> Plan:
             plan.control_path = args.control_socket
         elif args.socket_path is not None:
             plan.control_path = args.socket_path + ".ctl"
-        elif plan.name is not None:
+        elif plan.name is not None and plan.managed is not None:
             plan.control_path = plan.managed.control(plan.name)
         if plan.control_path is not None:
             decide(plan.control_path, inspect(plan.control_path))
-    if plan.name is not None:
+    if plan.name is not None and plan.managed is not None and plan.log_file is not None:
         plan.log_file.open(plan.managed.log(plan.name))
     if args.bind:
         plan.target = _bind_target(args)
@@ -300,7 +305,8 @@ async def run(args: argparse.Namespace, plan: Plan | None = None) -> None:
 
 
 def _managed_fields(plan: Plan, name: str) -> dict[str, Any]:
-    return {"name": name, "control": plan.control_path, "log": str(plan.managed.log(name))}
+    log = plan.managed.log(name) if plan.managed is not None else None
+    return {"name": name, "control": plan.control_path, "log": str(log)}
 
 
 async def _name_later(fd: int, plan: Plan, control: Any, log: logging.Logger) -> None:
@@ -316,9 +322,10 @@ async def _name_later(fd: int, plan: Plan, control: Any, log: logging.Logger) ->
     name = learned or fallback_name()
     if learned is None:
         log.warning("guest name not learned from the QEMU peer; give --name", extra={})
+    assert plan.managed is not None and plan.log_file is not None
     try:
         plan.log_file.open(plan.managed.log(name))
-        if control is not None:
+        if control is not None and plan.control_path is None:  # else --control-socket has it
             plan.control_path = plan.managed.control(name)
             await control.start(plan.control_path, plan.access)
     except VpcieError as exc:  # the guest is running: keep serving it, say why unbindable
