@@ -32,6 +32,7 @@ from host_agent.inventory import Inventory, discover
 from host_agent.logs import log
 from host_agent.nvml import load_nvml
 from host_agent.server import Agent
+from vpcie.cli.oneline import OneLineParser, non_negative_int
 from vpcie.errors import ConfigError
 
 MIN_PSK_BYTES = 16
@@ -165,7 +166,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vpcie-agent", description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="vpcie-agent", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="serve this host's GPUs over the tunnel")
     s.add_argument("--listen", required=True, help="HOST:PORT")
@@ -175,7 +176,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cert-name", help="agent certificate name in --tls-dir")
     s.add_argument("--name", default=socket.gethostname(), help="agent name in HELLO/QUERY")
     s.add_argument("--executor", choices=("auto", "cpu", "cuda"), default="auto")
-    s.add_argument("--mem-quota", type=int, default=0, help="max device bytes per session")
+    s.add_argument(
+        "--mem-quota", type=non_negative_int, default=0, help="max device bytes per session"
+    )
     s.add_argument("--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT)
     s.add_argument(
         "--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS, help="sessions per device"
@@ -221,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vpcie-agent: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the command needed: name it, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"vpcie-agent: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -11,6 +11,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import stat
 from pathlib import Path
 
 from cryptography import x509
@@ -19,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vpcie.errors import ConfigError
+from vpcie.fileerrors import os_error_line
+from vpcie.tls_files import check_pki_files
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -46,8 +49,24 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _pki_folder(directory: Path, create: bool) -> None:
+    """ConfigError (one line, naming the folder and the user) unless
+    ``directory`` is a folder we can use; made (0700) when ``create``."""
+    try:
+        if create:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = directory.stat().st_mode
+    except FileExistsError:
+        raise ConfigError(f"PKI folder {directory} exists and is not a folder") from None
+    except OSError as exc:
+        what = "create PKI folder" if create else "open PKI folder"
+        raise ConfigError(os_error_line(what, directory, exc)) from exc
+    if not stat.S_ISDIR(mode):
+        raise ConfigError(f"PKI folder {directory} exists and is not a folder")
+
+
 def init_ca(directory: Path, common_name: str = "vpcie fleet CA") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    _pki_folder(directory, create=True)
     key_path, cert_path = directory / CA_KEY, directory / CA_CERT
     if key_path.exists() or cert_path.exists():
         raise ConfigError(f"{directory} already holds a CA; remove {CA_KEY}/{CA_CERT} first")
@@ -86,13 +105,13 @@ def init_ca(directory: Path, common_name: str = "vpcie fleet CA") -> Path:
 
 
 def _load_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    try:
-        key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), None)
-        cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"no CA in {directory}: run 'vpcie-agent pki init --dir {directory}'"
-        ) from exc
+    _pki_folder(directory, create=False)
+    key_path, cert_path = directory / CA_KEY, directory / CA_CERT
+    if not key_path.exists() and not cert_path.exists():
+        raise ConfigError(f"no CA in {directory}: run 'vpcie-agent pki init --dir {directory}'")
+    check_pki_files(cert_path, cert_path, key_path)  # names a missing or corrupt file
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{directory / CA_KEY} is not an EC key")
     return key, cert
@@ -148,7 +167,15 @@ def issue(directory: Path, name: str, *, server: bool, sans: list[str] | None = 
 
 
 def find_server_cert(directory: Path, name: str | None) -> tuple[Path, Path]:
-    """(cert, key) of the agent: NAME, or the one server certificate there."""
+    """(cert, key) of the agent: NAME, or the one server certificate there;
+    both checked with the CA (one line naming a missing or corrupt file)."""
+    cert, key = _find_server_cert(directory, name)
+    check_pki_files(directory / CA_CERT, cert, key)
+    return cert, key
+
+
+def _find_server_cert(directory: Path, name: str | None) -> tuple[Path, Path]:
+    _pki_folder(directory, create=False)
     if name:
         cert, key = directory / f"{name}.crt", directory / f"{name}.key"
         if not cert.exists() or not key.exists():

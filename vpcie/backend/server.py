@@ -12,12 +12,12 @@ import asyncio
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable
 from typing import Any
 
 from vpcie.backend.core import BackendCore
 from vpcie.backend.device import Device
+from vpcie.backend.sockpath import ClaimedSocket, SocketAccess
 from vpcie.errors import ProtocolError
 from vpcie.vhost_user.connection import Connection, Runstate
 from vpcie.vhost_user.constants import MAX_FDS_PER_MESSAGE
@@ -90,25 +90,16 @@ class BackendServer:
         self._stopping.set()
 
     # ----------------------------------------------------------- listening
-    async def serve_path(self, path: str) -> None:
-        """Listen on unix socket ``path`` until stop(); the file is removed at the end."""
+    async def serve_path(self, path: str, access: SocketAccess | None = None) -> None:
+        """Listen on unix socket ``path`` until stop(). Refuses (ConfigError) a
+        path where a live socket or a non-socket is; replaces a stale socket;
+        removes the path at the end only while it is still our socket."""
+        claimed = ClaimedSocket(path, access)
         try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)  # a stale socket of a previous run
-        except FileNotFoundError:
-            pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(path)
-            listener.listen(1)
             self._event("listening", path=path)
-            await self.serve_listener(listener)
+            await self.serve_listener(claimed.sock)
         finally:
-            listener.close()
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            claimed.release()
 
     async def serve_fd(self, fd: int) -> None:
         """Serve an inherited fd: a listening socket, or one connected socket (libvirt)."""

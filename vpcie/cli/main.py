@@ -7,9 +7,11 @@ Every failure prints one line (``vpcie: error: ...``) and exits non-zero
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
+from vpcie.cli.oneline import OneLineParser
 from vpcie.errors import ConfigError, VpcieError
 
 
@@ -33,7 +35,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vpcie", description="network-attached virtual GPUs")
+    ap = OneLineParser(prog="vpcie", description="network-attached virtual GPUs")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     d = sub.add_parser(
         "demo",
@@ -71,13 +73,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: int = args.func(args)
         return rc
     except ConfigError as exc:
-        print(f"vpcie: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, exc, 2)
     except VpcieError as exc:
-        print(f"vpcie: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, exc, 1)
+    except OSError as exc:  # a file or socket the command needed: name it, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(args, f"{where}{exc.strerror or exc}", 1)
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(args: argparse.Namespace, exc: object, status: int) -> int:
+    """One line on stderr, or with --json one object on stdout (scripts read
+    stdout): {"ok": false, "error": "...", "status": N}."""
+    line = str(exc) or type(exc).__name__
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": line, "status": status}))
+    else:
+        print(f"vpcie: error: {line}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

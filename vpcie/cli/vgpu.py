@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 from typing import Any
 
+from vpcie.cli.oneline import non_negative_int
 from vpcie.errors import ConfigError, VpcieError
 
 
@@ -31,7 +33,9 @@ def add_parser(sub: Any) -> None:
     auth.add_argument("--tls-dir", help="PKI folder (ca.crt, NAME.crt, NAME.key)")
     b.add_argument("--tls-name", default="backend", help="client certificate name")
     b.add_argument("--device", default="", help="GPU or MIG UUID on the agent (default: any)")
-    b.add_argument("--mem-quota", type=int, default=0, help="device memory bytes per context")
+    b.add_argument(
+        "--mem-quota", type=non_negative_int, default=0, help="device memory bytes per context"
+    )
     u = vsub.add_parser("unbind", help="unbind: in-flight work ends with DEVICE_LOST")
     for q in (st, b, u):
         q.add_argument("--backend", required=True, metavar="CTL_SOCKET", help="control socket")
@@ -46,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if args.vgpu_cmd == "bind":
         req.update(
             agent=args.agent,
-            psk_file=args.psk_file,
-            tls_dir=args.tls_dir,
+            # The backend resolves paths in its own working directory: send ours.
+            psk_file=args.psk_file and os.path.abspath(args.psk_file),
+            tls_dir=args.tls_dir and os.path.abspath(args.tls_dir),
             tls_name=args.tls_name,
             device=args.device,
             mem_quota=args.mem_quota,
@@ -55,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         reply = asyncio.run(control_request(args.backend, req))
     except FileNotFoundError as exc:
+        folder = os.path.dirname(os.path.abspath(args.backend))
         msg = f"no control socket at {args.backend} (is vpcie-backend running?)"
+        if not os.path.isdir(folder):
+            msg = f"no control socket at {args.backend}: folder {folder} does not exist"
         raise ConfigError(msg) from exc
     except (OSError, TimeoutError, json.JSONDecodeError) as exc:
         raise ControlFailed(f"backend at {args.backend}: {exc or type(exc).__name__}") from exc

@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import ssl
 from pathlib import Path
 from typing import Any
 
-from vpcie.errors import VpcieError
+from vpcie.backend.sockpath import ClaimedSocket, SocketAccess
+from vpcie.errors import ConfigError, VpcieError
 from vpcie.gpu.binding import AgentTarget, Binding, info_bytes
 from vpcie.gpu.device import GpuDevice
+from vpcie.tls_files import check_pki_files, tls_folder
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,24 @@ def parse_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"agent address {text!r} is not HOST:PORT")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"agent address {text!r}: port {int(port)} is not in 1..65535")
     return host.strip("[]"), int(port)
 
 
 def client_tls_context(tls_dir: str, name: str) -> ssl.SSLContext:
     """mTLS client context from a PKI folder made by ``vpcie-agent pki``:
-    ca.crt, NAME.crt (a client certificate) and NAME.key."""
-    d = Path(tls_dir)
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(d / "ca.crt"))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(str(d / f"{name}.crt"), str(d / f"{name}.key"))
+    ca.crt, NAME.crt (a client certificate) and NAME.key. A folder or file
+    that cannot be used is a ConfigError naming it (and the user we run as)."""
+    d = tls_folder(tls_dir)
+    ca, cert, key = d / "ca.crt", d / f"{name}.crt", d / f"{name}.key"
+    check_pki_files(ca, cert, key)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:  # checked above; a race or an OpenSSL-only refusal
+        raise ConfigError(f"cannot use TLS files in {d} ({name}.crt/.key, ca.crt): {exc}") from exc
     ctx.check_hostname = False  # agents are pinned by the fleet CA, not by DNS names
     return ctx
 
@@ -77,17 +86,23 @@ class ControlServer:
         self.device = device
         self.binding = binding
         self._server: asyncio.AbstractServer | None = None
+        self._claimed: ClaimedSocket | None = None
 
-    async def start(self, path: str) -> None:
-        if os.path.exists(path):
-            os.unlink(path)
-        self._server = await asyncio.start_unix_server(self._client, path, limit=MAX_REQUEST_LINE)
-        os.chmod(path, 0o600)
+    async def start(self, path: str, access: SocketAccess | None = None) -> None:
+        """Listen on ``path`` (mode 0600 unless ``access`` says otherwise); a
+        live socket or a non-socket there is refused, never replaced."""
+        self._claimed = ClaimedSocket(path, access, default_mode=0o600, backlog=16)
+        self._server = await asyncio.start_unix_server(
+            self._client, sock=self._claimed.sock, limit=MAX_REQUEST_LINE
+        )
         log.info("control socket on %s", path)
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._claimed is not None:
+            self._claimed.release()
+            self._claimed = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -143,16 +158,72 @@ class ControlServer:
         await session.close()
 
 
+# A control socket answers "status" at once; a vhost-user socket given by
+# mistake resets the connection (our JSON is not a vhost-user header) or, with
+# QEMU attached, leaves us in its accept backlog. Only that first answer has
+# this short deadline; a bind may then take PROBE_TIMEOUT_S.
+FIRST_ANSWER_S = 2.0
+
+
+class NotAControlSocket(VpcieError):
+    """The path is a socket, but nothing there speaks the control protocol."""
+
+
 async def control_request(path: str, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    """Client side (CLI, hooks, tests): one request, one answer."""
+    """Client side (CLI, hooks, tests): one request, one answer.
+
+    A request other than status is preceded by a status on the same
+    connection, so a path that is not a control socket fails within
+    FIRST_ANSWER_S (NotAControlSocket), not after ``timeout``."""
     reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    try:
+        first = req if req.get("op") == "status" else {"op": "status"}
+        reply = await _exchange(reader, writer, first, path, None)
+        if first is not req:
+            reply = await _exchange(reader, writer, req, path, timeout)
+        return reply
+    finally:
+        writer.close()
+
+
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    req: dict[str, Any],
+    path: str,
+    timeout: float | None,
+) -> dict[str, Any]:
+    """Send one request, read one answer; ``timeout`` None: this is the first
+    answer on the connection, which proves (or not) that a control socket is there."""
+    first = timeout is None
+    timeout = FIRST_ANSWER_S if timeout is None else timeout
+    not_ctl = (
+        f"{path} does not answer as a vpcie control socket (a vhost-user socket? a "
+        "backend's control socket is its vhost-user path + .ctl, or /run/vpcie/NAME.ctl "
+        "when libvirt started it)"
+    )
     try:
         writer.write(json.dumps(req).encode() + b"\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
-        if not line:
-            raise OSError("backend closed the control socket without answering")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-    finally:
-        writer.close()
+    except TimeoutError:
+        if first:
+            raise NotAControlSocket(
+                f"{not_ctl}: no answer in {timeout} s (or a backend too busy to answer)"
+            ) from None
+        raise OSError(f"backend at {path} did not answer in {timeout} s") from None
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        if first:
+            raise NotAControlSocket(f"{not_ctl}: connection reset") from exc
+        raise
+    if not line:
+        if first:
+            raise NotAControlSocket(f"{not_ctl}: closed without answering")
+        raise OSError("backend closed the control socket without answering")
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise NotAControlSocket(f"{path} answered something that is not a control reply")
+    return reply

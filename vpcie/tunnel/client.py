@@ -66,6 +66,7 @@ from vpcie.tunnel import commands as cmds
 from vpcie.tunnel.results import Completion, QueryInfo, error_code
 from vpcie.tunnel.runstate import TRANSITIONS, Runstate, RunstateError
 from vpcie.tunnel.scatter import Scatter, byte_views
+from vpcie.tunnel.tls_sniff import speaks_tls
 
 log = logging.getLogger(__name__)
 
@@ -708,6 +709,8 @@ class TunnelClient(asyncio.BufferedProtocol):
             reason = self.lost_reason or "connection closed"
             if self._ssl_failed():
                 raise AuthError(f"agent {self.endpoint} refused the TLS session: {reason}")
+            if ftype is FrameType.HELLO and self._psk is not None:
+                await self._refuse_if_tls_agent()
             raise VgpuError(ErrorCode.DEVICE_LOST, f"during {ftype.name}: {reason}")
         if f.type == _ERROR:
             code, _fatal, message = decode_payload("ERROR", f.payload)
@@ -717,6 +720,12 @@ class TunnelClient(asyncio.BufferedProtocol):
         if f.type != ftype or not f.flags & _REPLY:
             raise ProtocolError(f"expected {ftype.name}|REPLY, got frame type {f.type}")
         return f
+
+    async def _refuse_if_tls_agent(self) -> None:
+        """A PSK HELLO went unanswered: name the likely cause if the agent speaks TLS."""
+        host, _, port = self.endpoint.rpartition(":")
+        if await speaks_tls(host.strip("[]"), int(port)):
+            raise AuthError(f"agent at {self.endpoint} expects TLS (use --tls-dir, not a PSK)")
 
     def _ssl_failed(self) -> bool:
         return "SSL" in self.lost_reason or "certificate" in self.lost_reason.lower()
