@@ -706,8 +706,12 @@ class GpuDevice(Device):
 
     def _mark_lost(self, ctx: Context, reason: str = "") -> None:
         if ctx.session_gen == self.binding.generation:
-            if ctx.lost_gen != ctx.session_gen:
-                ctx.lost_reason = reason or "the agent session was lost"
+            if ctx.lost_gen != ctx.session_gen:  # the first reason is the one to show
+                reason = reason or "the agent session was lost"
+                endpoint = getattr(ctx.session, "endpoint", "")
+                if endpoint and endpoint not in reason:
+                    reason = f"agent {endpoint}: {reason}"
+                ctx.lost_reason = reason
             ctx.lost_gen = self.binding.generation
             if ctx.session is not None:
                 self._background(ctx.session.close())
