@@ -133,10 +133,10 @@ class Handshake:
             raise AuthError("wrong pre-shared key" if psk else "AUTH mac must be zero in TLS mode")
         self.send(FrameType.AUTH, encode_payload("AUTH_REPLY", 0))
 
-    def read_open(self) -> tuple[str, int, int, str]:
+    def read_open(self) -> tuple[str, int, int, str, int]:
         f = self.expect(FrameType.OPEN)
-        device, mem_quota, max_inflight, client = decode_payload("OPEN", f.payload)
-        return device, mem_quota, max_inflight, client
+        device, mem_quota, max_inflight, client, handle_epoch = decode_payload("OPEN", f.payload)
+        return device, mem_quota, max_inflight, client, handle_epoch
 
     def leftover(self) -> list[Frame]:
         out = list(self.queued)

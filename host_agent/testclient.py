@@ -116,7 +116,9 @@ class RawClient:
     def open(
         self, device: str = "", mem_quota: int = 0, max_inflight: int = 0
     ) -> tuple[int, int, str, dict[str, Any]]:
-        self.send(FrameType.OPEN, encode_payload("OPEN", device, mem_quota, max_inflight, "test"))
+        self.send(
+            FrameType.OPEN, encode_payload("OPEN", device, mem_quota, max_inflight, "test", 0)
+        )
         f = self.recv_frame()
         assert f.type == FrameType.OPEN, f
         status, session, message, info = decode_payload("OPEN_REPLY", f.payload)

@@ -92,7 +92,7 @@ def run(conn: socket.socket, ctl: Control, cfg: AgentConfig) -> str:
     hs = Handshake(conn, cfg)
     try:
         hs.authenticate()
-        device_req, mem_quota, max_inflight, client = hs.read_open()
+        device_req, mem_quota, max_inflight, client, handle_epoch = hs.read_open()
     except HandshakeTimeout as exc:
         log("warning", "auth_timeout", error=str(exc))
         return "auth-timeout"
@@ -135,6 +135,7 @@ def run(conn: socket.socket, ctl: Control, cfg: AgentConfig) -> str:
         log("error", "executor_failed", device=device["id"], error=repr(exc))
         _open_reply(hs, ErrorCode.NO_DEVICE, 0, f"executor for {device['id']} failed: {exc}", b"")
         return "executor-failed"
+    executor.set_handle_epoch(handle_epoch)
     ctl.send(
         {
             "op": "bound",

@@ -51,6 +51,7 @@ class ErrorCode(IntEnum):
     INTERNAL = 12
     OUT_OF_RANGE = 13
     PERMISSION_DENIED = 14
+    STALE_HANDLE = 15  # a device handle issued under an earlier binding of the vGPU
 
 
 class VgpuError(VpcieError):

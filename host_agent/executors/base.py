@@ -21,8 +21,11 @@ from typing import Any, NamedTuple
 
 from vpcie.errors import ErrorCode, VgpuError
 from vpcie.protocol.codes import (
+    HANDLE_EPOCH_SHIFT,
+    HANDLE_INDEX_MASK,
     MAX_BATCH_BYTES,
     MAX_EVENTS,
+    MAX_HANDLE_EPOCH,
     MAX_STREAMS,
     PROTOCOL_VERSION,
     DType,
@@ -31,6 +34,8 @@ from vpcie.protocol.codes import (
 from vpcie.protocol.frames import encode_payload
 
 MAX_HANDLES = 1 << 16  # live allocations + modules per session (habit 6)
+if MAX_HANDLES >= HANDLE_INDEX_MASK:  # _new_handle must always find a free number
+    raise AssertionError("MAX_HANDLES must be below the handle numbers of one epoch")
 
 
 @dataclass
@@ -130,7 +135,8 @@ class Executor(ABC):
         self.buffers: dict[int, Buffer] = {}
         self.modules: dict[int, Any] = {}
         self.mem_used = 0
-        self._next_handle = 1
+        self.handle_epoch = 0
+        self._next_index = 1  # handle number within the epoch; 0 is never a handle
 
     # -- identity ------------------------------------------------------------
     @abstractmethod
@@ -162,21 +168,52 @@ class Executor(ABC):
         )
 
     # -- handles and checked ranges -------------------------------------------
+    def set_handle_epoch(self, epoch: int) -> None:
+        """Issue this session's handles as ``epoch << HANDLE_EPOCH_SHIFT | n``
+        (OPEN's handle_epoch: the sessions its guest context had before, one
+        per binding). A handle of a lower epoch was issued to that context
+        under an earlier binding: it is refused with STALE_HANDLE, never
+        taken for a buffer of this session."""
+        if not 0 <= epoch <= MAX_HANDLE_EPOCH or self.buffers or self.modules:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"handle epoch {epoch} cannot be set")
+        self.handle_epoch = epoch
+
     def _new_handle(self) -> int:
         if len(self.buffers) + len(self.modules) >= MAX_HANDLES:
             raise VgpuError(ErrorCode.QUOTA_EXCEEDED, f"more than {MAX_HANDLES} live handles")
-        h = self._next_handle
-        self._next_handle = h + 1 if h < 0xFFFFFFFF else 1
-        while h in self.buffers or h in self.modules:  # only after wrap-around
-            h = self._next_handle
-            self._next_handle += 1
-        return h
+        # Numbers run 1..HANDLE_INDEX_MASK, then start over skipping live ones
+        # (fewer than MAX_HANDLES): they never leave this session's epoch.
+        base = self.handle_epoch << HANDLE_EPOCH_SHIFT
+        while True:
+            n = self._next_index
+            self._next_index = n + 1 if n < HANDLE_INDEX_MASK else 1
+            h = base | n
+            if h not in self.buffers and h not in self.modules:
+                return h
+
+    def unknown_handle(self, handle: int, what: str) -> VgpuError:
+        """The error for a handle this session does not hold: STALE_HANDLE
+        when an earlier binding issued it, else INVALID_HANDLE."""
+        epoch = handle >> HANDLE_EPOCH_SHIFT
+        if epoch < self.handle_epoch:
+            return VgpuError(
+                ErrorCode.STALE_HANDLE,
+                f"handle {handle} belongs to an earlier binding of this vGPU "
+                f"(epoch {epoch}, this session's is {self.handle_epoch})",
+            )
+        return VgpuError(ErrorCode.INVALID_HANDLE, f"no {what} {handle}")
 
     def buffer(self, handle: int) -> Buffer:
         buf = self.buffers.get(handle)
         if buf is None:
-            raise VgpuError(ErrorCode.INVALID_HANDLE, f"no allocation {handle}")
+            raise self.unknown_handle(handle, "allocation")
         return buf
+
+    def module(self, handle: int) -> Any:
+        mod = self.modules.get(handle)
+        if mod is None:
+            raise self.unknown_handle(handle, "module")
+        return mod
 
     def check_range(self, handle: int, offset: int, size: int, align: int = 1) -> Region:
         buf = self.buffer(handle)
@@ -269,7 +306,7 @@ class Executor(ABC):
 
     def module_free(self, handle: int) -> None:
         if self.modules.pop(handle, None) is None:
-            raise VgpuError(ErrorCode.INVALID_HANDLE, f"no module {handle}")
+            raise self.unknown_handle(handle, "module")
 
     def launch(
         self,

@@ -306,9 +306,7 @@ class CudaExecutor(Executor):
         args: list[tuple[int, int, Region | None]],
         stream: int,
     ) -> None:
-        mod = self.modules.get(module)
-        if mod is None:
-            raise VgpuError(ErrorCode.INVALID_HANDLE, f"no module {module}")
+        mod = self.module(module)
         try:
             func = mod.get_function(kernel)
         except Exception as exc:  # CUDADriverError (not found) or KeyError

@@ -226,11 +226,6 @@ async def test_refuses_expired_agent_certificate(
     assert_refused(result, "certificate verify failed: certificate has expired")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client_tls_context (vpcie/gpu/control.py) sets check_hostname=False: "
-    "the lead must turn it on (see the hygiene report)",
-)
 async def test_refuses_agent_certificate_for_another_name(
     tmp_path: Path, certs: Pki, tls_agent: int
 ) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,32 @@ def test_errors_are_one_line_and_nonzero(backend: Path, agent: AgentProc, tmp_pa
     assert r.returncode == 2 and "no control socket" in r.stderr
     r = vpcie("vgpu", "bind", "--backend", str(backend), "--agent", "127.0.0.1:1")
     assert r.returncode == 2  # argparse: --psk-file or --tls-dir is required
+
+
+def test_bind_of_a_bound_vgpu_needs_replace(
+    backend: Path, agent_factory: Any, tmp_path: Path
+) -> None:
+    first, second = agent_factory(), agent_factory()
+
+    def bind(agent: AgentProc, *extra: str) -> subprocess.CompletedProcess[str]:
+        return vpcie(
+            "vgpu", "bind", "--backend", str(backend),
+            "--agent", agent.address, "--psk-file", str(agent.psk_file), *extra,
+        )  # fmt: skip
+
+    assert bind(first).returncode == 0
+    r = bind(second)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("vpcie: error: bind refused: this vGPU is already bound to ")
+    assert f"{first.address} device=any" in r.stderr and "--replace" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = vpcie("vgpu", "status", "--backend", str(backend), "--json")
+    assert json.loads(r.stdout)["target"].startswith(f"{first.address} ")  # unchanged
+    r = bind(second, "--replace")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == (
+        f"bound: {second.address} device=any auth=psk (replaced {first.address} device=any "
+        "auth=psk)"
+    )
+    r = vpcie("vgpu", "status", "--backend", str(backend), "--json")
+    assert json.loads(r.stdout)["target"].startswith(f"{second.address} ")

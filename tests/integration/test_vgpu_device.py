@@ -203,11 +203,12 @@ async def test_agent_killed_mid_stream(tmp_path: Path, agent_factory: object) ->
         assert replies[-1].status == ErrorCode.DEVICE_LOST
         later = await ctx.run([rec(Opcode.NOP)])
         assert later.status == ErrorCode.DEVICE_LOST
-        # A bind to a live agent fails cleanly for a dead one, and works for a new one.
-        bad = await r.bind(first)
+        # A bind to a live agent fails cleanly for a dead one, and works for a
+        # new one (replace: the vGPU is still bound to the dead agent).
+        bad = await r.bind(first, replace=True)
         assert not bad["ok"] and "error" in bad
         second = agent_factory()  # type: ignore[operator]
-        assert (await r.bind(second))["ok"]
+        assert (await r.bind(second, replace=True))["ok"]
         ok = await ctx.run([rec(Opcode.NOP)])
         assert ok.status == ErrorCode.OK
 

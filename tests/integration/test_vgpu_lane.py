@@ -187,7 +187,7 @@ async def test_lane_agent_killed_in_flight(tmp_path: Path, agent_factory: Any) -
         assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.DEVICE_LOST
         assert not r.device.lanes.leases and lane_stats(r)["lane_lost"] == 1
         second = agent_factory()
-        assert (await r.bind(second))["ok"]
+        assert (await r.bind(second, replace=True))["ok"]  # still bound to the dead one
         assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK
         await lent(r, ctx)
         assert (await ctx.run([rec(Opcode.NOP)])).status == ErrorCode.OK

@@ -73,7 +73,7 @@ PAYLOAD_SAMPLES: dict[str, tuple[Any, ...]] = {
     ),
     "AUTH": (frames.psk_mac(_PSK, b"client", _CN, _SN),),
     "AUTH_REPLY": (0,),
-    "OPEN": ("GPU-5f3c1d2e-0a9b-4c8d-9e7f-123456789abc", 4 << 30, 16, "vm42/vgpu0"),
+    "OPEN": ("GPU-5f3c1d2e-0a9b-4c8d-9e7f-123456789abc", 4 << 30, 16, "vm42/vgpu0", 2),
     "OPEN_REPLY": (0, 7, "granted 4 GiB, 16 in flight", QUERY_INFO_BYTES),
     "CLOSE": (0,),
     "ERROR": (int(ErrorCode.PROTOCOL), 1, "bad frame magic 0x4e4f5045 — closing"),

@@ -296,7 +296,7 @@ async def held_device(
 
     held = _HeldSession()
 
-    async def factory(target: AgentTarget, name: str) -> _HeldSession:
+    async def factory(target: AgentTarget, name: str, handle_epoch: int) -> _HeldSession:
         return held
 
     binding = Binding(factory)  # type: ignore[arg-type]

@@ -36,6 +36,12 @@ def add_parser(sub: Any) -> None:
     b.add_argument(
         "--mem-quota", type=non_negative_int, default=0, help="device memory bytes per context"
     )
+    b.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the current binding (refused without it): its device memory is lost, "
+        "work in flight ends with DEVICE_LOST, old handles get STALE_HANDLE",
+    )
     u = vsub.add_parser("unbind", help="unbind: in-flight work ends with DEVICE_LOST")
     for q in (st, b, u):
         q.add_argument("--backend", required=True, metavar="CTL_SOCKET", help="control socket")
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             tls_name=args.tls_name,
             device=args.device,
             mem_quota=args.mem_quota,
+            replace=args.replace,
         )
     try:
         reply = asyncio.run(control_request(args.backend, req))
@@ -78,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _human(cmd: str, r: dict[str, Any]) -> str:
     if cmd == "bind":
-        return f"bound: {r['bound']}"
+        was = f" (replaced {r['replaced']})" if r.get("replaced") else ""
+        return f"bound: {r['bound']}{was}"
     if cmd == "unbind":
         return f"unbound (was: {r.get('was') or 'nothing'})"
     lines = [
@@ -96,7 +104,9 @@ def _human(cmd: str, r: dict[str, Any]) -> str:
     if ctxs:
         lines.append(f"{'ctx':>5}  {'name':<20} {'res':>4} {'inflight':>8}  session")
         for c in ctxs:
-            state = "lost" if c["lost"] else ("open" if c["session"] else "-")
+            state = "open" if c["session"] else "-"
+            if c["lost"]:
+                state = f"lost: {c.get('lost_reason') or 'no reason recorded'}"
             if c.get("lent"):
                 state = "lent to the lane"
             name = c["name"][:20]

@@ -77,11 +77,13 @@ def info_bytes(info: Any) -> bytes:
     return encode_payload("QUERY_INFO", *astuple(info))
 
 
-SessionFactory = Callable[[AgentTarget, str], Awaitable[Session]]
+# (target, client name, handle epoch) -> an open session
+SessionFactory = Callable[[AgentTarget, str, int], Awaitable[Session]]
 
 
-async def tunnel_session(target: AgentTarget, name: str) -> Session:
-    """The real factory: a TunnelClient session on the target agent."""
+async def tunnel_session(target: AgentTarget, name: str, handle_epoch: int = 0) -> Session:
+    """The real factory: a TunnelClient session on the target agent whose
+    handles carry ``handle_epoch`` (vpcie/protocol/codes.py)."""
     from vpcie.tunnel import TunnelClient
 
     client: Session = await TunnelClient.connect(
@@ -93,6 +95,7 @@ async def tunnel_session(target: AgentTarget, name: str) -> Session:
         mem_quota=target.mem_quota,
         max_inflight=target.max_inflight,
         name=name,
+        handle_epoch=handle_epoch,
     )
     return client
 
@@ -130,12 +133,12 @@ class Binding:
         for listener in list(self.listeners):
             listener()
 
-    async def open(self, name: str) -> tuple[Session, int]:
+    async def open(self, name: str, handle_epoch: int = 0) -> tuple[Session, int]:
         target, gen = self.target, self.generation
         if target is None:
             raise VgpuError(ErrorCode.NO_DEVICE, "no GPU is bound to this vGPU")
         try:
-            session = await self.factory(target, name)
+            session = await self.factory(target, name, handle_epoch)
         except VgpuError:
             raise
         except (OSError, ConnectionError) as exc:

@@ -4,12 +4,15 @@ One JSON object per line in, one per line out, on a unix socket (mode 0600)::
 
     {"op": "status"}
     {"op": "bind", "agent": "HOST:PORT", "psk_file": PATH | "tls_dir": DIR,
-     "tls_name": NAME, "device": UUID, "mem_quota": BYTES, "max_inflight": N}
+     "tls_name": NAME, "device": UUID, "mem_quota": BYTES, "max_inflight": N,
+     "replace": false}
     {"op": "unbind"}
 
 Answers ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``. A bind
 is probed first (a session is opened and closed on the agent), so a wrong
 address or credential fails the bind and leaves the old binding in place.
+A bind of a bound vGPU is refused unless ``replace`` is true: replacing ends
+the old binding's work with DEVICE_LOST and loses its device memory.
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ def client_tls_context(tls_dir: str, name: str) -> ssl.SSLContext:
         ctx.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as exc:  # checked above; a race or an OpenSSL-only refusal
         raise ConfigError(f"cannot use TLS files in {d} ({name}.crt/.key, ca.crt): {exc}") from exc
-    ctx.check_hostname = False  # agents are pinned by the fleet CA, not by DNS names
+    # The agent's certificate must name (SAN) the address the bind uses, so
+    # another agent of the same fleet cannot answer in this one's place.
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
@@ -135,17 +141,54 @@ class ControlServer:
                 self.binding.unbind()
                 return {"ok": True, "was": was.describe() if was else None}
             if op == "bind":
-                target = target_from_request(req)
-                await self.probe(target)
-                self.binding.bind(target)
-                return {"ok": True, "bound": target.describe()}
+                return await self._bind(req)
             raise ValueError(f"unknown op {op!r} (status, bind, unbind)")
         except (ValueError, KeyError, TypeError, OSError, VpcieError) as exc:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
+    async def _bind(self, req: dict[str, Any]) -> dict[str, Any]:
+        replace = req.get("replace", False)
+        if not isinstance(replace, bool):
+            raise ValueError(f"replace must be true or false, not {replace!r}")
+        target = target_from_request(req)
+        refused = self._refuse_rebind(replace)
+        if refused:
+            return refused
+        gen = self.binding.generation
+        info = await self.probe_info(target)
+        # Another bind or unbind may have landed while the probe ran.
+        refused = self._refuse_rebind(replace) if self.binding.generation != gen else None
+        if refused:
+            return refused
+        was = self.binding.target
+        self.binding.bind(target)
+        self.device.bound_info = info  # the capset describes what it serves now
+        reply: dict[str, Any] = {"ok": True, "bound": target.describe()}
+        if was is not None:
+            reply["replaced"] = was.describe()
+        return reply
+
+    def _refuse_rebind(self, replace: bool) -> dict[str, Any] | None:
+        """A bound vGPU keeps its binding (and the guest its device memory)
+        unless the operator asked to replace it."""
+        current = self.binding.target
+        if current is None or replace:
+            return None
+        return {
+            "ok": False,
+            "error": f"this vGPU is already bound to {current.describe()}: unbind it first, "
+            "or bind --replace (its device memory is lost, work in flight ends with "
+            "DEVICE_LOST)",
+        }
+
     async def probe(self, target: AgentTarget) -> None:
+        """Probe ``target`` (already bound, e.g. ``vpcie-backend --bind``): the
+        device's capset then describes what it serves."""
+        self.device.bound_info = await self.probe_info(target)
+
+    async def probe_info(self, target: AgentTarget) -> bytes:
         """Open and close a session on ``target`` (OSError or VgpuError when
-        that fails); the device's capset then describes what it serves."""
+        that fails); its QUERY_INFO bytes, for the capset once bound."""
         probe = Binding(self.binding.factory)
         probe.target = target
         try:
@@ -154,8 +197,9 @@ class ControlServer:
             raise OSError(
                 f"agent {target.describe()} did not answer in {PROBE_TIMEOUT_S} s"
             ) from exc
-        self.device.bound_info = info_bytes(session.info)
+        info = info_bytes(session.info)
         await session.close()
+        return info
 
 
 # A control socket answers "status" at once; a vhost-user socket given by

@@ -57,7 +57,8 @@ from vpcie.gpu.resources import (
 from vpcie.gpu.submit import Prepared, Signal, completion_reply, prepare, prepare_checked
 from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import Record, decode_batch
-from vpcie.protocol.codes import MAX_BATCH_BYTES, MAX_STREAMS, NO_INDEX, Opcode
+from vpcie.protocol.codes import MAX_BATCH_BYTES, MAX_HANDLE_EPOCH, MAX_STREAMS, NO_INDEX, Opcode
+from vpcie.tunnel.runstate import Runstate
 from vpcie.virtqueue import VirtQueue
 from vpcie.virtqueue.chain import DescChain
 from vpcie.virtqueue.device import Withheld, withheld
@@ -113,6 +114,10 @@ class Context:
     session: Session | None = None
     session_gen: int = -1
     lost_gen: int = -1  # binding generation in which this context's session was lost
+    lost_reason: str = ""
+    # Sessions this context has had: the handle epoch of its next one, so a
+    # handle kept across a rebind is refused as STALE_HANDLE (codes.py).
+    sessions: int = 0
     queue: asyncio.Queue[Pending] | None = None
     forwarder: asyncio.Task[None] | None = None
     inflight: list[Pending] = field(default_factory=list)
@@ -649,7 +654,7 @@ class GpuDevice(Device):
             except VgpuError as exc:
                 self._finish(pending, exc.code, 0, exc.message, {}, b"")
                 if exc.code == ErrorCode.DEVICE_LOST:
-                    self._mark_lost(ctx)
+                    self._mark_lost(ctx, exc.message)
             finally:
                 ctx.forwarding = False
 
@@ -670,7 +675,7 @@ class GpuDevice(Device):
         except VgpuError as exc:
             self._finish(pending, exc.code, 0, exc.message, {}, b"")
             if exc.code == ErrorCode.DEVICE_LOST:
-                self._mark_lost(ctx)
+                self._mark_lost(ctx, exc.message)
 
     async def _session(self, ctx: Context) -> Session:
         gen = self.binding.generation
@@ -678,8 +683,15 @@ class GpuDevice(Device):
             return ctx.session
         if ctx.lost_gen == gen:
             raise VgpuError(ErrorCode.DEVICE_LOST, "agent session lost")
+        epoch = ctx.sessions
+        if epoch > MAX_HANDLE_EPOCH:  # its handles would repeat: refuse, never wrap
+            raise VgpuError(
+                ErrorCode.DEVICE_LOST,
+                f"context {ctx.ctx_id} has had {epoch} agent sessions (one per binding), "
+                "the most its handles can tell apart; recreate the context",
+            )
         try:
-            session, sgen = await self.binding.open(f"{ctx.name}#{ctx.ctx_id}")
+            session, sgen = await self.binding.open(f"{ctx.name}#{ctx.ctx_id}", epoch)
         except VgpuError:
             raise
         except Exception as exc:  # auth refused, protocol error: the agent is unusable
@@ -688,11 +700,18 @@ class GpuDevice(Device):
             self._background(session.close())
             raise VgpuError(ErrorCode.DEVICE_LOST, "binding changed while connecting")
         ctx.session, ctx.session_gen = session, sgen
+        ctx.sessions = epoch + 1  # handles this session issues carry ``epoch``
         self.bound_info = info_bytes(session.info)
         return session
 
-    def _mark_lost(self, ctx: Context) -> None:
+    def _mark_lost(self, ctx: Context, reason: str = "") -> None:
         if ctx.session_gen == self.binding.generation:
+            if ctx.lost_gen != ctx.session_gen:  # the first reason is the one to show
+                reason = reason or "the agent session was lost"
+                endpoint = getattr(ctx.session, "endpoint", "")
+                if endpoint and endpoint not in reason:
+                    reason = f"agent {endpoint}: {reason}"
+                ctx.lost_reason = reason
             ctx.lost_gen = self.binding.generation
             if ctx.session is not None:
                 self._background(ctx.session.close())
@@ -708,7 +727,7 @@ class GpuDevice(Device):
         code = ErrorCode(int(comp.status))
         self._finish(pending, code, comp.failed_index, comp.message, comp.results, comp.blob)
         if code == ErrorCode.DEVICE_LOST:
-            self._mark_lost(ctx)
+            self._mark_lost(ctx, comp.message)
 
     def _finish(
         self,
@@ -771,11 +790,15 @@ class GpuDevice(Device):
 
     # -- binding changes ------------------------------------------------------------
     def _binding_changed(self) -> None:
-        """Unbind / rebind: every in-flight command ends with DEVICE_LOST now."""
+        """Unbind / rebind: every in-flight command ends with DEVICE_LOST now
+        (the next session of each context gets a new handle epoch)."""
         if self.binding.target is None:
             self.bound_info = unbound_info()
+            why = "the GPU was unbound from this vGPU"
+        else:
+            why = "this vGPU was bound to another GPU (its device memory is gone)"
         for ctx in self.contexts.values():
-            self._drop_session(ctx, "the GPU was unbound from this vGPU")
+            self._drop_session(ctx, why)
 
     def _drop_session(self, ctx: Context, why: str) -> None:
         self.lanes.take_back(ctx)  # the lane's batches join ctx.inflight
@@ -894,8 +917,18 @@ class GpuDevice(Device):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _notice_lost(self, ctx: Context) -> None:
+        """A session the tunnel declared LOST while nothing of the context
+        was in flight (no completion told the device): mark it lost now."""
+        session = ctx.session
+        if session is not None and getattr(session, "state", None) is Runstate.LOST:
+            self._mark_lost(ctx, getattr(session, "lost_reason", ""))
+
     def status(self) -> dict[str, Any]:
         target = self.binding.target
+        gen = self.binding.generation
+        for c in list(self.contexts.values()):
+            self._notice_lost(c)
         return {
             "binding": self.binding.state.value,
             "target": target.describe() if target else None,
@@ -907,7 +940,9 @@ class GpuDevice(Device):
                     "inflight": len(c.inflight),
                     "session": c.session is not None,
                     "lent": self.lanes.leased(c),
-                    "lost": c.lost_gen == self.binding.generation,
+                    "lost": c.lost_gen == gen,
+                    "lost_reason": c.lost_reason if c.lost_gen == gen else "",
+                    "handle_epoch": c.sessions - 1 if c.sessions else None,
                 }
                 for c in self.contexts.values()
             ],

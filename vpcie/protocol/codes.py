@@ -16,10 +16,13 @@ __all__ = [
     "BATCH_MAGIC",
     "BATCH_VERSION",
     "FRAME_MAGIC",
+    "HANDLE_EPOCH_SHIFT",
+    "HANDLE_INDEX_MASK",
     "MAX_BATCH_BYTES",
     "MAX_BATCH_RECORDS",
     "MAX_CONTROL_PAYLOAD",
     "MAX_DATA_CHUNK",
+    "MAX_HANDLE_EPOCH",
     "MAX_LAUNCH_ARGS",
     "MAX_MODULE_BYTES",
     "MAX_STREAMS",
@@ -52,6 +55,14 @@ MAX_STREAMS = 64
 MAX_EVENTS = 4096
 ALL_STREAMS = 0xFFFFFFFF
 NO_INDEX = 0xFFFFFFFF
+# Device handles (u32) carry their session's epoch in the top bits: OPEN's
+# handle_epoch counts the sessions the guest context had before (one per
+# binding), so a handle never names a buffer of a later binding. An epoch
+# has 2^24 - 1 handle numbers (reused, live ones skipped, once they run out);
+# a context that would need epoch 256 gets no session (never wraps).
+HANDLE_EPOCH_SHIFT = 24
+MAX_HANDLE_EPOCH = 0xFF
+HANDLE_INDEX_MASK = (1 << HANDLE_EPOCH_SHIFT) - 1
 
 
 class FrameType(IntEnum):

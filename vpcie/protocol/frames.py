@@ -72,6 +72,7 @@ OPEN = c.Struct(
     "mem_quota" / u64,  # 0: the agent's default
     "max_inflight" / u32,  # 0: the agent's default
     "client" / c.PascalString(u8, "utf8"),  # who asks (vGPU / domain name)
+    "handle_epoch" / u8,  # the top byte of every handle of this session (codes.py)
 )
 OPEN_REPLY = c.Struct(
     "status" / u32,

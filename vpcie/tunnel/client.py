@@ -170,8 +170,10 @@ class TunnelClient(asyncio.BufferedProtocol):
         max_inflight: int = 0,
         name: str = "",
         timeout: float = CONNECT_TIMEOUT,
+        handle_epoch: int = 0,
     ) -> TunnelClient:
-        """Connect, authenticate (PSK or mutual TLS) and OPEN a session.
+        """Connect, authenticate (PSK or mutual TLS) and OPEN a session
+        whose handles carry ``handle_epoch`` (codes.HANDLE_EPOCH_SHIFT).
 
         Raises AuthError (refused or failed authentication), VgpuError
         (NO_DEVICE / QUOTA_EXCEEDED from OPEN, DEVICE_LOST when the agent
@@ -199,7 +201,7 @@ class TunnelClient(asyncio.BufferedProtocol):
                     raise VgpuError(
                         ErrorCode.DEVICE_LOST, f"cannot reach agent {self.endpoint}: {exc}"
                     ) from exc
-                await self._do_handshake(device, mem_quota, max_inflight)
+                await self._do_handshake(device, mem_quota, max_inflight, handle_epoch)
         except TimeoutError:
             self._finish(Runstate.LOST, "handshake timed out")
             raise VgpuError(
@@ -730,7 +732,9 @@ class TunnelClient(asyncio.BufferedProtocol):
     def _ssl_failed(self) -> bool:
         return "SSL" in self.lost_reason or "certificate" in self.lost_reason.lower()
 
-    async def _do_handshake(self, device: str, mem_quota: int, max_inflight: int) -> None:
+    async def _do_handshake(
+        self, device: str, mem_quota: int, max_inflight: int, handle_epoch: int
+    ) -> None:
         psk = self._psk
         auth = AuthMode.PSK if psk is not None else AuthMode.TLS
         cnonce = os.urandom(NONCE_SIZE)
@@ -755,7 +759,7 @@ class TunnelClient(asyncio.BufferedProtocol):
         (status,) = decode_payload("AUTH_REPLY", f.payload)
         if status != 0:
             raise AuthError(f"agent {agent!r} refused authentication (status {status})")
-        opened = encode_payload("OPEN", device, mem_quota, max_inflight, self._name)
+        opened = encode_payload("OPEN", device, mem_quota, max_inflight, self._name, handle_epoch)
         self._queue(encode_frame(FrameType.OPEN, opened))
         f = await self._expect(FrameType.OPEN)
         status, session, message, info = decode_payload("OPEN_REPLY", f.payload)
