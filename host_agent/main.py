@@ -24,6 +24,8 @@ from pathlib import Path
 from host_agent.config import (
     DEFAULT_EVENT_WAIT_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
     DEFAULT_MAX_INFLIGHT,
     DEFAULT_MAX_SESSIONS,
     AgentConfig,
@@ -108,10 +110,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cert_file=str(cert),
             key_file=str(key),
         )
-        from host_agent.tls import server_context
+        from host_agent.tls import check_server_cert, server_context
 
+        check_server_cert(cfg.cert_file, cfg.ca_file)
         server_context(cfg.ca_file, cfg.cert_file, cfg.key_file)  # fail now, not per session
-    for name in ("max_inflight", "max_sessions"):
+    for name in ("max_inflight", "max_sessions", "max_handshakes", "max_handshakes_per_source"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
     cfg.executor = args.executor
@@ -120,6 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.max_sessions = args.max_sessions
     cfg.event_wait_timeout = args.event_wait_timeout
     cfg.idle_timeout = args.idle_timeout
+    cfg.max_handshakes = args.max_handshakes
+    cfg.max_handshakes_per_source = args.max_handshakes_per_source
     inv = build_inventory(args.executor)
     agent = Agent(cfg, inv, (host, port), Path(args.state_file) if args.state_file else None)
     try:
@@ -186,6 +191,18 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT_S,
         help="drop a session after this many seconds without bytes",
+    )
+    s.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=DEFAULT_MAX_HANDSHAKES,
+        help="unauthenticated connections pending at once; over it the oldest is dropped",
+    )
+    s.add_argument(
+        "--max-handshakes-per-source",
+        type=int,
+        default=DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+        help="... from one source address",
     )
     s.add_argument("--state-file", help="JSON file with inventory and sessions, kept current")
     s.set_defaults(func=cmd_serve)
