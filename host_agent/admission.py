@@ -20,6 +20,7 @@ process. Bounds (docs/SECURITY.md "Before authentication"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections import OrderedDict
@@ -35,6 +36,7 @@ from vpcie.protocol.frames import HEADER_SIZE, SEQ_LENGTH, Frame, FrameReader
 
 _LENGTH_AT = HEADER_SIZE - SEQ_LENGTH.size  # (seq, length) end the header
 _READER_BUF = HEADER_SIZE + MAX_CONTROL_PAYLOAD
+_DRAIN_MAX = 256 * 1024  # unread bytes taken before closing a refused connection
 
 
 class PendingTable:
@@ -196,6 +198,22 @@ async def admit(
         if reply:
             await send_all(sock, reply)
     return Admitted(sock, hs.open, hs.client_name, peer_cn)
+
+
+def close_refused(sock: socket.socket) -> None:
+    """Close a refused connection with a FIN, not a RST: bytes the peer sent
+    that were never read would make the kernel reset the connection, and the
+    peer could lose the ERROR just sent. Reads only what is already there,
+    at most ``_DRAIN_MAX`` bytes, without waiting."""
+    left = _DRAIN_MAX
+    with contextlib.suppress(OSError, ValueError):
+        sock.setblocking(False)
+        while left > 0:
+            chunk = sock.recv(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
+    sock.close()
 
 
 def auth_mode(auth: str) -> AuthMode:

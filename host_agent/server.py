@@ -24,7 +24,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from host_agent.admission import Admitted, PendingTable, admit, auth_mode, send_all
+from host_agent.admission import (
+    Admitted,
+    PendingTable,
+    admit,
+    auth_mode,
+    close_refused,
+    send_all,
+)
 from host_agent.config import AgentConfig
 from host_agent.handshake import OpenRequest, ServerHandshake, error_frame, open_reply_frame
 from host_agent.inventory import Device, Inventory
@@ -221,7 +228,7 @@ class Agent:
         finally:
             self.pending.remove(key)
         if admitted is None:
-            current[0].close()
+            close_refused(current[0])
             return
         try:
             await self._open(admitted, peer)
