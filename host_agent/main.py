@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from host_agent.config import (
+    AUTH_TIMEOUT_S,
     DEFAULT_EVENT_WAIT_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_MAX_HANDSHAKES,
@@ -117,6 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_inflight", "max_sessions", "max_handshakes", "max_handshakes_per_source"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.auth_timeout <= 600:
+        raise ConfigError(f"--auth-timeout {args.auth_timeout:g}: expected 0 < seconds <= 600")
     cfg.executor = args.executor
     cfg.mem_quota = args.mem_quota
     cfg.max_inflight = args.max_inflight
@@ -124,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.event_wait_timeout = args.event_wait_timeout
     cfg.idle_timeout = args.idle_timeout
     cfg.max_handshakes = args.max_handshakes
+    cfg.auth_timeout = args.auth_timeout
     cfg.max_handshakes_per_source = args.max_handshakes_per_source
     inv = build_inventory(args.executor)
     agent = Agent(cfg, inv, (host, port), Path(args.state_file) if args.state_file else None)
@@ -191,6 +195,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT_S,
         help="drop a session after this many seconds without bytes",
+    )
+    s.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=AUTH_TIMEOUT_S,
+        help="seconds a connection has to finish TLS, HELLO, AUTH and OPEN",
     )
     s.add_argument(
         "--max-handshakes",

@@ -48,6 +48,15 @@ REFUSE_SEND_S = 1.0  # how long a refusal (ERROR / OPEN_REPLY) may take to leave
 
 
 @dataclass
+class _Pending:
+    """A connection in admission: its task, its socket (raw, then TLS)."""
+
+    task: asyncio.Task[None]
+    sock: list[socket.socket]
+    peer: str
+
+
+@dataclass
 class WorkerInfo:
     pid: int
     peer: str
@@ -79,7 +88,7 @@ class Agent:
         self.port = 0
         # Admission: pending (unauthenticated) connections by key, oldest first.
         self.pending = PendingTable(config.max_handshakes, config.max_handshakes_per_source)
-        self._admitting: dict[int, asyncio.Task[None]] = {}
+        self._admitting: dict[int, _Pending] = {}
         self._next_key = 0
         self._mode = auth_mode(config.auth)
         self._psk = bytes.fromhex(config.psk_hex) if config.auth == "psk" else b""
@@ -178,12 +187,23 @@ class Agent:
     def _admit_new(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         key, self._next_key = self._next_key, self._next_key + 1
         for old in self.pending.add(key, addr[0]):
-            task = self._admitting.get(old)
-            if task is not None:
-                task.cancel("evicted")
-        task = asyncio.create_task(self._admission(key, conn, f"{addr[0]}:{addr[1]}"))
-        self._admitting[key] = task
-        task.add_done_callback(lambda _t: self._admitting.pop(key, None))
+            evicted = self._admitting.get(old)
+            if evicted is not None:  # the oldest pending one over a cap
+                log("warning", "handshake_evicted", peer=evicted.peer, pending=len(self.pending))
+                evicted.task.cancel()
+        peer = f"{addr[0]}:{addr[1]}"
+        holder = [conn]  # becomes the SSLSocket once TLS starts
+        task = asyncio.create_task(self._admission(key, holder, peer))
+        self._admitting[key] = _Pending(task, holder, peer)
+
+        def done(_t: asyncio.Task[None]) -> None:
+            # Whatever ended it (even a cancel before its first step), after
+            # its own cleanup (readers removed): the socket is closed here.
+            del self._admitting[key]
+            self.pending.remove(key)
+            holder[0].close()
+
+        task.add_done_callback(done)
 
     async def _refuse(self, sock: socket.socket, frame: bytes) -> None:
         """Tell a refused peer why, if it takes the bytes within a second."""
@@ -191,9 +211,8 @@ class Agent:
             async with asyncio.timeout(REFUSE_SEND_S):
                 await send_all(sock, frame)
 
-    async def _admission(self, key: int, conn: socket.socket, peer: str) -> None:
-        cfg = self.config
-        current: list[socket.socket] = [conn]  # becomes the SSLSocket once TLS starts
+    async def _admission(self, key: int, current: list[socket.socket], peer: str) -> None:
+        cfg, conn = self.config, current[0]
         hs = ServerHandshake(self._mode, cfg.agent_name, self._psk)
         admitted: Admitted | None = None
         try:
@@ -202,15 +221,6 @@ class Agent:
         except TimeoutError:
             log("warning", "auth_timeout", peer=peer, state=hs.state.value,
                 error=f"not authenticated within {cfg.auth_timeout:g} s")  # fmt: skip
-        except asyncio.CancelledError as exc:
-            if "evicted" in exc.args:  # the oldest pending one over a cap; not our shutdown
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
-                log("warning", "handshake_evicted", peer=peer, pending=len(self.pending))
-            else:
-                current[0].close()
-                raise
         except AuthError as exc:
             log("warning", "auth_refused", error=str(exc), peer=hs.client_name or peer)
             self.pending.remove(key)
@@ -338,8 +348,8 @@ class Agent:
         accept_task.cancel()
         lsock.close()
         log("info", "stopping", workers=len(self.workers), pending=len(self.pending))
-        for task in list(self._admitting.values()):
-            task.cancel()
+        for p in list(self._admitting.values()):
+            p.task.cancel()
         for pid in list(self.workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
