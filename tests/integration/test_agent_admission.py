@@ -86,9 +86,9 @@ def test_flood_of_silent_connections(psk_agent: tuple[AgentProcess, bytes]) -> N
         assert time.monotonic() - t_flood < AUTH_S, "measured after the flood was dropped"
         print(f"flood={FLOOD} grown={grown_kib} KiB unloaded={unloaded:.4f} s loaded={loaded}")
         # Memory: a socket and a few KB each, not a process (~23 MB) each.
-        assert grown_kib < 16 * 1024, f"{FLOOD} silent connections took {grown_kib} KiB"
+        assert grown_kib < 8 * 1024, f"{FLOOD} silent connections took {grown_kib} KiB"
         # The legitimate backend's connect+open is not held up by the crowd.
-        assert statistics.median(loaded) < 2 * unloaded + 0.2, (unloaded, loaded)
+        assert max(loaded) < 2 * unloaded + 0.2, (unloaded, loaded)
     finally:
         for s in flood:
             s.close()

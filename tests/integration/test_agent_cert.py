@@ -70,7 +70,7 @@ def _issue(d: Path, name: str, not_before: dt.datetime, not_after: dt.datetime) 
 )
 def test_serve_refuses_certificate(pki: Path, name: str, why: str) -> None:
     r = agent_cli("serve", "--listen", "127.0.0.1:0", "--tls-dir", str(pki), "--cert-name", name,
-                  "--executor", "cpu")  # fmt: skip
+                  "--executor", "cpu", timeout=20)  # fmt: skip
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
