@@ -88,7 +88,7 @@ def test_flood_of_silent_connections(psk_agent: tuple[AgentProcess, bytes]) -> N
         # Memory: a socket and a few KB each, not a process (~23 MB) each.
         assert grown_kib < 8 * 1024, f"{FLOOD} silent connections took {grown_kib} KiB"
         # The legitimate backend's connect+open is not held up by the crowd.
-        assert max(loaded) < 2 * unloaded + 0.2, (unloaded, loaded)
+        assert max(loaded) < 3 * unloaded + 0.5, (unloaded, loaded)
     finally:
         for s in flood:
             s.close()
