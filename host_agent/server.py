@@ -36,7 +36,7 @@ from host_agent.config import AgentConfig
 from host_agent.handshake import OpenRequest, ServerHandshake, error_frame, open_reply_frame
 from host_agent.inventory import Device, Inventory
 from host_agent.logs import log
-from host_agent.spawn import ForkRefused, fork_worker
+from host_agent.spawn import ForkRefused, fork_worker, native_threads
 from host_agent.worker import Grant
 from host_agent.worker import run as run_worker
 from vpcie.errors import AuthError, ErrorCode, ProtocolError
@@ -334,6 +334,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self.write_state()
+        if (threads := native_threads()) != 1:  # fork_worker refuses Python threads itself
+            log("warning", "main_process_threads", threads=threads, hint="forks may be unsafe")
         log(
             "info",
             "listening",

@@ -38,6 +38,12 @@ class ForkRefused(RuntimeError):
     """The main process is in no state to fork (threads)."""
 
 
+def native_threads() -> int:
+    """Threads of this process, those no Python code started included
+    (OpenBLAS starts some when NumPy is imported; the main process must not)."""
+    return len(os.listdir("/proc/self/task"))
+
+
 def _close_all_but(keep: set[int]) -> None:
     lo = 3
     for fd in sorted(k for k in keep if k >= 3):
@@ -62,9 +68,9 @@ def _become_worker(parent: int, keep: set[int]) -> None:
 def fork_worker(keep: set[int], body: Callable[[], int]) -> int:
     """Fork; the child keeps only the fds in ``keep`` (and 0-2), runs
     ``body`` and exits with its return value. Returns the child's pid."""
-    threads = len(os.listdir("/proc/self/task"))  # native ones too (OpenBLAS, NVML)
-    if threads != 1 or threading.active_count() != 1:
-        raise ForkRefused(f"agent main process has {threads} threads; cannot fork safely")
+    if threading.active_count() != 1:
+        names = ", ".join(t.name for t in threading.enumerate())
+        raise ForkRefused(f"agent main process has threads ({names}); cannot fork safely")
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()

@@ -81,6 +81,9 @@ def test_flood_of_silent_connections(psk_agent: tuple[AgentProcess, bytes]) -> N
                    "the agent accepted the flood")  # fmt: skip
         grown_kib = pss_kib(pid) - base_pss
         assert children(pid) == [], "a process for an unauthenticated connection"
+        # The main process forks its workers: it has started no thread (nor
+        # imported NumPy, whose OpenBLAS would start some).
+        assert len(list(Path(f"/proc/{pid}/task").iterdir())) == 1
         assert a.state_json()["sessions"] == []
         loaded = [_open_time(a.port, psk) for _ in range(3)]
         assert time.monotonic() - t_flood < AUTH_S, "measured after the flood was dropped"
