@@ -22,6 +22,7 @@ from vpcie.tunnel import TunnelClient
 
 FLOOD = int(os.environ.get("VPCIE_TEST_FLOOD", "300"))
 AUTH_S = 3.0
+FLOOD_AUTH_S = 10.0  # the flood must still be pending while the legit client is timed
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def psk_agent(tmp_path: Path) -> Iterator[tuple[AgentProcess, bytes]]:
     # Caps above the flood: this measures what 300 pending connections cost
     # (test_caps_drop_the_oldest covers the caps).
     a = AgentProcess(tmp_path, "--psk-file", str(tmp_path / "psk"), "--executor", "cpu",
-                     "--auth-timeout", str(AUTH_S), "--max-handshakes", "400")  # fmt: skip
+                     "--auth-timeout", str(FLOOD_AUTH_S), "--max-handshakes", "400")  # fmt: skip
     yield a, psk
     a.stop()
 
@@ -77,7 +78,7 @@ def test_flood_of_silent_connections(psk_agent: tuple[AgentProcess, bytes]) -> N
     flood = [_silent(a.port, f"127.0.0.{2 + i % 10}") for i in range(FLOOD)]
     t_flood = time.monotonic()
     try:
-        wait_until(lambda: _accepted(pid) >= base_sockets + FLOOD, AUTH_S / 2,
+        wait_until(lambda: _accepted(pid) >= base_sockets + FLOOD, FLOOD_AUTH_S / 2,
                    "the agent accepted the flood")  # fmt: skip
         grown_kib = pss_kib(pid) - base_pss
         assert children(pid) == [], "a process for an unauthenticated connection"
@@ -86,7 +87,7 @@ def test_flood_of_silent_connections(psk_agent: tuple[AgentProcess, bytes]) -> N
         assert len(list(Path(f"/proc/{pid}/task").iterdir())) == 1
         assert a.state_json()["sessions"] == []
         loaded = [_open_time(a.port, psk) for _ in range(3)]
-        assert time.monotonic() - t_flood < AUTH_S, "measured after the flood was dropped"
+        assert time.monotonic() - t_flood < FLOOD_AUTH_S, "measured after the flood was dropped"
         print(f"flood={FLOOD} grown={grown_kib} KiB unloaded={unloaded:.4f} s loaded={loaded}")
         # Memory: a socket and a few KB each, not a process (~23 MB) each.
         assert grown_kib < 8 * 1024, f"{FLOOD} silent connections took {grown_kib} KiB"
@@ -127,27 +128,28 @@ def test_half_handshakes_dropped_at_deadline(pki: Path, tmp_path: Path) -> None:
                      "--auth-timeout", str(AUTH_S))  # fmt: skip
     try:
         hello = _client_hello()
-        stalled_tls = []
+        t_first = time.monotonic()
+        stalled = []
         for _ in range(20):  # a ClientHello, then nothing
             s = _silent(a.port, "127.0.0.2")
             s.sendall(hello)
-            stalled_tls.append(s)
-        stalled_hello = []
+            stalled.append(s)
         for _ in range(5):  # TLS done, our HELLO, then nothing
             c = RawClient(a.port, tls=client_tls(pki))
             c.hello()
-            stalled_hello.append(c.sock)
-        t0 = time.monotonic()
+            stalled.append(c.sock)
+        t_last = time.monotonic()
         # Others go on meanwhile: a legitimate client is served at once.
         good = RawClient(a.port, tls=client_tls(pki))
         good.connect()
         assert good.call([rec(Opcode.NOP)]).status == 0
-        assert time.monotonic() - t0 < 1.0
-        for s in stalled_tls + stalled_hello:
+        assert time.monotonic() - t_last < 1.0
+        _read_to_eof(stalled[0], AUTH_S + 5)
+        assert time.monotonic() - t_first > AUTH_S - 0.5  # not before its deadline
+        for s in stalled:
             _read_to_eof(s, AUTH_S + 5)
             s.close()
-        took = time.monotonic() - t0
-        assert AUTH_S - 1.0 < took < AUTH_S + 3.0, took
+        assert time.monotonic() - t_last < AUTH_S + 3.0  # and all of them at theirs
         assert a.log_text().count("event=auth_timeout") >= 25
         assert good.call([rec(Opcode.NOP)]).status == 0
         good.close()
