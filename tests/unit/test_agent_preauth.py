@@ -189,3 +189,25 @@ def test_forked_child_keeps_only_its_fds() -> None:
     code, *fds, keep = r.stdout.split()
     # 0-2, the kept pipe end, and the fd listdir itself opened
     assert code == "7" and keep in fds and len(fds) == 5, r.stdout
+
+
+# -- accepted sockets --------------------------------------------------------------
+def test_accepted_socket_found_dead_by_the_kernel_too() -> None:
+    from host_agent.config import AgentConfig
+    from host_agent.inventory import discover
+    from host_agent.server import Agent
+
+    cfg = AgentConfig(auth="psk", agent_name="t", psk_hex="00" * 16, idle_timeout=8.0)
+    agent = Agent(cfg, discover(None, "none"), ("127.0.0.1", 0))
+    ls = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(ls.getsockname())
+    s, _ = ls.accept()
+    try:
+        agent._tune(s)
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 8000
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 4
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        for x in (s, c, ls):
+            x.close()
