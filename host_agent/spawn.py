@@ -58,7 +58,7 @@ def _become_worker(parent: int, keep: set[int]) -> None:
         os._exit(_EXIT_CRASH)
     if os.getppid() != parent:  # the parent died before the prctl took
         os._exit(1)
-    gc.freeze()  # the parent's objects: never collected (nor finalised) here
+    gc.freeze()  # the parent's objects: the cycle collector never frees (closes) them here
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
