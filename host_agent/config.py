@@ -1,5 +1,5 @@
-"""Agent settings shared by the main process and its workers (sent to each
-worker as one JSON line on its control channel, never on a command line)."""
+"""Agent settings shared by the main process and its workers (a forked
+worker inherits them; they are never on a command line)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ DEFAULT_MAX_INFLIGHT = 256
 DEFAULT_MAX_SESSIONS = 8
 DEFAULT_EVENT_WAIT_TIMEOUT_S = 30.0
 DEFAULT_IDLE_TIMEOUT_S = 10.0
+DEFAULT_MAX_HANDSHAKES = 256  # unauthenticated connections pending, in all
+DEFAULT_MAX_HANDSHAKES_PER_SOURCE = 64  # ... and from one address
 
 
 @dataclass
@@ -29,6 +31,8 @@ class AgentConfig:
     event_wait_timeout: float = DEFAULT_EVENT_WAIT_TIMEOUT_S
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
     auth_timeout: float = AUTH_TIMEOUT_S
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_handshakes_per_source: int = DEFAULT_MAX_HANDSHAKES_PER_SOURCE
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -1,27 +1,26 @@
-"""Worker side of connection setup: TLS, HELLO, AUTH, then reading OPEN
-(docs/PROTOCOL.md "Connection = one session", steps 1-4).
+"""Connection setup after TLS: HELLO, AUTH, then OPEN (docs/PROTOCOL.md
+"Connection = one session", steps 2-4), as a sans-IO state machine.
 
-Everything before OPEN must finish within the auth deadline (5 s); any frame
-other than the expected one is a protocol error, a wrong key or auth mode is
-PERMISSION_DENIED. Blocking I/O with per-call timeouts from one deadline.
+The agent's main process runs this for every connection before it has
+authenticated (host_agent/admission.py does the I/O), so it is written for a
+hostile peer: it only ever sees whole frames from a FrameReader (whose
+header checks bound every payload), any frame other than the expected one is
+a ProtocolError, a wrong key or auth mode an AuthError. ``receive`` returns
+the bytes to send; after OPEN, ``open`` holds the request.
 """
 
 from __future__ import annotations
 
+import enum
 import os
-import socket
-import time
-from collections import deque
+from dataclasses import dataclass
 
-from host_agent.config import AgentConfig
-from host_agent.tls import peer_name, server_context
-from vpcie.errors import AuthError, ErrorCode, ProtocolError
+from vpcie.errors import AuthError, ProtocolError
 from vpcie.protocol.codes import PROTOCOL_VERSION, AuthMode, FrameFlag, FrameType
 from vpcie.protocol.frames import (
     MAC_SIZE,
     NONCE_SIZE,
     Frame,
-    FrameReader,
     decode_payload,
     encode_frame,
     encode_payload,
@@ -30,115 +29,105 @@ from vpcie.protocol.frames import (
 )
 
 
-class HandshakeTimeout(Exception):
-    """The peer did not finish authenticating in time."""
+class HandshakeState(enum.Enum):
+    HELLO = "hello"  # waiting for the client's HELLO
+    AUTH = "auth"  # HELLO_REPLY sent, waiting for AUTH
+    OPEN = "open"  # authenticated, waiting for OPEN
+    DONE = "done"  # OPEN received: ``open`` is set
 
 
-class Handshake:
-    def __init__(self, sock: socket.socket, config: AgentConfig) -> None:
-        self.config = config
-        self.raw = sock
-        self.sock: socket.socket = sock
-        self.deadline = time.monotonic() + config.auth_timeout
-        self.reader = FrameReader()
-        self.queued: deque[Frame] = deque()
-        self.peer = ""
+@dataclass(frozen=True)
+class OpenRequest:
+    device: str  # "" = any
+    mem_quota: int
+    max_inflight: int
+    client: str
+    handle_epoch: int = 0  # the top byte of every handle this session issues
+
+
+class ServerHandshake:
+    """The agent's side of HELLO/AUTH/OPEN; TLS (if any) is already done."""
+
+    def __init__(self, mode: AuthMode, agent_name: str, psk: bytes = b"") -> None:
+        if mode == AuthMode.PSK and not psk:
+            raise ValueError("PSK mode needs a key")
+        self.mode = mode
+        self.agent_name = agent_name[:255]
+        self.psk = psk if mode == AuthMode.PSK else b""
+        self.state = HandshakeState.HELLO
         self.client_name = ""
+        self.open: OpenRequest | None = None
+        self._cnonce = b""
+        self._snonce = b""
 
-    def _timeout(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise HandshakeTimeout(f"not authenticated within {self.config.auth_timeout:g} s")
-        return left
+    @property
+    def authenticated(self) -> bool:
+        return self.state in (HandshakeState.OPEN, HandshakeState.DONE)
 
-    def start_tls(self) -> None:
-        cfg = self.config
-        ctx = server_context(cfg.ca_file, cfg.cert_file, cfg.key_file)
-        self.raw.settimeout(self._timeout())
-        tls = ctx.wrap_socket(self.raw, server_side=True, do_handshake_on_connect=False)
-        try:
-            tls.do_handshake()
-        except TimeoutError as exc:
-            raise HandshakeTimeout("TLS handshake timed out") from exc
-        self.sock = tls
-        self.peer = peer_name(tls)
-
-    def next_frame(self) -> Frame:
-        while not self.queued:
-            self.sock.settimeout(self._timeout())
-            try:
-                n = self.sock.recv_into(self.reader.get_buffer())
-            except TimeoutError as exc:
-                raise HandshakeTimeout("peer silent during authentication") from exc
-            if n == 0:
-                raise ConnectionResetError("peer closed during authentication")
-            self.queued.extend(self.reader.buffer_updated(n))
-        return self.queued.popleft()
-
-    def expect(self, ftype: FrameType) -> Frame:
-        f = self.next_frame()
-        if f.type != ftype:
-            name = FrameType(f.type).name if f.type in tuple(FrameType) else str(f.type)
-            raise ProtocolError(f"expected {ftype.name}, got {name}")
-        if f.flags & FrameFlag.REPLY:
-            raise ProtocolError(f"{ftype.name} with the REPLY flag from a client")
-        return f
-
-    def send(
-        self, ftype: FrameType, payload: bytes, *, session: int = 0, reply: bool = True
-    ) -> None:
-        flags = FrameFlag.REPLY if reply else 0
-        self.sock.sendall(encode_frame(ftype, payload, session=session, flags=flags))
-
-    def send_error(self, code: ErrorCode, message: str) -> None:
-        try:
-            self.sock.settimeout(1.0)
-            self.send(
-                FrameType.ERROR, encode_payload("ERROR", int(code), 1, message[:500]), reply=False
+    def receive(self, f: Frame) -> bytes:
+        """Take one frame from the client; returns the reply bytes to send."""
+        st = self.state
+        if st == HandshakeState.HELLO:
+            return self._hello(_expect(f, FrameType.HELLO))
+        if st == HandshakeState.AUTH:
+            return self._auth(_expect(f, FrameType.AUTH))
+        if st == HandshakeState.OPEN:
+            device, mem_quota, max_inflight, client, epoch = decode_payload(
+                "OPEN", _expect(f, FrameType.OPEN).payload
             )
-        except OSError:
-            pass
+            self.open = OpenRequest(device, mem_quota, max_inflight, client, epoch)
+            self.state = HandshakeState.DONE
+            return b""
+        raise ProtocolError(f"{_name(f.type)} frame after OPEN, before OPEN_REPLY")
 
-    def authenticate(self) -> None:
-        """TLS (if configured), HELLO and AUTH; raises on any failure."""
-        cfg = self.config
-        mode = AuthMode.TLS if cfg.auth == "tls" else AuthMode.PSK
-        if mode == AuthMode.TLS:
-            self.start_tls()
-        hello = self.expect(FrameType.HELLO)
-        proto_min, proto_max, auth, cnonce, name = decode_payload("HELLO", hello.payload)
+    def _hello(self, f: Frame) -> bytes:
+        proto_min, proto_max, auth, cnonce, name = decode_payload("HELLO", f.payload)
         self.client_name = name
         if not proto_min <= PROTOCOL_VERSION <= proto_max:
             raise ProtocolError(
                 f"client speaks v{proto_min}..{proto_max}, agent v{PROTOCOL_VERSION}"
             )
-        if auth != mode:
-            raise AuthError(f"client uses auth mode {auth}, this agent {mode.name}")
-        snonce = os.urandom(NONCE_SIZE)
-        psk = bytes.fromhex(cfg.psk_hex) if mode == AuthMode.PSK else b""
-        proof = psk_mac(psk, b"agent", cnonce, snonce) if psk else bytes(MAC_SIZE)
-        self.send(
-            FrameType.HELLO,
-            encode_payload(
-                "HELLO_REPLY", PROTOCOL_VERSION, int(mode), snonce, proof, cfg.agent_name[:255]
-            ),
+        if auth != self.mode:
+            raise AuthError(f"client uses auth mode {auth}, this agent {self.mode.name}")
+        self._cnonce, self._snonce = cnonce, os.urandom(NONCE_SIZE)
+        psk = self.psk
+        proof = psk_mac(psk, b"agent", cnonce, self._snonce) if psk else bytes(MAC_SIZE)
+        self.state = HandshakeState.AUTH
+        payload = encode_payload(
+            "HELLO_REPLY", PROTOCOL_VERSION, int(self.mode), self._snonce, proof, self.agent_name
         )
-        auth_frame = self.expect(FrameType.AUTH)
-        (mac,) = decode_payload("AUTH", auth_frame.payload)
+        return encode_frame(FrameType.HELLO, payload, flags=FrameFlag.REPLY)
+
+    def _auth(self, f: Frame) -> bytes:
+        (mac,) = decode_payload("AUTH", f.payload)
+        psk = self.psk
         if psk:
-            ok = macs_equal(mac, psk_mac(psk, b"client", cnonce, snonce))
+            ok = macs_equal(mac, psk_mac(psk, b"client", self._cnonce, self._snonce))
         else:
             ok = macs_equal(mac, bytes(MAC_SIZE))
         if not ok:
             raise AuthError("wrong pre-shared key" if psk else "AUTH mac must be zero in TLS mode")
-        self.send(FrameType.AUTH, encode_payload("AUTH_REPLY", 0))
+        self.state = HandshakeState.OPEN
+        return encode_frame(FrameType.AUTH, encode_payload("AUTH_REPLY", 0), flags=FrameFlag.REPLY)
 
-    def read_open(self) -> tuple[str, int, int, str, int]:
-        f = self.expect(FrameType.OPEN)
-        device, mem_quota, max_inflight, client, handle_epoch = decode_payload("OPEN", f.payload)
-        return device, mem_quota, max_inflight, client, handle_epoch
 
-    def leftover(self) -> list[Frame]:
-        out = list(self.queued)
-        self.queued.clear()
-        return out
+def _name(ftype: int) -> str:
+    return FrameType(ftype).name if ftype in tuple(FrameType) else str(ftype)
+
+
+def _expect(f: Frame, ftype: FrameType) -> Frame:
+    if f.type != ftype:
+        raise ProtocolError(f"expected {ftype.name}, got {_name(f.type)}")
+    if f.flags & FrameFlag.REPLY:
+        raise ProtocolError(f"{ftype.name} with the REPLY flag from a client")
+    return f
+
+
+def error_frame(code: int, message: str) -> bytes:
+    """The ERROR frame (fatal) that tells a refused peer why."""
+    return encode_frame(FrameType.ERROR, encode_payload("ERROR", int(code), 1, message[:500]))
+
+
+def open_reply_frame(status: int, session: int, message: str, info: bytes) -> bytes:
+    payload = encode_payload("OPEN_REPLY", int(status), session, message[:1000], info)
+    return encode_frame(FrameType.OPEN, payload, session=session, flags=FrameFlag.REPLY)

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from host_agent.executors.cpu import CPU_NAME, host_memory_bytes
+from host_agent.executors.cpu_info import CPU_NAME, host_memory_bytes
 from host_agent.nvml import Nvml
 
 CPU_DEVICE = "cpu0"

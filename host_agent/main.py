@@ -22,8 +22,11 @@ import sys
 from pathlib import Path
 
 from host_agent.config import (
+    AUTH_TIMEOUT_S,
     DEFAULT_EVENT_WAIT_TIMEOUT_S,
     DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
     DEFAULT_MAX_INFLIGHT,
     DEFAULT_MAX_SESSIONS,
     AgentConfig,
@@ -109,18 +112,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cert_file=str(cert),
             key_file=str(key),
         )
-        from host_agent.tls import server_context
+        from host_agent.tls import check_server_cert, server_context
 
+        check_server_cert(cfg.cert_file, cfg.ca_file)
         server_context(cfg.ca_file, cfg.cert_file, cfg.key_file)  # fail now, not per session
-    for name in ("max_inflight", "max_sessions"):
+    for name in ("max_inflight", "max_sessions", "max_handshakes", "max_handshakes_per_source"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.auth_timeout <= 600:
+        raise ConfigError(f"--auth-timeout {args.auth_timeout:g}: expected 0 < seconds <= 600")
     cfg.executor = args.executor
     cfg.mem_quota = args.mem_quota
     cfg.max_inflight = args.max_inflight
     cfg.max_sessions = args.max_sessions
     cfg.event_wait_timeout = args.event_wait_timeout
     cfg.idle_timeout = args.idle_timeout
+    cfg.max_handshakes = args.max_handshakes
+    cfg.auth_timeout = args.auth_timeout
+    cfg.max_handshakes_per_source = args.max_handshakes_per_source
     inv = build_inventory(args.executor)
     agent = Agent(cfg, inv, (host, port), Path(args.state_file) if args.state_file else None)
     try:
@@ -189,6 +198,24 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_IDLE_TIMEOUT_S,
         help="drop a session after this many seconds without bytes",
+    )
+    s.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=AUTH_TIMEOUT_S,
+        help="seconds a connection has to finish TLS, HELLO, AUTH and OPEN",
+    )
+    s.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=DEFAULT_MAX_HANDSHAKES,
+        help="unauthenticated connections pending at once; over it the oldest is dropped",
+    )
+    s.add_argument(
+        "--max-handshakes-per-source",
+        type=int,
+        default=DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+        help="... from one source address",
     )
     s.add_argument("--state-file", help="JSON file with inventory and sessions, kept current")
     s.set_defaults(func=cmd_serve)

@@ -1,31 +1,59 @@
-"""The agent's main process: accept, hand each connection to a new worker,
-own the inventory and the per-device session counts.
+"""The agent's main process: accept, admit, grant a device, fork a worker.
 
-The parent never parses a byte from a peer: each accepted socket goes to a
-fresh ``python -m host_agent.worker`` (fd passed with pass_fds) together with
-a socketpair for JSON-line control messages. A worker that crashes fails only
-its own session; the parent logs it, frees its device slot and keeps serving.
+Before a connection has authenticated it costs a socket and a few KB here:
+TLS, HELLO, AUTH and OPEN run on this process's asyncio loop with
+non-blocking sockets (host_agent/admission.py: one deadline each, caps on
+how many are pending in all and per source address). Only an authenticated
+OPEN that gets a device slot gets a process: ``os.fork()`` of this one
+(host_agent/spawn.py), which inherits the live connection and serves the
+session (host_agent/worker.py). A worker that crashes fails only its own
+session; this process learns of its exit from a pidfd, frees its device slot
+and keeps serving. The main process never starts a thread (fork needs that).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
-import sys
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from host_agent.admission import (
+    Admitted,
+    PendingTable,
+    admit,
+    auth_mode,
+    close_refused,
+    send_all,
+)
 from host_agent.config import AgentConfig
+from host_agent.handshake import OpenRequest, ServerHandshake, error_frame, open_reply_frame
 from host_agent.inventory import Device, Inventory
 from host_agent.logs import log
-from vpcie.errors import ErrorCode
+from host_agent.spawn import ForkRefused, fork_worker, native_threads
+from host_agent.worker import Grant
+from host_agent.worker import run as run_worker
+from vpcie.errors import AuthError, ErrorCode, ProtocolError
 
 SESSION_ID_MAX = 0xFFFFFFFF
+LISTEN_BACKLOG = 1024  # a burst of connects waits in the kernel, not refused
+MIN_USER_TIMEOUT_S = 5.0  # TCP_USER_TIMEOUT floor: a lossy link retransmits for a while
+REFUSE_SEND_S = 1.0  # how long a refusal (ERROR / OPEN_REPLY) may take to leave
+
+
+@dataclass
+class _Pending:
+    """A connection in admission: its task, its socket (raw, then TLS)."""
+
+    task: asyncio.Task[None]
+    sock: list[socket.socket]
+    peer: str
 
 
 @dataclass
@@ -58,6 +86,17 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self.port = 0
+        # Admission: pending (unauthenticated) connections by key, oldest first.
+        self.pending = PendingTable(config.max_handshakes, config.max_handshakes_per_source)
+        self._admitting: dict[int, _Pending] = {}
+        self._next_key = 0
+        self._mode = auth_mode(config.auth)
+        self._psk = bytes.fromhex(config.psk_hex) if config.auth == "psk" else b""
+        self._ssl: ssl.SSLContext | None = None
+        if config.auth == "tls":
+            from host_agent.tls import server_context
+
+            self._ssl = server_context(config.ca_file, config.cert_file, config.key_file)
 
     # -- device grants ------------------------------------------------------------
     def _pick(self, wanted: str) -> tuple[Device | None, int, str]:
@@ -78,30 +117,22 @@ class Agent:
             return None, ErrorCode.QUOTA_EXCEEDED, f"every device has {limit} sessions"
         return min(free, key=lambda d: self.sessions_per_device[d.id]), ErrorCode.OK, ""
 
-    def grant(self, w: WorkerInfo, req: dict[str, Any]) -> dict[str, Any]:
-        dev, status, message = self._pick(str(req.get("device", "")))
+    def grant(self, req: OpenRequest) -> Grant | tuple[int, str]:
+        """A session for ``req``, counted against its device; or (status, why)."""
+        dev, status, message = self._pick(req.device)
         if dev is None:
-            log("warning", "open_refused", pid=w.pid, device=req.get("device"), reason=message)
-            return {"ok": False, "status": int(status), "message": message}
+            return int(status), message
         cap = min(self.config.mem_quota or dev.memory_total, dev.memory_total)
-        asked = int(req.get("mem_quota") or 0)
-        quota = min(asked, cap) if asked else cap
+        quota = min(req.mem_quota, cap) if req.mem_quota else cap
         inflight_cap = self.config.max_inflight
-        asked_if = int(req.get("max_inflight") or 0)
-        inflight = min(asked_if, inflight_cap) if asked_if else inflight_cap
+        inflight = min(req.max_inflight, inflight_cap) if req.max_inflight else inflight_cap
         sid = self._next_session
         self._next_session = sid + 1 if sid < SESSION_ID_MAX else 1
         self.sessions_per_device[dev.id] += 1
-        w.session, w.device, w.client = sid, dev.id, str(req.get("client", ""))
-        return {
-            "ok": True,
-            "session": sid,
-            "device": dev.to_json(),
-            "mem_quota": quota,
-            "max_inflight": inflight,
-        }
+        return Grant(sid, dev.to_json(), quota, inflight, req.client, req.handle_epoch)
 
     def release(self, w: WorkerInfo) -> None:
+        """Free ``w``'s device slot (once)."""
         if w.device:
             self.sessions_per_device[w.device] -= 1
             w.device = ""
@@ -133,91 +164,178 @@ class Agent:
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.state_file)
 
-    # -- workers -------------------------------------------------------------------------
-    async def _run_worker(self, conn: socket.socket, peer: str) -> None:
-        parent_ctl, child_ctl = socket.socketpair()
+    # -- admission (before authentication) ----------------------------------------
+    def _tune(self, conn: socket.socket) -> None:
+        """Per-connection TCP settings: no Nagle (small frames), and a peer
+        that vanished (partition, powered off) is found by the kernel too:
+        data unacknowledged for TCP_USER_TIMEOUT ends the connection, and
+        keepalive probes an idle one (the user timeout bounds them as well)."""
+        idle = self.config.idle_timeout
+        user_timeout_ms = int(max(idle, MIN_USER_TIMEOUT_S) * 1000)
+        opts = [
+            (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle / 2))),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 5),
+            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms),
+        ]
+        for level, opt, value in opts:
+            with contextlib.suppress(OSError):  # AF_UNIX in tests, old kernels
+                conn.setsockopt(level, opt, value)
+
+    def _admit_new(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        key, self._next_key = self._next_key, self._next_key + 1
+        for old in self.pending.add(key, addr[0]):
+            evicted = self._admitting.get(old)
+            if evicted is not None:  # the oldest pending one over a cap
+                log("warning", "handshake_evicted", peer=evicted.peer, pending=len(self.pending))
+                evicted.task.cancel()
+        peer = f"{addr[0]}:{addr[1]}"
+        holder = [conn]  # becomes the SSLSocket once TLS starts
+        task = asyncio.create_task(self._admission(key, holder, peer))
+        self._admitting[key] = _Pending(task, holder, peer)
+
+        def done(_t: asyncio.Task[None]) -> None:
+            # Whatever ended it (even a cancel before its first step), after
+            # its own cleanup (readers removed): the socket is closed here.
+            del self._admitting[key]
+            self.pending.remove(key)
+            holder[0].close()
+
+        task.add_done_callback(done)
+
+    async def _refuse(self, sock: socket.socket, frame: bytes) -> None:
+        """Tell a refused peer why, if it takes the bytes within a second."""
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            async with asyncio.timeout(REFUSE_SEND_S):
+                await send_all(sock, frame)
+
+    async def _admission(self, key: int, current: list[socket.socket], peer: str) -> None:
+        cfg, conn = self.config, current[0]
+        hs = ServerHandshake(self._mode, cfg.agent_name, self._psk)
+        admitted: Admitted | None = None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "host_agent.worker",
-                "--conn-fd",
-                str(conn.fileno()),
-                "--ctl-fd",
-                str(child_ctl.fileno()),
-                pass_fds=(conn.fileno(), child_ctl.fileno()),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+            async with asyncio.timeout(cfg.auth_timeout):
+                admitted = await admit(conn, self._ssl, hs, lambda t: current.__setitem__(0, t))
+        except TimeoutError:
+            log("warning", "auth_timeout", peer=peer, state=hs.state.value,
+                error=f"not authenticated within {cfg.auth_timeout:g} s")  # fmt: skip
+        except AuthError as exc:
+            log("warning", "auth_refused", error=str(exc), peer=hs.client_name or peer)
+            self.pending.remove(key)
+            await self._refuse(current[0], error_frame(ErrorCode.PERMISSION_DENIED, str(exc)))
+        except ProtocolError as exc:
+            log("warning", "handshake_protocol_error", error=str(exc), peer=peer)
+            self.pending.remove(key)
+            await self._refuse(current[0], error_frame(ErrorCode.PROTOCOL, str(exc)))
+        except ssl.SSLError as exc:
+            log("warning", "tls_refused", error=str(exc), peer=peer)
         except OSError as exc:
+            log("info", "handshake_lost", error=str(exc), peer=peer)
+        except Exception as exc:  # our bug: loud in the log, and the peer is dropped
+            log("error", "admission_crashed", error=repr(exc), peer=peer)
+        finally:
+            self.pending.remove(key)
+        if admitted is None:
+            close_refused(current[0])
+            return
+        try:
+            await self._open(admitted, peer)
+        finally:
+            # The worker has its own copy; close ours WITHOUT close_notify (an
+            # SSLSocket's close() sends nothing), so its TLS stream goes on.
+            admitted.sock.close()
+
+    # -- workers ---------------------------------------------------------------------
+    async def _open(self, adm: Admitted, peer: str) -> None:
+        grant = self.grant(adm.open)
+        if not isinstance(grant, Grant):
+            status, message = grant
+            log("warning", "open_refused", peer=peer, device=adm.open.device, reason=message)
+            await self._refuse(adm.sock, open_reply_frame(status, 0, message, b""))
+            return
+        parent_ctl, child_ctl = socket.socketpair()
+        conn, cfg = adm.sock, self.config
+        keep = {conn.fileno(), child_ctl.fileno()}
+        try:
+            pid = fork_worker(keep, lambda: run_worker(conn, child_ctl, grant, cfg))
+        except (OSError, ForkRefused) as exc:
             log("error", "worker_spawn_failed", peer=peer, error=str(exc))
-            conn.close()
+            self.sessions_per_device[grant.device["id"]] -= 1
             parent_ctl.close()
-            child_ctl.close()
+            await self._refuse(conn, open_reply_frame(ErrorCode.INTERNAL, 0, str(exc), b""))
             return
         finally:
-            conn.close()  # the worker has its own copy
             child_ctl.close()
-        w = WorkerInfo(proc.pid, peer)
-        self.workers[proc.pid] = w
-        log("info", "worker_started", pid=proc.pid, peer=peer)
-        reader, writer = await asyncio.open_connection(sock=parent_ctl)
+        w = WorkerInfo(pid, adm.peer_cn or adm.client_name or peer)
+        w.session, w.device, w.client = grant.session, grant.device["id"], grant.client
+        self.workers[pid] = w
+        log("info", "worker_started", pid=pid, peer=peer, session=w.session, device=w.device)
+        self.write_state()
+        task = asyncio.create_task(self._watch_worker(w, parent_ctl))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_worker(self, w: WorkerInfo, ctl: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(w.pid)
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
         try:
-            writer.write(json.dumps({"config": json.loads(self.config.to_json())}).encode() + b"\n")
-            await writer.drain()
-            while True:
-                line = await reader.readline()
-                if not line:
-                    break
+            await self._read_control(w, ctl)
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            _, status = os.waitpid(w.pid, 0)
+            rc = os.waitstatus_to_exitcode(status)
+            self.release(w)
+            del self.workers[w.pid]
+            level = "info" if rc == 0 else "error"
+            log(level, "worker_exited", pid=w.pid, session=w.session, returncode=rc)
+            self.write_state()
+
+    async def _read_control(self, w: WorkerInfo, ctl: socket.socket) -> None:
+        """The worker's JSON lines until it closes its end (it exited)."""
+        reader, writer = await asyncio.open_connection(sock=ctl)
+        try:
+            while line := await reader.readline():
                 msg = json.loads(line)
                 op = msg.get("op")
-                if op == "open":
-                    w.peer = str(msg.get("peer") or peer)
-                    writer.write(json.dumps(self.grant(w, msg)).encode() + b"\n")
-                    await writer.drain()
-                    self.write_state()
-                elif op == "bound":
-                    w.env = dict(msg.get("env", {}))
+                if op == "bound":
+                    w.env = {str(k): str(v) for k, v in dict(msg.get("env", {})).items()}
                     w.executor = str(msg.get("executor", ""))
-                    log(
-                        "info",
-                        "session_bound",
-                        pid=w.pid,
-                        session=w.session,
-                        device=w.device,
+                    log("info", "session_bound", pid=w.pid, session=w.session, device=w.device,
                         cuda_visible_devices=w.env.get("CUDA_VISIBLE_DEVICES", ""),
-                        executor=w.executor,
-                    )
+                        executor=w.executor)  # fmt: skip
                     self.write_state()
                 elif op == "end":
-                    log(
-                        "info",
-                        "session_closed",
-                        pid=w.pid,
-                        session=w.session,
-                        reason=msg.get("reason"),
-                    )
+                    log("info", "session_closed", pid=w.pid, session=w.session,
+                        reason=msg.get("reason"))  # fmt: skip
         except (ConnectionError, ValueError) as exc:
             log("warning", "worker_control_error", pid=w.pid, error=str(exc))
         finally:
             writer.close()
-            rc = await proc.wait()
-            self.release(w)
-            del self.workers[proc.pid]
-            level = "info" if rc == 0 else "error"
-            log(level, "worker_exited", pid=proc.pid, session=w.session, returncode=rc)
-            self.write_state()
 
     async def serve(self) -> None:
         lsock = socket.socket(socket.AF_INET6 if ":" in self.listen[0] else socket.AF_INET)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lsock.bind(self.listen)
-        lsock.listen(128)
+        lsock.listen(LISTEN_BACKLOG)
         lsock.setblocking(False)
         self.port = lsock.getsockname()[1]
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self.write_state()
+        if (threads := native_threads()) != 1:  # fork_worker refuses Python threads itself
+            log("warning", "main_process_threads", threads=threads, hint="forks may be unsafe")
         log(
             "info",
             "listening",
@@ -231,12 +349,12 @@ class Agent:
         await self._stop.wait()
         accept_task.cancel()
         lsock.close()
-        log("info", "stopping", workers=len(self.workers))
+        log("info", "stopping", workers=len(self.workers), pending=len(self.pending))
+        for p in list(self._admitting.values()):
+            p.task.cancel()
         for pid in list(self.workers):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         if self.state_file is not None:
@@ -247,11 +365,9 @@ class Agent:
         while True:
             try:
                 conn, addr = await loop.sock_accept(lsock)
-            except OSError as exc:
+            except OSError as exc:  # EMFILE: the caps above keep this rare
                 log("error", "accept_failed", error=str(exc))
                 await asyncio.sleep(0.1)
                 continue
-            conn.setblocking(True)
-            task = asyncio.create_task(self._run_worker(conn, f"{addr[0]}:{addr[1]}"))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tune(conn)
+            self._admit_new(conn, addr)

@@ -1,68 +1,64 @@
-"""A worker process: one connection, one session (``python -m host_agent.worker``).
+"""A worker: one authenticated connection, one session, in a process forked
+from the agent's main process after the device grant (host_agent/spawn.py).
 
-The agent's main process accepts a TCP connection and starts this program
-with the socket (``--conn-fd``) and one end of a socketpair (``--ctl-fd``)
-that carries JSON lines to and from the parent:
+The main process did TLS, HELLO, AUTH and read OPEN (host_agent/admission.py)
+and granted a device; the worker pins ``CUDA_VISIBLE_DEVICES`` to the granted
+GPU or MIG UUID, only then imports its executor (NumPy / CuPy), answers OPEN
+and serves the session. It reports to the parent on a socketpair as JSON
+lines:
 
-    parent -> worker  {"config": {...}}                       at start
-    worker -> parent  {"op": "open", "device", "mem_quota", "max_inflight", "client", "peer"}
-    parent -> worker  {"ok": true, "session", "device": {...}, "mem_quota", "max_inflight"}
-                      | {"ok": false, "status", "message"}
-    worker -> parent  {"op": "bound", "env": {"CUDA_VISIBLE_DEVICES": ...}, "executor": ...}
+    worker -> parent  {"op": "bound", "session", "device", "env": {...}, "executor"}
     worker -> parent  {"op": "end", "reason": ...}
 
-The worker does TLS + HELLO/AUTH itself, so a hostile peer never reaches the
-parent's memory; it pins ``CUDA_VISIBLE_DEVICES`` to the granted GPU or MIG
-UUID before CuPy is imported, so the session sees only its device.
+The parent learns the worker's exit from a pidfd, whatever the reason.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import ssl
 import struct
-import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from host_agent.config import AgentConfig
-from host_agent.executors.base import DeviceIdentity, Executor, SessionLimits
-from host_agent.handshake import Handshake, HandshakeTimeout
+from host_agent.handshake import open_reply_frame
 from host_agent.logs import log, set_process
-from host_agent.session import Session, SessionConfig
-from vpcie.errors import AuthError, ErrorCode, ProtocolError
-from vpcie.protocol.codes import FrameType
-from vpcie.protocol.frames import encode_payload
+from vpcie.errors import ErrorCode
 
-_MAX_CTL_LINE = 1 << 20
+if TYPE_CHECKING:
+    from host_agent.executors.base import Executor, SessionLimits
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the main process granted to one OPEN."""
+
+    session: int
+    device: dict[str, Any]  # Device.to_json()
+    mem_quota: int
+    max_inflight: int
+    client: str
+    handle_epoch: int = 0  # from OPEN: the top byte of the session's handles
 
 
 class Control:
-    """The JSON-lines channel to the parent."""
+    """The worker's end of the JSON-lines channel to the parent."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = b""
 
     def send(self, obj: dict[str, Any]) -> None:
         self.sock.sendall(json.dumps(obj).encode() + b"\n")
-
-    def recv(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk or len(self.buf) > _MAX_CTL_LINE:
-                raise ConnectionError("agent control channel closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        out: dict[str, Any] = json.loads(line)
-        return out
 
 
 def make_executor(kind: str, device: dict[str, Any], limits: SessionLimits, agent: str) -> Executor:
     """CPU or CuPy executor for the granted device; CuPy is imported only here,
     after CUDA_VISIBLE_DEVICES is pinned."""
+    from host_agent.executors.base import DeviceIdentity
+
     if kind == "auto":
         kind = "cpu" if device["kind"] == "cpu" else "cuda"
     if kind == "cuda":
@@ -74,68 +70,45 @@ def make_executor(kind: str, device: dict[str, Any], limits: SessionLimits, agen
     return CpuExecutor(limits, DeviceIdentity("", device["id"], agent))
 
 
-def _set_idle_timeout(sock: socket.socket, seconds: float) -> None:
-    """SO_RCVTIMEO on a blocking socket: recv fails with EAGAIN after silence,
-    without a poll() per recv that socket timeouts cost."""
+def set_idle_timeout(sock: socket.socket, seconds: float) -> None:
+    """Make a recv that waited ``seconds`` for bytes fail (the session ends "idle").
+
+    Plain TCP: SO_RCVTIMEO on a blocking socket, so recv fails with EAGAIN
+    after silence without the poll() per recv that a socket timeout costs.
+    TLS: SO_RCVTIMEO does not work there: CPython's SSL read retries SSL_read
+    on WANT_READ for a blocking socket, so the EAGAIN never surfaces and a
+    silent peer held its worker forever. An SSLSocket timeout does: the fd
+    becomes non-blocking and the ssl module polls (with the timeout) only
+    when SSL_read has nothing buffered, i.e. only where a blocking read
+    would have slept anyway. Sends then also give up after ``seconds`` of a
+    peer that takes nothing, which ends the session as "lost"."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
+        return
+    sock.setblocking(True)
     sec = int(seconds)
     usec = int((seconds - sec) * 1e6)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, usec))
 
 
-def _open_reply(hs: Handshake, status: int, session: int, message: str, info: bytes) -> None:
-    payload = encode_payload("OPEN_REPLY", status, session, message[:1000], info)
-    hs.send(FrameType.OPEN, payload, session=session)
+def serve(conn: socket.socket, ctl: Control, grant: Grant, cfg: AgentConfig) -> str:
+    """The worker's life after the fork: executor, OPEN_REPLY, session; returns why it ended."""
+    from host_agent.executors.base import SessionLimits
+    from host_agent.session import Session, SessionConfig
+    from vpcie.protocol.frames import FrameReader
 
-
-def run(conn: socket.socket, ctl: Control, cfg: AgentConfig) -> str:
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    hs = Handshake(conn, cfg)
-    try:
-        hs.authenticate()
-        device_req, mem_quota, max_inflight, client, handle_epoch = hs.read_open()
-    except HandshakeTimeout as exc:
-        log("warning", "auth_timeout", error=str(exc))
-        return "auth-timeout"
-    except AuthError as exc:
-        log("warning", "auth_refused", error=str(exc), peer=hs.peer)
-        hs.send_error(ErrorCode.PERMISSION_DENIED, str(exc))
-        return "auth-refused"
-    except ProtocolError as exc:
-        log("warning", "handshake_protocol_error", error=str(exc))
-        hs.send_error(ErrorCode.PROTOCOL, str(exc))
-        return "protocol"
-    except ssl.SSLError as exc:
-        log("warning", "tls_refused", error=str(exc))
-        return "tls-refused"
-    except OSError as exc:
-        log("info", "handshake_lost", error=str(exc))
-        return "lost"
-
-    ctl.send(
-        {
-            "op": "open",
-            "device": device_req,
-            "mem_quota": mem_quota,
-            "max_inflight": max_inflight,
-            "client": client,
-            "peer": hs.peer or hs.client_name,
-        }
-    )
-    grant = ctl.recv()
-    if not grant.get("ok"):
-        _open_reply(hs, int(grant["status"]), 0, str(grant.get("message", "")), b"")
-        return "open-refused"
-    device: dict[str, Any] = grant["device"]
-    sid = int(grant["session"])
+    set_idle_timeout(conn, cfg.idle_timeout)
+    device, sid = grant.device, grant.session
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if device["kind"] == "cpu" else device["id"]
-    limits = SessionLimits(int(grant["mem_quota"]), int(grant["max_inflight"]))
+    limits = SessionLimits(grant.mem_quota, grant.max_inflight)
     try:
         executor = make_executor(cfg.executor, device, limits, cfg.agent_name)
     except Exception as exc:  # ImportError (no CuPy), CUDA init failure
         log("error", "executor_failed", device=device["id"], error=repr(exc))
-        _open_reply(hs, ErrorCode.NO_DEVICE, 0, f"executor for {device['id']} failed: {exc}", b"")
+        msg = f"executor for {device['id']} failed: {exc}"
+        conn.sendall(open_reply_frame(ErrorCode.NO_DEVICE, 0, msg, b""))
         return "executor-failed"
-    executor.set_handle_epoch(handle_epoch)
+    executor.set_handle_epoch(grant.handle_epoch)
     ctl.send(
         {
             "op": "bound",
@@ -145,13 +118,10 @@ def run(conn: socket.socket, ctl: Control, cfg: AgentConfig) -> str:
             "env": {"CUDA_VISIBLE_DEVICES": os.environ["CUDA_VISIBLE_DEVICES"]},
         }
     )
-    _open_reply(hs, ErrorCode.OK, sid, "", executor.query_info())
-    sock = hs.sock
-    sock.settimeout(None)
-    _set_idle_timeout(sock, cfg.idle_timeout)
+    conn.sendall(open_reply_frame(ErrorCode.OK, sid, "", executor.query_info()))
     session = Session(
-        sock,
-        hs.reader,
+        conn,
+        FrameReader(),
         executor,
         SessionConfig(sid, limits.max_inflight, cfg.event_wait_timeout, cfg.idle_timeout),
     )
@@ -160,7 +130,7 @@ def run(conn: socket.socket, ctl: Control, cfg: AgentConfig) -> str:
         "session_open",
         session=sid,
         device=device["id"],
-        client=client,
+        client=grant.client,
         executor=executor.name,
         mem_quota=limits.mem_quota,
     )
@@ -169,26 +139,24 @@ def run(conn: socket.socket, ctl: Control, cfg: AgentConfig) -> str:
         import cProfile
 
         prof = cProfile.Profile()
-        reason = prof.runcall(session.serve, hs.leftover())
+        reason: str = prof.runcall(session.serve, [])
         prof.dump_stats(f"{profile_to}.{sid}")
     else:
-        reason = session.serve(hs.leftover())
+        reason = session.serve([])
     log("info", "session_end", session=sid, reason=reason)
     return reason
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="host_agent.worker")
-    ap.add_argument("--conn-fd", type=int, required=True)
-    ap.add_argument("--ctl-fd", type=int, required=True)
-    args = ap.parse_args(argv)
+def run(conn: socket.socket, ctl_sock: socket.socket, grant: Grant, cfg: AgentConfig) -> int:
+    """Entry point in the forked child (host_agent/spawn.py runs it)."""
     set_process("worker")
-    ctl = Control(socket.socket(fileno=args.ctl_fd))
-    conn = socket.socket(fileno=args.conn_fd)
+    ctl = Control(ctl_sock)
     reason = "error"
     try:
-        cfg = AgentConfig.from_json(json.dumps(ctl.recv()["config"]))
-        reason = run(conn, ctl, cfg)
+        reason = serve(conn, ctl, grant, cfg)
+    except OSError as exc:
+        log("info", "connection_lost", session=grant.session, error=str(exc))
+        reason = "lost"
     finally:
         try:
             conn.close()
@@ -199,7 +167,3 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

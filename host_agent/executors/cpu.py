@@ -9,7 +9,6 @@ GIL, so the session's reader keeps answering PINGs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from host_agent.executors.base import Executor, HostLanding, Landing, Region
+from host_agent.executors.cpu_info import CPU_NAME, host_memory_bytes
 from vpcie.errors import ErrorCode, VgpuError
 from vpcie.protocol.codes import DType, ExecutorKind
 
@@ -25,14 +25,6 @@ NP_DTYPES: dict[DType, type[np.generic]] = {
     DType.F16: np.float16,
     DType.F64: np.float64,
 }
-CPU_NAME = "cpu-numpy (not a GPU)"
-
-
-def host_memory_bytes() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError):
-        return 1 << 32
 
 
 def typed(region: Region, dtype: DType, count: int) -> npt.NDArray[Any]:

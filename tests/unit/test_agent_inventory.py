@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from host_agent.config import AgentConfig
+from host_agent.handshake import OpenRequest
 from host_agent.inventory import CPU_DEVICE, discover
 from host_agent.nvml import FakeNvml
 from host_agent.server import Agent, WorkerInfo
+from host_agent.worker import Grant
 from vpcie.errors import ErrorCode
 
 SPEC = {
@@ -50,20 +52,19 @@ def test_no_nvml_offers_cpu0() -> None:
 
 
 def test_grants_skip_unhealthy_and_cap_quota() -> None:
-    cfg = AgentConfig(auth="psk", agent_name="t", max_sessions=1, mem_quota=30, max_inflight=5)
+    cfg = AgentConfig(auth="psk", agent_name="t", psk_hex="00" * 16, max_sessions=1,
+                      mem_quota=30, max_inflight=5)  # fmt: skip
     agent = Agent(cfg, discover(FakeNvml(SPEC), "fake"), ("127.0.0.1", 0))
-    grants = [agent.grant(WorkerInfo(i, "p"), {"device": "", "mem_quota": 0}) for i in range(4)]
-    ok = [g for g in grants if g["ok"]]
-    assert {g["device"]["id"] for g in ok} == {"MIG-1", "MIG-2", "GPU-c"}  # GPU-b unhealthy
-    assert grants[3] == {
-        "ok": False,
-        "status": ErrorCode.QUOTA_EXCEEDED,
-        "message": "every device has 1 sessions",
-    }
-    assert all(g["mem_quota"] == min(30, g["device"]["memory_total"]) for g in ok)
-    w = WorkerInfo(9, "p")
-    g = agent.grant(w, {"device": "GPU-b", "mem_quota": 10, "max_inflight": 99})
-    assert g["ok"] and g["mem_quota"] == 10 and g["max_inflight"] == 5  # by UUID: allowed
+    grants = [agent.grant(OpenRequest("", 0, 0, "vm")) for i in range(4)]
+    ok = [g for g in grants if isinstance(g, Grant)]
+    assert {g.device["id"] for g in ok} == {"MIG-1", "MIG-2", "GPU-c"}  # GPU-b unhealthy
+    assert grants[3] == (ErrorCode.QUOTA_EXCEEDED, "every device has 1 sessions")
+    assert all(g.mem_quota == min(30, g.device["memory_total"]) for g in ok)
+    g = agent.grant(OpenRequest("GPU-b", 10, 99, "vm"))
+    assert isinstance(g, Grant)
+    assert g.mem_quota == 10 and g.max_inflight == 5  # by UUID: allowed
+    w = WorkerInfo(9, "p", session=g.session, device=g.device["id"])
     agent.release(w)
+    agent.release(w)  # once only
     assert agent.sessions_per_device["GPU-b"] == 0
-    assert len({g["session"] for g in ok}) == 3
+    assert len({g.session for g in ok}) == 3
