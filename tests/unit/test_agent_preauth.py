@@ -90,8 +90,9 @@ def test_psk_handshake_to_open() -> None:
     mac = psk_mac(PSK, b"client", b"c" * 32, snonce)
     assert _reply(hs.receive(_frame(FrameType.AUTH, encode_payload("AUTH", mac))), "AUTH_REPLY")
     assert hs.authenticated and hs.state is HandshakeState.OPEN
-    assert hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "cpu0", 5, 6, "vm"))) == b""
+    assert hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "cpu0", 5, 6, "vm", 3))) == b""
     assert hs.open is not None and hs.open.device == "cpu0" and hs.open.client == "vm"
+    assert hs.open.handle_epoch == 3
     with pytest.raises(ProtocolError):  # nothing before OPEN_REPLY
         hs.receive(_frame(FrameType.PING, encode_payload("PING", 1)))
 
@@ -109,7 +110,7 @@ def test_psk_wrong_key_and_wrong_mode() -> None:
 def test_tls_mode_needs_zero_mac_and_order() -> None:
     hs = ServerHandshake(AuthMode.TLS, "a")
     with pytest.raises(ProtocolError, match="expected HELLO, got OPEN"):
-        hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x")))
+        hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0)))
     hs = ServerHandshake(AuthMode.TLS, "a")
     with pytest.raises(ProtocolError, match="REPLY flag"):
         hs.receive(
