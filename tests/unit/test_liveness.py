@@ -1,0 +1,271 @@
+"""The liveness rule (vpcie/tunnel/liveness.py), its TCP_INFO reader, and the
+lane's C copy of both (lane.c vl_live_step / vl_tcp_snapshot) held to them."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+
+import pytest
+
+from vpcie._native import native_available
+from vpcie.tunnel import tcpinfo
+from vpcie.tunnel.liveness import (
+    ACK_ALLOWANCE,
+    PING_INTERVAL_NS,
+    Liveness,
+    LivenessConfig,
+    TcpSnapshot,
+    Verdict,
+    lost_reason,
+)
+
+TICK = PING_INTERVAL_NS
+CFG = LivenessConfig()
+needs_native = pytest.mark.skipif(not native_available(), reason="native module not built")
+
+
+def run(snaps: list[TcpSnapshot], cfg: LivenessConfig = CFG) -> list[tuple[int, Verdict]]:
+    """Feed one snapshot per tick from t=0; (tick time, verdict) of each step."""
+    live = Liveness(cfg, 0, snaps[0])
+    return [(i * TICK, live.step(i * TICK, s)) for i, s in enumerate(snaps[1:], 1)]
+
+
+def first_loss(snaps: list[TcpSnapshot], cfg: LivenessConfig = CFG) -> tuple[float, Verdict]:
+    for t, v in run(snaps, cfg):
+        if v is not Verdict.ALIVE:
+            return t / 1e9, v
+    return float("inf"), Verdict.ALIVE
+
+
+def pings_acked(n: int, **kw: int) -> list[TcpSnapshot]:
+    """n ticks in which only our pings (32 bytes) are acked, nothing arrives."""
+    return [TcpSnapshot(acked=32 * i, **kw) for i in range(n)]
+
+
+def test_silence_on_a_healthy_link_is_a_hung_agent_after_hang_after() -> None:
+    t, v = first_loss(pings_acked(40))
+    assert v is Verdict.HUNG and t == 1.25  # the first tick past 1.0 s
+
+
+def test_pings_alone_acked_are_not_life_but_data_taken_is() -> None:
+    assert first_loss(pings_acked(40))[1] is Verdict.HUNG
+    upload = [TcpSnapshot(acked=(ACK_ALLOWANCE + 1) * i) for i in range(40)]
+    assert first_loss(upload) == (float("inf"), Verdict.ALIVE)
+    download = [TcpSnapshot(rx=i) for i in range(40)]
+    assert first_loss(download) == (float("inf"), Verdict.ALIVE)
+
+
+@pytest.mark.parametrize(
+    "trouble",
+    [
+        {"retransmits": 1},  # an RTO backoff in progress
+        {"total_retrans": 1},  # a retransmission since the last life
+        {"ooo": 3},  # PONGs arriving behind a hole
+    ],
+)
+def test_silence_with_trouble_waits_for_unreachable_after(trouble: dict[str, int]) -> None:
+    snaps = pings_acked(40)
+    snaps[2] = snaps[2]._replace(**trouble)
+    for i in range(3, 40):  # counters stay where they got to
+        snaps[i] = snaps[i]._replace(**{k: v for k, v in trouble.items() if k != "retransmits"})
+    t, v = first_loss(snaps)
+    assert v is Verdict.SILENT and t == 4.25
+
+
+def test_no_ack_for_unreachable_after_is_unreachable() -> None:
+    # A partition: the ping stays unacknowledged and the kernel retransmits it.
+    snaps = [TcpSnapshot()] + [
+        TcpSnapshot(unacked=1, last_ack_ms=250 * i, retransmits=1 if i > 1 else 0)
+        for i in range(1, 40)
+    ]
+    t, v = first_loss(snaps)
+    assert v is Verdict.UNREACHABLE and t == 4.25
+    assert lost_reason(v, "h:1", 0, 4250) == "no ACK from agent h:1's host for 4.25 s"
+
+
+def test_long_unacked_bytes_are_trouble_even_before_a_retransmission() -> None:
+    snaps = [TcpSnapshot(unacked=1, last_ack_ms=250 * i) for i in range(40)]
+    assert first_loss(snaps)[1] is Verdict.UNREACHABLE  # never HUNG at 1 s
+
+
+def test_a_late_tick_counts_as_life() -> None:
+    """Our own process did not run: the silence may be ours, not the agent's."""
+    live = Liveness(CFG, 0, TcpSnapshot())
+    assert live.step(900_000_000, TcpSnapshot()) is Verdict.ALIVE
+    assert live.step(1_150_000_000, TcpSnapshot()) is Verdict.ALIVE  # 0.25 s after life
+    assert live.silent_ns(1_150_000_000) == 250_000_000
+
+
+def test_knobs_move_the_verdicts_and_are_checked() -> None:
+    cfg = LivenessConfig.from_seconds(2.0, 6.0)
+    assert first_loss(pings_acked(60), cfg) == (2.25, Verdict.HUNG)
+    snaps = pings_acked(60)
+    snaps[1] = snaps[1]._replace(total_retrans=1)
+    for i in range(2, 60):
+        snaps[i] = snaps[i]._replace(total_retrans=1)
+    assert first_loss(snaps, cfg) == (6.25, Verdict.SILENT)
+    assert cfg.user_timeout_ms == 7000
+    with pytest.raises(ValueError, match="at least"):
+        LivenessConfig.from_seconds(0.1, 4)
+    with pytest.raises(ValueError, match="at least the hang"):
+        LivenessConfig.from_seconds(2, 1)
+
+
+def test_reasons_name_the_case() -> None:
+    assert "host answers but the agent is silent for 1.25 s" in lost_reason(
+        Verdict.HUNG, "h:1", 1_250_000_000, 0
+    )
+    assert "troubled link" in lost_reason(Verdict.SILENT, "", 4_250_000_000, 0)
+
+
+# -- TCP_INFO ------------------------------------------------------------------------
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        c = socket.create_connection(srv.getsockname())
+        a, _ = srv.accept()
+    return c, a
+
+
+def recv_exactly(s: socket.socket, n: int) -> None:
+    while n:
+        n -= len(s.recv(min(n, 1 << 16)))
+
+
+def test_tcp_info_reads_a_real_socket() -> None:
+    c, a = tcp_pair()
+    try:
+        c.sendall(b"x" * 100_000)
+        recv_exactly(a, 100_000)
+        a.sendall(b"y" * 777)
+        recv_exactly(c, 777)
+        deadline = time.monotonic() + 5
+        while (snap := tcpinfo.snapshot(c)) is not None and snap.acked != 100_001:
+            assert time.monotonic() < deadline, snap  # the ACK is on its way
+            time.sleep(0.001)
+        assert snap is not None
+        assert (snap.rx, snap.acked, snap.unacked) == (777, 100_001, 0)  # +1: the SYN
+        assert (snap.retransmits, snap.total_retrans, snap.ooo) == (0, 0, 0)
+        assert 0 <= snap.last_ack_ms < 5000
+        assert tcpinfo.parse(b"") == TcpSnapshot()  # a short struct reads 0
+        with socket.socket(socket.AF_UNIX) as u:
+            assert tcpinfo.snapshot(u) is None
+        assert tcpinfo.set_user_timeout(c, 5000)
+        assert c.getsockopt(socket.IPPROTO_TCP, tcpinfo.TCP_USER_TIMEOUT) == 5000
+    finally:
+        c.close()
+        a.close()
+
+
+@needs_native
+def test_tcp_info_layout_is_the_kernel_header() -> None:
+    from vpcie._native import native
+
+    ffi, _lib = native()
+    for _name, (field, off, fmt) in tcpinfo.FIELDS.items():
+        assert ffi.offsetof("struct tcp_info", field) == off, field
+        assert ffi.sizeof(ffi.typeof("struct tcp_info").fields[0][1].type) >= 1
+        size = {"B": 1, "I": 4, "Q": 8}[fmt]
+        ftype = dict(ffi.typeof("struct tcp_info").fields)[field].type
+        assert ffi.sizeof(ftype) == size, field
+
+
+@needs_native
+def test_c_snapshot_equals_python_on_a_real_socket() -> None:
+    from vpcie._native import native
+
+    ffi, lib = native()
+    c, a = tcp_pair()
+    try:
+        c.sendall(b"x" * 5000)
+        recv_exactly(a, 5000)
+        a.sendall(b"y" * 300)
+        recv_exactly(c, 300)
+        out = ffi.new("struct vl_tcpsnap *")
+        for _ in range(100):  # idle now; last_ack_ms may tick between the two reads
+            py = tcpinfo.snapshot(c)
+            assert lib.vl_tcp_snapshot(c.fileno(), out) == 0 and py is not None
+            cs = TcpSnapshot(
+                out.rx, out.acked, out.unacked, out.last_ack_ms, out.retransmits,
+                out.total_retrans, out.ooo,
+            )  # fmt: skip
+            if cs == py:
+                break
+        assert cs == py
+        with socket.socket(socket.AF_UNIX) as u:
+            assert lib.vl_tcp_snapshot(u.fileno(), out) == -1
+    finally:
+        c.close()
+        a.close()
+
+
+# -- C and Python: the same rule -------------------------------------------------------
+
+
+def random_run(rng: random.Random, n: int) -> tuple[list[int], list[TcpSnapshot]]:
+    """Tick times (sometimes late) and snapshots with every counter moving at
+    random: growth by a little or a lot, standing still, starting anew; in a
+    quiet run (a third), nothing but pings for stretches (so HUNG comes too)."""
+    times, snaps, t = [], [], 0
+    s = TcpSnapshot()
+    quiet = rng.random() < 0.33
+    for _ in range(n):
+        if quiet and rng.random() < 0.9:
+            t += TICK
+            s = s._replace(acked=s.acked + 32, retransmits=0, unacked=0)
+            times.append(t)
+            snaps.append(s)
+            continue
+        t += rng.choice([TICK, TICK, TICK, TICK + rng.randrange(0, 10**9), 1])
+        s = TcpSnapshot(
+            rx=s.rx + rng.choice([0, 0, 0, 1, 30_000]),
+            acked=rng.choice([s.acked, s.acked + 32, s.acked + ACK_ALLOWANCE,
+                              s.acked + ACK_ALLOWANCE + 1, 0]),
+            unacked=rng.choice([0, 0, 1, 7]),
+            last_ack_ms=rng.choice([0, 10, 999, 1000, 1001, 3999, 4000, 4001, 2**32 - 1]),
+            retransmits=rng.choice([0, 0, 0, 1, 255]),
+            total_retrans=s.total_retrans + rng.choice([0, 0, 0, 1]),
+            ooo=s.ooo + rng.choice([0, 0, 0, 0, 2]),
+        )  # fmt: skip
+        times.append(t)
+        snaps.append(s)
+    return times, snaps
+
+
+@needs_native
+def test_c_rule_equals_python_rule() -> None:
+    from vpcie._native import native
+    from vpcie._native.lane import live_cfg
+
+    ffi, lib = native()
+    rng = random.Random(11)
+    csnap = ffi.new("struct vl_tcpsnap *")
+    cst = ffi.new("struct vl_live *")
+
+    def fill(s: TcpSnapshot) -> None:
+        csnap.rx, csnap.acked, csnap.unacked = s.rx, s.acked, s.unacked
+        csnap.last_ack_ms, csnap.retransmits = s.last_ack_ms, s.retransmits
+        csnap.total_retrans, csnap.ooo = s.total_retrans, s.ooo
+
+    seen = set()
+    for run_i in range(400):
+        cfg = rng.choice([CFG, LivenessConfig.from_seconds(0.5, 0.5),
+                          LivenessConfig.from_seconds(2, 9)])  # fmt: skip
+        ccfg = live_cfg(ffi, cfg)
+        times, snaps = random_run(rng, 60)
+        live = Liveness(cfg, 0, TcpSnapshot())
+        fill(TcpSnapshot())
+        lib.vl_live_init(cst, 0, csnap)
+        for t, s in zip(times, snaps, strict=True):
+            want = live.step(t, s)
+            fill(s)
+            got = lib.vl_live_step(ccfg, cst, t, csnap)
+            assert got == want, (run_i, t, s)
+            assert (cst.last_life, cst.last_tick, bool(cst.trouble)) == (
+                live.last_life, live.last_tick, live.trouble
+            ), (run_i, t, s)
+            seen.add(want)
+    assert seen == set(Verdict)  # every verdict was compared
