@@ -90,6 +90,33 @@ def test_long_unacked_bytes_are_trouble_even_before_a_retransmission() -> None:
     assert first_loss(snaps)[1] is Verdict.UNREACHABLE  # never HUNG at 1 s
 
 
+def test_no_ack_while_we_sent_nothing_is_not_unreachable() -> None:
+    """Our loop stalled 4.2 s with nothing to send; the segment it sent just
+    before this tick is outstanding and the last ACK is 4.2 s old. It has not
+    waited: not lost (seen in the four-copier test under CPU load)."""
+    live = Liveness(CFG, 0, TcpSnapshot())
+    for i in range(1, 5):
+        assert live.step(i * TICK, TcpSnapshot(acked=32 * i)) is Verdict.ALIVE
+    late = 5 * TICK + 4_200_000_000
+    assert live.step(late, TcpSnapshot(acked=128, unacked=1, last_ack_ms=4204)) is Verdict.ALIVE
+    then = TcpSnapshot(acked=128, unacked=1, last_ack_ms=4454)
+    assert live.step(late + TICK, then) is Verdict.ALIVE  # waited one tick, not 4.45 s
+
+
+def test_life_dates_from_the_kernel_timestamps() -> None:
+    """A PONG that arrived 200 ms before the tick that saw it: silence is
+    counted from its arrival, so the verdicts keep their times exactly."""
+    live = Liveness(CFG, 0, TcpSnapshot())
+    assert live.step(TICK, TcpSnapshot(rx=32, last_rx_ms=200)) is Verdict.ALIVE
+    assert live.last_life == TICK - 200_000_000
+    both = TcpSnapshot(rx=64, acked=5000, last_ack_ms=10, last_rx_ms=100)
+    assert live.step(2 * TICK, both) is Verdict.ALIVE
+    assert live.last_life == 2 * TICK - 10_000_000  # the later of the two
+    old = TcpSnapshot(rx=96, acked=5000, last_rx_ms=900)
+    assert live.step(2 * TICK + 1, old) is Verdict.ALIVE
+    assert live.last_life == 2 * TICK - 10_000_000  # never earlier than it was
+
+
 def test_a_late_tick_counts_as_life() -> None:
     """Our own process did not run: the silence may be ours, not the agent's."""
     live = Liveness(CFG, 0, TcpSnapshot())
@@ -189,8 +216,8 @@ def test_c_snapshot_equals_python_on_a_real_socket() -> None:
             py = tcpinfo.snapshot(c)
             assert lib.vl_tcp_snapshot(c.fileno(), out) == 0 and py is not None
             cs = TcpSnapshot(
-                out.rx, out.acked, out.unacked, out.last_ack_ms, out.retransmits,
-                out.total_retrans, out.ooo,
+                out.rx, out.acked, out.unacked, out.last_ack_ms, out.last_rx_ms,
+                out.retransmits, out.total_retrans, out.ooo,
             )  # fmt: skip
             if cs == py:
                 break
@@ -229,6 +256,7 @@ def random_run(rng: random.Random, n: int) -> tuple[list[int], list[TcpSnapshot]
             retransmits=rng.choice([0, 0, 0, 1, 255]),
             total_retrans=s.total_retrans + rng.choice([0, 0, 0, 1]),
             ooo=s.ooo + rng.choice([0, 0, 0, 0, 2]),
+            last_rx_ms=rng.choice([0, 5, 240, 2**32 - 1]),
         )  # fmt: skip
         times.append(t)
         snaps.append(s)
@@ -248,7 +276,7 @@ def test_c_rule_equals_python_rule() -> None:
     def fill(s: TcpSnapshot) -> None:
         csnap.rx, csnap.acked, csnap.unacked = s.rx, s.acked, s.unacked
         csnap.last_ack_ms, csnap.retransmits = s.last_ack_ms, s.retransmits
-        csnap.total_retrans, csnap.ooo = s.total_retrans, s.ooo
+        csnap.total_retrans, csnap.ooo, csnap.last_rx_ms = s.total_retrans, s.ooo, s.last_rx_ms
 
     seen = set()
     for run_i in range(400):
@@ -264,8 +292,11 @@ def test_c_rule_equals_python_rule() -> None:
             fill(s)
             got = lib.vl_live_step(ccfg, cst, t, csnap)
             assert got == want, (run_i, t, s)
-            assert (cst.last_life, cst.last_tick, bool(cst.trouble)) == (
-                live.last_life, live.last_tick, live.trouble
+            assert (cst.last_life, cst.last_tick, cst.stuck_since, bool(cst.trouble)) == (
+                live.last_life,
+                live.last_tick,
+                live.stuck_since,
+                live.trouble,
             ), (run_i, t, s)
             seen.add(want)
     assert seen == set(Verdict)  # every verdict was compared

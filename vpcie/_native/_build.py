@@ -133,10 +133,10 @@ struct vl_live_cfg { int64_t hang_ns; int64_t unreach_ns; int64_t stall_ns; uint
 struct vl_tcpsnap {
     uint64_t rx; uint64_t acked;
     uint32_t unacked; uint32_t last_ack_ms; uint32_t retransmits; uint32_t total_retrans;
-    uint32_t ooo; uint32_t pad;
+    uint32_t ooo; uint32_t last_rx_ms;
 };
 struct vl_live {
-    int64_t last_tick; int64_t last_life;
+    int64_t last_tick; int64_t last_life; int64_t stuck_since;
     uint64_t rx; uint64_t acked;
     uint32_t retrans; uint32_t ooo; uint32_t trouble; uint32_t pad;
 };
@@ -146,7 +146,8 @@ int vl_live_step(const struct vl_live_cfg *cfg, struct vl_live *st, int64_t now,
 int vl_tcp_snapshot(int fd, struct vl_tcpsnap *out);
 struct tcp_info {
     uint8_t tcpi_retransmits; uint32_t tcpi_unacked; uint32_t tcpi_last_ack_recv;
-    uint32_t tcpi_total_retrans; uint64_t tcpi_bytes_acked; uint64_t tcpi_bytes_received;
+    uint32_t tcpi_total_retrans; uint32_t tcpi_last_data_recv;
+    uint64_t tcpi_bytes_acked; uint64_t tcpi_bytes_received;
     uint32_t tcpi_rcv_ooopack;
     ...;
 };

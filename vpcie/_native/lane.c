@@ -99,6 +99,7 @@ static const uint8_t vl_ok_payload[] = {0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0
 #define VL_TCPI_RETRANSMITS offsetof(struct tcp_info, tcpi_retransmits)
 #define VL_TCPI_UNACKED offsetof(struct tcp_info, tcpi_unacked)
 #define VL_TCPI_LAST_ACK_RECV offsetof(struct tcp_info, tcpi_last_ack_recv)
+#define VL_TCPI_LAST_DATA_RECV offsetof(struct tcp_info, tcpi_last_data_recv)
 #define VL_TCPI_TOTAL_RETRANS offsetof(struct tcp_info, tcpi_total_retrans)
 #define VL_TCPI_BYTES_ACKED offsetof(struct tcp_info, tcpi_bytes_acked)
 #define VL_TCPI_BYTES_RECEIVED offsetof(struct tcp_info, tcpi_bytes_received)
@@ -115,10 +116,10 @@ struct vl_live_cfg { int64_t hang_ns; int64_t unreach_ns; int64_t stall_ns; uint
 struct vl_tcpsnap {
     uint64_t rx; uint64_t acked;
     uint32_t unacked; uint32_t last_ack_ms; uint32_t retransmits; uint32_t total_retrans;
-    uint32_t ooo; uint32_t pad;
+    uint32_t ooo; uint32_t last_rx_ms;
 };
 struct vl_live {
-    int64_t last_tick; int64_t last_life;
+    int64_t last_tick; int64_t last_life; int64_t stuck_since;
     uint64_t rx; uint64_t acked;
     uint32_t retrans; uint32_t ooo; uint32_t trouble; uint32_t pad;
 };
@@ -126,7 +127,7 @@ struct vl_live {
 void vl_live_init(struct vl_live *st, int64_t now, const struct vl_tcpsnap *s)
 {
     memset(st, 0, sizeof *st);
-    st->last_tick = st->last_life = now;
+    st->last_tick = st->last_life = st->stuck_since = now;
     st->rx = s->rx;
     st->acked = s->acked;
     st->retrans = s->total_retrans;
@@ -140,19 +141,39 @@ int vl_live_step(const struct vl_live_cfg *cfg, struct vl_live *st, int64_t now,
     int late = now - st->last_tick > cfg->stall_ns;
     st->last_tick = now;
     int64_t acked_by = (int64_t)(s->acked - st->acked); /* Python: a signed difference */
-    int life = late || s->rx != st->rx || acked_by > (int64_t)cfg->allowance;
+    /* when the life happened, from the kernel's timestamps */
+    int life = 0;
+    int64_t at = 0;
+    if (s->rx != st->rx) {
+        life = 1;
+        at = now - (int64_t)s->last_rx_ms * 1000000LL;
+    }
+    if (acked_by > (int64_t)cfg->allowance) {
+        int64_t a = now - (int64_t)s->last_ack_ms * 1000000LL;
+        at = life && at > a ? at : a;
+        life = 1;
+    }
+    if (late) {
+        life = 1;
+        at = now;
+    }
+    if (late || s->unacked == 0 || s->acked != st->acked)
+        st->stuck_since = now; /* how long our bytes waited, as we saw it */
+    int64_t waited = now - st->stuck_since;
     int trouble = s->retransmits > 0 || s->total_retrans != st->retrans || s->ooo != st->ooo ||
-                  (s->unacked > 0 && (int64_t)s->last_ack_ms * 1000000LL > cfg->hang_ns);
+                  waited > cfg->hang_ns;
     st->rx = s->rx;
     st->acked = s->acked;
     st->retrans = s->total_retrans;
     st->ooo = s->ooo;
-    if (life) {
-        st->last_life = now;
+    if (life) { /* trouble seen with life: the link's normal weather */
+        if (at > st->last_life)
+            st->last_life = at;
         st->trouble = 0;
+    } else {
+        st->trouble = st->trouble || trouble;
     }
-    st->trouble = st->trouble || trouble;
-    if (s->unacked > 0 && (int64_t)s->last_ack_ms * 1000000LL > cfg->unreach_ns)
+    if (waited > cfg->unreach_ns && (int64_t)s->last_ack_ms * 1000000LL > cfg->unreach_ns)
         return VL_UNREACHABLE;
     int64_t silent = now - st->last_life;
     if (silent > cfg->unreach_ns)
@@ -178,6 +199,7 @@ int vl_tcp_snapshot(int fd, struct vl_tcpsnap *out)
     out->retransmits = raw[VL_TCPI_RETRANSMITS];
     out->unacked = vl_get32(raw + VL_TCPI_UNACKED);
     out->last_ack_ms = vl_get32(raw + VL_TCPI_LAST_ACK_RECV);
+    out->last_rx_ms = vl_get32(raw + VL_TCPI_LAST_DATA_RECV);
     out->total_retrans = vl_get32(raw + VL_TCPI_TOTAL_RETRANS);
     out->acked = vl_get64(raw + VL_TCPI_BYTES_ACKED);
     out->rx = vl_get64(raw + VL_TCPI_BYTES_RECEIVED);

@@ -18,7 +18,8 @@ percent of loss. What the kernel counts does not wait:
 - trouble on the link: retransmissions on our side, packets from the agent
   arriving out of order (a hole in the receive direction: a healthy agent's
   PONGs wait behind a lost segment), or our bytes unacknowledged for longer
-  than ``hang_after``. Silence with trouble is the network's, not the agent's.
+  than ``hang_after``, seen while silent. Silence with trouble is the
+  network's, not the agent's (trouble seen together with life is not counted).
 
 Verdicts: HUNG after ``hang_after`` of silence with no trouble (its host acks
 us, its application says nothing); UNREACHABLE when our bytes have waited
@@ -59,6 +60,7 @@ class TcpSnapshot(NamedTuple):
     acked: int = 0  # tcpi_bytes_acked: our bytes the agent's host acknowledged
     unacked: int = 0  # tcpi_unacked: segments in flight
     last_ack_ms: int = 0  # tcpi_last_ack_recv: ms since the last ACK
+    last_rx_ms: int = 0  # tcpi_last_data_recv: ms since the last data arrived
     retransmits: int = 0  # tcpi_retransmits: consecutive timeouts now
     total_retrans: int = 0  # tcpi_total_retrans
     ooo: int = 0  # tcpi_rcv_ooopack: out-of-order packets received
@@ -97,11 +99,13 @@ class LivenessConfig:
 class Liveness:
     """The rule's state for one connection (lane.c struct vl_live mirrors it)."""
 
-    __slots__ = ("acked", "cfg", "last_life", "last_tick", "ooo", "retrans", "rx", "trouble")
+    __slots__ = (
+        "acked", "cfg", "last_life", "last_tick", "ooo", "retrans", "rx", "stuck_since", "trouble",
+    )  # fmt: skip
 
     def __init__(self, cfg: LivenessConfig, now_ns: int, snap: TcpSnapshot) -> None:
         self.cfg = cfg
-        self.last_tick = self.last_life = now_ns
+        self.last_tick = self.last_life = self.stuck_since = now_ns
         self.trouble = False
         self.rx, self.acked = snap.rx, snap.acked
         self.retrans, self.ooo = snap.total_retrans, snap.ooo
@@ -115,20 +119,41 @@ class Liveness:
         self.last_tick = now_ns
         # Counters are compared for change, not growth: a snapshot from a new
         # socket after a take-back starts them anew.
-        life = late or snap.rx != self.rx or snap.acked - self.acked > cfg.ack_allowance
+        # When the life happened, from the kernel's timestamps (a tick sees it
+        # up to PING_INTERVAL late): the verdicts then keep their times exactly.
+        seen = []
+        if snap.rx != self.rx:
+            seen.append(now_ns - snap.last_rx_ms * 1_000_000)
+        if snap.acked - self.acked > cfg.ack_allowance:
+            seen.append(now_ns - snap.last_ack_ms * 1_000_000)
+        if late:
+            seen.append(now_ns)
+        life = bool(seen)
+        # How long our bytes have waited with no ACK moving them, as we saw it:
+        # tcpi_last_ack_recv alone also grows while nothing is sent (our own
+        # loop stalled), and a segment sent just now is not one that waited.
+        if late or snap.unacked == 0 or snap.acked != self.acked:
+            self.stuck_since = now_ns
+        waited = now_ns - self.stuck_since
         trouble = (
             snap.retransmits > 0
             or snap.total_retrans != self.retrans
             or snap.ooo != self.ooo
-            or (snap.unacked > 0 and snap.last_ack_ms * 1_000_000 > cfg.hang_after_ns)
+            or waited > cfg.hang_after_ns
         )
         self.rx, self.acked = snap.rx, snap.acked
         self.retrans, self.ooo = snap.total_retrans, snap.ooo
         if life:
-            self.last_life = now_ns
+            # Trouble seen with life is the link's normal weather (a loss the
+            # kernel repaired, a retransmission as the agent's window closed).
+            self.last_life = max(self.last_life, *seen)
             self.trouble = False
-        self.trouble = self.trouble or trouble  # sticky until the next sign of life
-        if snap.unacked > 0 and snap.last_ack_ms * 1_000_000 > cfg.unreachable_after_ns:
+        else:
+            self.trouble = self.trouble or trouble  # sticky until the next sign of life
+        if (
+            waited > cfg.unreachable_after_ns
+            and snap.last_ack_ms * 1_000_000 > cfg.unreachable_after_ns
+        ):
             return Verdict.UNREACHABLE
         silent = now_ns - self.last_life
         if silent > cfg.unreachable_after_ns:

@@ -23,6 +23,7 @@ FIELDS: dict[str, tuple[str, int, str]] = {
     "retransmits": ("tcpi_retransmits", 2, "B"),
     "unacked": ("tcpi_unacked", 24, "I"),
     "last_ack_ms": ("tcpi_last_ack_recv", 56, "I"),
+    "last_rx_ms": ("tcpi_last_data_recv", 52, "I"),
     "total_retrans": ("tcpi_total_retrans", 100, "I"),
     "acked": ("tcpi_bytes_acked", 120, "Q"),
     "rx": ("tcpi_bytes_received", 128, "Q"),
