@@ -300,3 +300,50 @@ def test_c_rule_equals_python_rule() -> None:
             ), (run_i, t, s)
             seen.add(want)
     assert seen == set(Verdict)  # every verdict was compared
+
+
+# -- the knobs: backend options -> binding target -> session ------------------------
+
+
+def test_backend_options_make_the_config() -> None:
+    from vpcie.backend_main import parse_args
+
+    args = parse_args(["-s", "/x.sock"])
+    assert args.liveness == LivenessConfig()
+    args = parse_args(
+        ["-s", "/x.sock", "--agent-hang-timeout", "2", "--agent-unreachable-timeout", "9.5"]
+    )
+    assert args.liveness == LivenessConfig(2_000_000_000, 9_500_000_000)
+    bad_values = [
+        ["--agent-hang-timeout", "0.1"],
+        ["--agent-unreachable-timeout", "0.5"],
+        ["--agent-hang-timeout", "nan"],
+        ["--agent-unreachable-timeout", "inf"],
+    ]
+    for bad in bad_values:
+        with pytest.raises(SystemExit) as e:
+            parse_args(["-s", "/x.sock", *bad])
+        assert e.value.code == 2
+
+
+async def test_binding_gives_its_sessions_the_config(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from vpcie.gpu.binding import AgentTarget, Binding, tunnel_session
+    from vpcie.tunnel.local_agent import LocalAgent
+
+    cfg = LivenessConfig.from_seconds(2, 6)
+    binding = Binding(liveness=cfg)
+    own = LivenessConfig.from_seconds(3, 3)
+    binding.bind(AgentTarget("h", 1, psk=b"k", liveness=own))
+    assert binding.target is not None and binding.target.liveness is own  # its own wins
+    with LocalAgent(Path(str(tmp_path))) as agent:
+        binding.bind(AgentTarget(agent.host, agent.port, psk=agent.psk))
+        assert binding.target is not None
+        session = await tunnel_session(binding.target, "knobs")
+        try:
+            assert getattr(session, "liveness", None) == cfg
+            sock = session._transport.get_extra_info("socket")  # type: ignore[attr-defined]
+            assert sock.getsockopt(socket.IPPROTO_TCP, tcpinfo.TCP_USER_TIMEOUT) == 7000
+        finally:
+            await session.close()

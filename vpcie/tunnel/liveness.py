@@ -30,6 +30,7 @@ connection at once (EOF/reset in the client and the lane).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -84,6 +85,8 @@ class LivenessConfig:
 
     @classmethod
     def from_seconds(cls, hang: float, unreachable: float) -> LivenessConfig:
+        if not (math.isfinite(hang) and math.isfinite(unreachable)):
+            raise ValueError("timeouts must be finite numbers of seconds")
         return cls(round(hang * 1e9), round(unreachable * 1e9))
 
     @property
