@@ -126,7 +126,10 @@ def test_four_copiers_and_four_busy_workers_on_two_cpus(
     try:
         cmd = ["ip", "netns", "exec", lab.client_ns, sys.executable, "-m", "tests.net_copier"]
         cmd += [agent.host, str(agent.port), str(pki), "30", "64"]
-        copiers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+        root = Path(__file__).resolve().parents[2]  # where `-m tests.net_copier` resolves
+        copiers = [
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=root) for _ in range(4)
+        ]
         results = [json.loads(p.communicate(timeout=200)[0]) for p in copiers]
     finally:
         stop_workers(workers)

@@ -117,6 +117,28 @@ def test_life_dates_from_the_kernel_timestamps() -> None:
     assert live.last_life == 2 * TICK - 10_000_000  # never earlier than it was
 
 
+def test_a_closed_window_is_hung_only_once_an_ack_confirms_it() -> None:
+    """Our upload waits on the agent's zero window. Its window update may have
+    been lost (5 % loss): no ACK since -> not hung, however long (until
+    unreachable_after). An ACK 1.1 s into the silence that still shows the
+    window closed -> hung (seen in the 5 % loss soak, and SIGSTOP mid-upload)."""
+    live = Liveness(CFG, 0, TcpSnapshot())
+    up = TcpSnapshot(acked=10**6, notsent=10**6, snd_wnd=0)  # the last data taken at t=0.25
+    assert live.step(TICK, up) is Verdict.ALIVE
+    t = TICK
+    for _ in range(16):  # no ACK since: 4.0 s of silence, never hung
+        t += TICK
+        assert live.step(t, up._replace(last_ack_ms=(t - TICK) // 10**6)) is Verdict.ALIVE
+    assert live.step(t + TICK, up._replace(last_ack_ms=(t - TICK) // 10**6)) is Verdict.SILENT
+    live = Liveness(CFG, 0, TcpSnapshot())
+    assert live.step(TICK, up) is Verdict.ALIVE
+    for i in range(2, 7):  # probes answered at 0.9 s (0.65 s into the silence)
+        ack_at = TICK if i < 4 else 900_000_000
+        assert live.step(i * TICK, up._replace(last_ack_ms=(i * TICK - ack_at) // 10**6)) == 0
+    # a probe answered at 1.45 s, 1.2 s into the silence: the window is still closed
+    assert live.step(7 * TICK, up._replace(last_ack_ms=300)) is Verdict.HUNG
+
+
 def test_a_late_tick_counts_as_life() -> None:
     """Our own process did not run: the silence may be ours, not the agent's."""
     live = Liveness(CFG, 0, TcpSnapshot())
@@ -217,7 +239,7 @@ def test_c_snapshot_equals_python_on_a_real_socket() -> None:
             assert lib.vl_tcp_snapshot(c.fileno(), out) == 0 and py is not None
             cs = TcpSnapshot(
                 out.rx, out.acked, out.unacked, out.last_ack_ms, out.last_rx_ms,
-                out.retransmits, out.total_retrans, out.ooo,
+                out.retransmits, out.total_retrans, out.ooo, out.notsent, out.snd_wnd,
             )  # fmt: skip
             if cs == py:
                 break
@@ -257,6 +279,8 @@ def random_run(rng: random.Random, n: int) -> tuple[list[int], list[TcpSnapshot]
             total_retrans=s.total_retrans + rng.choice([0, 0, 0, 1]),
             ooo=s.ooo + rng.choice([0, 0, 0, 0, 2]),
             last_rx_ms=rng.choice([0, 5, 240, 2**32 - 1]),
+            notsent=rng.choice([0, 0, 1, 70_000]),
+            snd_wnd=rng.choice([0, 0, 65_535]),
         )  # fmt: skip
         times.append(t)
         snaps.append(s)
@@ -277,6 +301,7 @@ def test_c_rule_equals_python_rule() -> None:
         csnap.rx, csnap.acked, csnap.unacked = s.rx, s.acked, s.unacked
         csnap.last_ack_ms, csnap.retransmits = s.last_ack_ms, s.retransmits
         csnap.total_retrans, csnap.ooo, csnap.last_rx_ms = s.total_retrans, s.ooo, s.last_rx_ms
+        csnap.notsent, csnap.snd_wnd = s.notsent, s.snd_wnd
 
     seen = set()
     for run_i in range(400):

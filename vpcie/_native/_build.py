@@ -134,6 +134,7 @@ struct vl_tcpsnap {
     uint64_t rx; uint64_t acked;
     uint32_t unacked; uint32_t last_ack_ms; uint32_t retransmits; uint32_t total_retrans;
     uint32_t ooo; uint32_t last_rx_ms;
+    uint32_t notsent; uint32_t snd_wnd;
 };
 struct vl_live {
     int64_t last_tick; int64_t last_life; int64_t stuck_since;
@@ -148,7 +149,7 @@ struct tcp_info {
     uint8_t tcpi_retransmits; uint32_t tcpi_unacked; uint32_t tcpi_last_ack_recv;
     uint32_t tcpi_total_retrans; uint32_t tcpi_last_data_recv;
     uint64_t tcpi_bytes_acked; uint64_t tcpi_bytes_received;
-    uint32_t tcpi_rcv_ooopack;
+    uint32_t tcpi_rcv_ooopack; uint32_t tcpi_notsent_bytes; uint32_t tcpi_snd_wnd;
     ...;
 };
 struct vl_res { uint32_t rid; uint32_t first; uint32_t nsegs; uint32_t pad; uint64_t limit; };

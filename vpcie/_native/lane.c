@@ -104,6 +104,8 @@ static const uint8_t vl_ok_payload[] = {0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0
 #define VL_TCPI_BYTES_ACKED offsetof(struct tcp_info, tcpi_bytes_acked)
 #define VL_TCPI_BYTES_RECEIVED offsetof(struct tcp_info, tcpi_bytes_received)
 #define VL_TCPI_RCV_OOOPACK offsetof(struct tcp_info, tcpi_rcv_ooopack)
+#define VL_TCPI_NOTSENT_BYTES offsetof(struct tcp_info, tcpi_notsent_bytes)
+#define VL_TCPI_SND_WND offsetof(struct tcp_info, tcpi_snd_wnd)
 /* A session's backlog (what the kernel would not take yet): one COMMAND
  * and room for PINGs and PONGs. More: the agent sends but does not read. */
 #define VL_TX_CAP (VL_FRAME_HDR + VL_MAX_COMMAND + 65536u)
@@ -117,6 +119,7 @@ struct vl_tcpsnap {
     uint64_t rx; uint64_t acked;
     uint32_t unacked; uint32_t last_ack_ms; uint32_t retransmits; uint32_t total_retrans;
     uint32_t ooo; uint32_t last_rx_ms;
+    uint32_t notsent; uint32_t snd_wnd;
 };
 struct vl_live {
     int64_t last_tick; int64_t last_life; int64_t stuck_since;
@@ -178,6 +181,9 @@ int vl_live_step(const struct vl_live_cfg *cfg, struct vl_live *st, int64_t now,
     int64_t silent = now - st->last_life;
     if (silent > cfg->unreach_ns)
         return VL_SILENT;
+    /* our bytes wait on a closed window: hung only once an ACK confirmed it */
+    if (s->notsent > 0 && s->snd_wnd == 0)
+        silent = now - (int64_t)s->last_ack_ms * 1000000LL - st->last_life;
     if (silent > cfg->hang_ns && !st->trouble)
         return VL_HUNG;
     return VL_ALIVE;
@@ -204,6 +210,8 @@ int vl_tcp_snapshot(int fd, struct vl_tcpsnap *out)
     out->acked = vl_get64(raw + VL_TCPI_BYTES_ACKED);
     out->rx = vl_get64(raw + VL_TCPI_BYTES_RECEIVED);
     out->ooo = vl_get32(raw + VL_TCPI_RCV_OOOPACK);
+    out->notsent = vl_get32(raw + VL_TCPI_NOTSENT_BYTES);
+    out->snd_wnd = vl_get32(raw + VL_TCPI_SND_WND);
     return 0;
 }
 

@@ -22,9 +22,11 @@ percent of loss. What the kernel counts does not wait:
   network's, not the agent's (trouble seen together with life is not counted).
 
 Verdicts: HUNG after ``hang_after`` of silence with no trouble (its host acks
-us, its application says nothing); UNREACHABLE when our bytes have waited
-``unreachable_after`` for an ACK; SILENT after ``unreachable_after`` of silence
-with trouble. A killed agent needs none of this: its kernel's FIN/RST ends the
+us, its application says nothing; with our data waiting on its closed receive
+window, once an ACK has confirmed the window still closed that late);
+UNREACHABLE when our bytes have waited ``unreachable_after`` for an ACK; SILENT
+after ``unreachable_after`` of silence (with trouble, or a closed window never
+confirmed). A killed agent needs none of this: its kernel's FIN/RST ends the
 connection at once (EOF/reset in the client and the lane).
 """
 
@@ -65,6 +67,8 @@ class TcpSnapshot(NamedTuple):
     retransmits: int = 0  # tcpi_retransmits: consecutive timeouts now
     total_retrans: int = 0  # tcpi_total_retrans
     ooo: int = 0  # tcpi_rcv_ooopack: out-of-order packets received
+    notsent: int = 0  # tcpi_notsent_bytes: our bytes queued, not sent yet
+    snd_wnd: int = 0  # tcpi_snd_wnd: the window the agent's host last advertised
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,12 @@ class Liveness:
         silent = now_ns - self.last_life
         if silent > cfg.unreachable_after_ns:
             return Verdict.SILENT
+        # Our bytes wait on a closed window: the agent is not reading, or the
+        # ACK that reopened its window was lost (the kernel's zero-window
+        # probes will learn it, with backoff). Hung only once an ACK from its
+        # host has confirmed the closed window hang_after into the silence.
+        if snap.notsent > 0 and snap.snd_wnd == 0:
+            silent = now_ns - snap.last_ack_ms * 1_000_000 - self.last_life
         if silent > cfg.hang_after_ns and not self.trouble:
             return Verdict.HUNG
         return Verdict.ALIVE

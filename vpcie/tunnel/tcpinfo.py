@@ -4,7 +4,9 @@ liveness.TcpSnapshot.
 The field offsets are those of <linux/tcp.h>, which lane.c reads through the
 compiler (tests/unit/test_liveness.py checks these against cffi's offsetof
 from that header, and against a real socket). Older kernels return a shorter
-struct: a field past the end reads 0 (tcpi_rcv_ooopack came with Linux 5.4).
+struct: a field past the end reads 0 (tcpi_rcv_ooopack came with Linux 5.4,
+tcpi_snd_wnd with 6.2: without it, a closed window is assumed whenever bytes
+wait unsent, which only makes the hung verdict wait for an ACK).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ FIELDS: dict[str, tuple[str, int, str]] = {
     "acked": ("tcpi_bytes_acked", 120, "Q"),
     "rx": ("tcpi_bytes_received", 128, "Q"),
     "ooo": ("tcpi_rcv_ooopack", 224, "I"),
+    "notsent": ("tcpi_notsent_bytes", 144, "I"),
+    "snd_wnd": ("tcpi_snd_wnd", 228, "I"),
 }
-SIZE = 232  # up to tcpi_snd_wnd (Linux 5.4+); the kernel copies min(ours, its)
+SIZE = 232  # up to tcpi_snd_wnd (Linux 6.2+); the kernel copies min(ours, its)
 _CODECS = [(name, off, struct.Struct("=" + fmt)) for name, (_f, off, fmt) in FIELDS.items()]
 
 
