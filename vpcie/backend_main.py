@@ -132,7 +132,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="uvloop",
         help="event loop (uvloop: ~10 µs less per guest command; asyncio if uvloop is missing)",
     )
+    from vpcie.tunnel.liveness import HANG_AFTER_NS, UNREACHABLE_AFTER_NS, LivenessConfig
+
+    p.add_argument(
+        "--agent-hang-timeout",
+        type=float,
+        default=HANG_AFTER_NS / 1e9,
+        metavar="S",
+        help="lose a session whose agent's host answers but the agent says nothing this long"
+        " (default %(default)s s; docs/PROTOCOL.md Liveness)",
+    )
+    p.add_argument(
+        "--agent-unreachable-timeout",
+        type=float,
+        default=UNREACHABLE_AFTER_NS / 1e9,
+        metavar="S",
+        help="lose a session whose agent's host does not ACK, or is silent on a troubled link,"
+        " this long (default %(default)s s)",
+    )
     args = p.parse_args(argv)
+    try:
+        args.liveness = LivenessConfig.from_seconds(
+            args.agent_hang_timeout, args.agent_unreachable_timeout
+        )
+    except (ValueError, OverflowError) as exc:
+        p.error(f"--agent-hang-timeout / --agent-unreachable-timeout: {exc}")
     if args.bind and not (args.psk_file or args.tls_dir):
         p.error("--bind needs --psk-file or --tls-dir")
     if not 0 <= args.poll_us <= 10_000:
@@ -271,7 +295,7 @@ async def run(args: argparse.Namespace, plan: Plan | None = None) -> None:
     if args.null_device:
         device = NullGpuDevice()
     else:
-        binding = Binding()
+        binding = Binding(liveness=args.liveness)
         device = GpuDevice(binding, lane=not args.no_lane)
         target = plan.target
         if target is not None:

@@ -42,7 +42,7 @@ def test_constants_match_python() -> None:
     from vpcie._native.batchcheck import MAX_FAST_SIGNALS
     from vpcie.backend.device import MAX_CHAINS_PER_KICK
     from vpcie.gpu.device import MAX_CTX_INFLIGHT
-    from vpcie.tunnel.client import DEAD_AFTER, PING_INTERVAL
+    from vpcie.tunnel.liveness import Verdict
 
     _ffi, lib = native()
     assert lib.VL_FRAME_MAGIC == FRAME_MAGIC and lib.VL_PROTOCOL_VERSION == PROTOCOL_VERSION
@@ -59,7 +59,11 @@ def test_constants_match_python() -> None:
     assert lib.VL_MAX_SIGS == MAX_FAST_SIGNALS and lib.VL_MAX_RECORDS == MAX_BATCH_RECORDS
     assert lib.VL_MAX_CTX_INFLIGHT == MAX_CTX_INFLIGHT
     assert lib.VL_CHAINS_PER_WAKE == MAX_CHAINS_PER_KICK
-    assert lib.VL_TICK_NS == PING_INTERVAL * 1e9 and lib.VL_DEAD_NS == DEAD_AFTER * 1e9
+    # The tick and the liveness constants are no longer C's: Python gives them
+    # (vl_new, vl_add_ctx); the verdict numbers still are (test_liveness.py
+    # holds the rule itself to Python's).
+    assert [lib.VL_ALIVE, lib.VL_HUNG, lib.VL_UNREACHABLE, lib.VL_SILENT] == list(Verdict)
+    assert not hasattr(lib, "VL_DEAD_NS") and not hasattr(lib, "VL_TICK_NS")
     assert (lib.VL_EV_TURN, lib.VL_EV_FRAME, lib.VL_EV_LOST) == (TURN, FRAME, LOST)
 
 
@@ -174,7 +178,10 @@ def test_eof_and_silence_lose_the_session(lent: tuple[NativeLane, socket.socket]
         assert lane.add(2, ours.fileno(), SESSION, 0, 1, 0)
         t0 = time.monotonic()
         kind, ctx_id, data = wait_event(lane)  # the peer never answers
-        assert (kind, ctx_id) == (LOST, 2) and data.startswith(b"agent silent for 1.")
+        # A socket pair has no TCP_INFO: what the lane read stands in, and
+        # silence with no sign of trouble is a hung agent after hang_after.
+        assert (kind, ctx_id) == (LOST, 2)
+        assert data.startswith(b"agent's host answers but the agent is silent for 1.")
         assert 1.0 < time.monotonic() - t0 < 2.0
     finally:
         lane.kill(2)
@@ -221,8 +228,8 @@ def fill(
 def test_a_stuck_agent_loses_the_session(stuck: tuple[NativeLane, socket.socket]) -> None:
     """The agent stops reading (and sending) with the lane's answers backed
     up. The lane never waits on the socket: every call into it stays quick
-    (its lock is not held across a send), and once the backlog has taken no
-    byte for 1 s the session is lost."""
+    (its lock is not held across a send), and once nothing has come from the
+    agent nor been taken by it for hang_after (1 s) the session is lost."""
     lane, agent = stuck
     sent, slowest, ev = fill(lane, agent, 5.0)
     assert ev is None and sent > len(PING_3) and lane.stats()["backlogged"] > 0
@@ -233,7 +240,7 @@ def test_a_stuck_agent_loses_the_session(stuck: tuple[NativeLane, socket.socket]
         slowest = max(slowest, time.monotonic() - t1)
         time.sleep(0.005)
     assert ev is not None and ev.kind == LOST, "the lane never gave up"
-    assert ev.data == b"the agent took no bytes for 1 s (send buffer full)"
+    assert ev.data.startswith(b"agent's host answers but the agent is silent for 1.")
     assert time.monotonic() - t0 < 2.0
     assert slowest < 0.5  # a send waited on under the lock would take up to 1 s
     back = lane.release(1)
@@ -248,8 +255,7 @@ def test_an_agent_that_sends_but_never_reads(stuck: tuple[NativeLane, socket.soc
     assert ev is not None and ev.kind == LOST
     assert ev.data in (
         b"the agent reads nothing of what it is sent (backlog over its cap)",
-        b"the agent took no bytes for 1 s (send buffer full)",  # a slow machine
-    )
+    ) or ev.data.startswith(b"agent's host answers but the agent is silent")  # a slow machine
 
 
 def test_take_back_hands_over_the_backlog(stuck: tuple[NativeLane, socket.socket]) -> None:

@@ -120,13 +120,38 @@ int vb_check(const uint8_t *batch, uint64_t len, uint32_t max_forward_bytes,
 #define VL_FENCE_SLOT ...
 #define VL_NO_INDEX ...
 #define VL_E_OUT_OF_RANGE ...
-#define VL_TICK_NS ...
-#define VL_DEAD_NS ...
+#define VL_ALIVE ...
+#define VL_HUNG ...
+#define VL_UNREACHABLE ...
+#define VL_SILENT ...
 #define VL_EV_TURN ...
 #define VL_EV_FRAME ...
 #define VL_EV_LOST ...
 
 struct vl_lane;
+struct vl_live_cfg { int64_t hang_ns; int64_t unreach_ns; int64_t stall_ns; uint64_t allowance; };
+struct vl_tcpsnap {
+    uint64_t rx; uint64_t acked;
+    uint32_t unacked; uint32_t last_ack_ms; uint32_t retransmits; uint32_t total_retrans;
+    uint32_t ooo; uint32_t last_rx_ms;
+    uint32_t notsent; uint32_t snd_wnd;
+};
+struct vl_live {
+    int64_t last_tick; int64_t last_life; int64_t stuck_since;
+    uint64_t rx; uint64_t acked;
+    uint32_t retrans; uint32_t ooo; uint32_t trouble; uint32_t pad;
+};
+void vl_live_init(struct vl_live *st, int64_t now, const struct vl_tcpsnap *s);
+int vl_live_step(const struct vl_live_cfg *cfg, struct vl_live *st, int64_t now,
+                 const struct vl_tcpsnap *s);
+int vl_tcp_snapshot(int fd, struct vl_tcpsnap *out);
+struct tcp_info {
+    uint8_t tcpi_retransmits; uint32_t tcpi_unacked; uint32_t tcpi_last_ack_recv;
+    uint32_t tcpi_total_retrans; uint32_t tcpi_last_data_recv;
+    uint64_t tcpi_bytes_acked; uint64_t tcpi_bytes_received;
+    uint32_t tcpi_rcv_ooopack; uint32_t tcpi_notsent_bytes; uint32_t tcpi_snd_wnd;
+    ...;
+};
 struct vl_res { uint32_t rid; uint32_t first; uint32_t nsegs; uint32_t pad; uint64_t limit; };
 struct vl_gseg { uint64_t gpa; uint64_t len; };
 struct vl_sig {
@@ -162,7 +187,7 @@ struct vl_stats {
 };
 int vl_reply_needed(struct vl_batch *b);
 struct vl_lane *vl_new(uint32_t max_segs, uint64_t max_bytes, uint32_t max_indirect,
-                       uint64_t max_request);
+                       uint64_t max_request, int64_t tick_ns);
 void vl_free(struct vl_lane *L);
 int vl_event_fd(struct vl_lane *L);
 void vl_lock(struct vl_lane *L);
@@ -176,7 +201,7 @@ int vl_turn_valid(struct vl_lane *L, uint64_t token);
 void vl_resume(struct vl_lane *L, uint64_t token, int repop);
 void vl_poke(struct vl_lane *L);
 int vl_add_ctx(struct vl_lane *L, uint32_t ctx_id, int fd, uint32_t session, uint64_t seq,
-               uint32_t window, uint32_t max_batch);
+               uint32_t window, uint32_t max_batch, const struct vl_live_cfg *live);
 int vl_set_fence(struct vl_lane *L, uint32_t ctx_id, uint64_t gpa, uint32_t has);
 int vl_set_resources(struct vl_lane *L, uint32_t ctx_id, const struct vl_res *res, uint32_t nres,
                      const struct vl_gseg *segs, uint32_t nsegs);

@@ -20,14 +20,17 @@
  *   context until Python has published them (order on the fence page), goes
  *   to Python as a FRAME event, as do ERROR frames and malformed PING/PONG.
  *   PINGs are answered. A stream Python would call broken (bad header,
- *   unknown seq, DATA, EOF, reset, 1 s of silence) ends in a LOST event: the
- *   lane stops reading it and Python fails its batches with DEVICE_LOST.
+ *   unknown seq, DATA, EOF, reset, a liveness verdict) ends in a LOST event:
+ *   the lane stops reading it and Python fails its batches with DEVICE_LOST.
  * - It never waits on a socket: what the kernel will not take joins the
  *   session's backlog (vl_send), flushed on EPOLLOUT; while there is one the
  *   context's chains go to Python, which takes the session back, backlog
- *   and all. A backlog that takes no byte for 1 s loses the session.
- * - Every 250 ms it pings each lent session (the agent drops a session after
- *   10 s without bytes; docs/PROTOCOL.md "Liveness").
+ *   and all.
+ * - Every tick (PING_INTERVAL_NS, from Python) it pings each lent session (the
+ *   agent drops a session after 10 s without bytes) and runs the liveness
+ *   rule of vpcie/tunnel/liveness.py on its TCP_INFO (vl_live_step, the same
+ *   rule with the constants Python lends with the session; docs/PROTOCOL.md
+ *   "Liveness").
  *
  * Python calls the vl_* functions from the event-loop thread; each takes the
  * mutex (recursive: vl_lock() may be held around Python's own fence writes).
@@ -40,6 +43,9 @@
  * vpcie/gpu/fencepage.py; tests/unit/test_lane.py checks each against Python.
  */
 #include <errno.h>
+#include <linux/tcp.h>
+#include <netinet/in.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,11 +94,126 @@ static const uint8_t vl_ok_payload[] = {0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0
 #define VL_NO_INDEX 0xFFFFFFFFu
 #define VL_E_OUT_OF_RANGE 13u /* ErrorCode.OUT_OF_RANGE */
 
-#define VL_TICK_NS 250000000LL  /* client.PING_INTERVAL */
-#define VL_DEAD_NS 1000000000LL /* client.DEAD_AFTER */
+/* Offsets of the struct tcp_info fields the rule reads, as this kernel's
+ * header has them (vpcie/tunnel/tcpinfo.py FIELDS is tested against these). */
+#define VL_TCPI_RETRANSMITS offsetof(struct tcp_info, tcpi_retransmits)
+#define VL_TCPI_UNACKED offsetof(struct tcp_info, tcpi_unacked)
+#define VL_TCPI_LAST_ACK_RECV offsetof(struct tcp_info, tcpi_last_ack_recv)
+#define VL_TCPI_LAST_DATA_RECV offsetof(struct tcp_info, tcpi_last_data_recv)
+#define VL_TCPI_TOTAL_RETRANS offsetof(struct tcp_info, tcpi_total_retrans)
+#define VL_TCPI_BYTES_ACKED offsetof(struct tcp_info, tcpi_bytes_acked)
+#define VL_TCPI_BYTES_RECEIVED offsetof(struct tcp_info, tcpi_bytes_received)
+#define VL_TCPI_RCV_OOOPACK offsetof(struct tcp_info, tcpi_rcv_ooopack)
+#define VL_TCPI_NOTSENT_BYTES offsetof(struct tcp_info, tcpi_notsent_bytes)
+#define VL_TCPI_SND_WND offsetof(struct tcp_info, tcpi_snd_wnd)
 /* A session's backlog (what the kernel would not take yet): one COMMAND
  * and room for PINGs and PONGs. More: the agent sends but does not read. */
 #define VL_TX_CAP (VL_FRAME_HDR + VL_MAX_COMMAND + 65536u)
+
+/* ---- liveness: vpcie/tunnel/liveness.py's rule, field for field ---- */
+
+enum { VL_ALIVE = 0, VL_HUNG = 1, VL_UNREACHABLE = 2, VL_SILENT = 3 }; /* liveness.Verdict */
+
+struct vl_live_cfg { int64_t hang_ns; int64_t unreach_ns; int64_t stall_ns; uint64_t allowance; };
+struct vl_tcpsnap {
+    uint64_t rx; uint64_t acked;
+    uint32_t unacked; uint32_t last_ack_ms; uint32_t retransmits; uint32_t total_retrans;
+    uint32_t ooo; uint32_t last_rx_ms;
+    uint32_t notsent; uint32_t snd_wnd;
+};
+struct vl_live {
+    int64_t last_tick; int64_t last_life; int64_t stuck_since;
+    uint64_t rx; uint64_t acked;
+    uint32_t retrans; uint32_t ooo; uint32_t trouble; uint32_t pad;
+};
+
+void vl_live_init(struct vl_live *st, int64_t now, const struct vl_tcpsnap *s)
+{
+    memset(st, 0, sizeof *st);
+    st->last_tick = st->last_life = st->stuck_since = now;
+    st->rx = s->rx;
+    st->acked = s->acked;
+    st->retrans = s->total_retrans;
+    st->ooo = s->ooo;
+}
+
+/* Liveness.step: one tick's verdict (VL_ALIVE ...). */
+int vl_live_step(const struct vl_live_cfg *cfg, struct vl_live *st, int64_t now,
+                 const struct vl_tcpsnap *s)
+{
+    int late = now - st->last_tick > cfg->stall_ns;
+    st->last_tick = now;
+    int64_t acked_by = (int64_t)(s->acked - st->acked); /* Python: a signed difference */
+    /* when the life happened, from the kernel's timestamps */
+    int life = 0;
+    int64_t at = 0;
+    if (s->rx != st->rx) {
+        life = 1;
+        at = now - (int64_t)s->last_rx_ms * 1000000LL;
+    }
+    if (acked_by > (int64_t)cfg->allowance) {
+        int64_t a = now - (int64_t)s->last_ack_ms * 1000000LL;
+        at = life && at > a ? at : a;
+        life = 1;
+    }
+    if (late) {
+        life = 1;
+        at = now;
+    }
+    if (late || s->unacked == 0 || s->acked != st->acked)
+        st->stuck_since = now; /* how long our bytes waited, as we saw it */
+    int64_t waited = now - st->stuck_since;
+    int trouble = s->retransmits > 0 || s->total_retrans != st->retrans || s->ooo != st->ooo ||
+                  waited > cfg->hang_ns;
+    st->rx = s->rx;
+    st->acked = s->acked;
+    st->retrans = s->total_retrans;
+    st->ooo = s->ooo;
+    if (life) { /* trouble seen with life: the link's normal weather */
+        if (at > st->last_life)
+            st->last_life = at;
+        st->trouble = 0;
+    } else {
+        st->trouble = st->trouble || trouble;
+    }
+    if (waited > cfg->unreach_ns && (int64_t)s->last_ack_ms * 1000000LL > cfg->unreach_ns)
+        return VL_UNREACHABLE;
+    int64_t silent = now - st->last_life;
+    if (silent > cfg->unreach_ns)
+        return VL_SILENT;
+    /* our bytes wait on a closed window: hung only once an ACK confirmed it */
+    if (s->notsent > 0 && s->snd_wnd == 0)
+        silent = now - (int64_t)s->last_ack_ms * 1000000LL - st->last_life;
+    if (silent > cfg->hang_ns && !st->trouble)
+        return VL_HUNG;
+    return VL_ALIVE;
+}
+
+static uint32_t vl_get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t vl_get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* tcpinfo.snapshot: 0, or -1 where the socket has no TCP_INFO (fields past
+ * what the kernel returned read 0). */
+int vl_tcp_snapshot(int fd, struct vl_tcpsnap *out)
+{
+    uint8_t raw[sizeof(struct tcp_info)];
+    socklen_t n = sizeof raw;
+    memset(raw, 0, sizeof raw);
+    memset(out, 0, sizeof *out);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, raw, &n) != 0)
+        return -1;
+    out->retransmits = raw[VL_TCPI_RETRANSMITS];
+    out->unacked = vl_get32(raw + VL_TCPI_UNACKED);
+    out->last_ack_ms = vl_get32(raw + VL_TCPI_LAST_ACK_RECV);
+    out->last_rx_ms = vl_get32(raw + VL_TCPI_LAST_DATA_RECV);
+    out->total_retrans = vl_get32(raw + VL_TCPI_TOTAL_RETRANS);
+    out->acked = vl_get64(raw + VL_TCPI_BYTES_ACKED);
+    out->rx = vl_get64(raw + VL_TCPI_BYTES_RECEIVED);
+    out->ooo = vl_get32(raw + VL_TCPI_RCV_OOOPACK);
+    out->notsent = vl_get32(raw + VL_TCPI_NOTSENT_BYTES);
+    out->snd_wnd = vl_get32(raw + VL_TCPI_SND_WND);
+    return 0;
+}
 
 enum { VL_FREE = 0, VL_LANE = 1, VL_KILLED = 2 };
 enum { VL_EV_TURN = 1, VL_EV_FRAME = 2, VL_EV_LOST = 3 };
@@ -151,8 +272,10 @@ struct vl_ctx {
     struct vl_batch *head, *tail;
     uint8_t *rx; uint32_t rx_len, rx_cap;
     uint8_t *tx; uint32_t tx_len;         /* backlog (VL_TX_CAP once made), flushed on EPOLLOUT */
-    int64_t tx_since;                     /* its last progress */
-    int64_t last_life;
+    uint64_t rx_total;                    /* bytes read: the rule's input without TCP_INFO */
+    uint64_t drains;                      /* backlog flushes: likewise */
+    struct vl_live_cfg live_cfg;          /* Python's LivenessConfig, lent with the session */
+    struct vl_live live;
     char why[160]; /* why it was lost ("": it was not) */
 };
 
@@ -302,9 +425,9 @@ static void vl_watch_out(struct vl_lane *L, struct vl_ctx *c, int on)
 
 /* A whole frame onto the session, in order after its backlog. The socket is
  * non-blocking (asyncio's) and the lane never waits on it: what the kernel
- * will not take now joins the backlog, flushed on EPOLLOUT (vl_flush). A
- * backlog that takes no byte for 1 s loses the session (vl_tick), as does one
- * past VL_TX_CAP. 0, or -1: lost. */
+ * will not take now joins the backlog, flushed on EPOLLOUT (vl_flush). One
+ * past VL_TX_CAP loses the session; one that does not drain is the liveness
+ * rule's (vl_tick). 0, or -1: lost. */
 static int vl_send(struct vl_lane *L, struct vl_ctx *c, const uint8_t *buf, uint32_t len)
 {
     uint32_t done = 0;
@@ -315,7 +438,6 @@ static int vl_send(struct vl_lane *L, struct vl_ctx *c, const uint8_t *buf, uint
         done = (uint32_t)k;
         if (done == len)
             return 0;
-        c->tx_since = vl_now();
     }
     uint32_t rest = len - done;
     if (rest > VL_TX_CAP - c->tx_len) {
@@ -342,7 +464,7 @@ static void vl_flush(struct vl_lane *L, struct vl_ctx *c)
         return; /* lost, or nothing taken (a spurious wake-up) */
     memmove(c->tx, c->tx + k, c->tx_len - (uint32_t)k);
     c->tx_len -= (uint32_t)k;
-    c->tx_since = c->last_life = vl_now(); /* a draining send buffer is life */
+    c->drains++; /* the rule's stand-in for bytes_acked without TCP_INFO */
     if (!c->tx_len)
         vl_watch_out(L, c, 0);
 }
@@ -537,7 +659,7 @@ static void vl_read(struct vl_lane *L, struct vl_ctx *c)
         ssize_t k = recv(c->fd, c->rx + c->rx_len, room, MSG_DONTWAIT);
         if (k > 0) {
             c->rx_len += (uint32_t)k;
-            c->last_life = vl_now();
+            c->rx_total += (uint64_t)k;
             if (!vl_parse(L, c) || (uint32_t)k < room)
                 return; /* a short read drained it (epoll is level-triggered here) */
             continue;
@@ -553,6 +675,17 @@ static void vl_read(struct vl_lane *L, struct vl_ctx *c)
     }
 }
 
+/* The session's counters; without TCP_INFO (a socketpair in tests) what the
+ * lane read and its backlog flushes stand in, as in TunnelClient._snapshot. */
+static void vl_ctx_snapshot(struct vl_ctx *c, struct vl_tcpsnap *s)
+{
+    if (vl_tcp_snapshot(c->fd, s) == 0)
+        return;
+    memset(s, 0, sizeof *s);
+    s->rx = c->rx_total;
+    s->acked = c->drains * (c->live_cfg.allowance + 1);
+}
+
 static void vl_tick(struct vl_lane *L)
 {
     int64_t now = vl_now();
@@ -560,14 +693,22 @@ static void vl_tick(struct vl_lane *L)
         struct vl_ctx *c = &L->ctx[i];
         if (c->state != VL_LANE)
             continue;
-        if (c->tx_len && now - c->tx_since > VL_DEAD_NS) {
-            vl_lost(L, c, "the agent took no bytes for 1 s (send buffer full)");
-            continue;
-        }
-        int64_t silent = now - c->last_life;
-        if (silent > VL_DEAD_NS) {
-            char why[96];
-            snprintf(why, sizeof why, "agent silent for %.2f s", (double)silent / 1e9);
+        struct vl_tcpsnap snap;
+        vl_ctx_snapshot(c, &snap);
+        int verdict = vl_live_step(&c->live_cfg, &c->live, now, &snap);
+        if (verdict != VL_ALIVE) { /* liveness.lost_reason's words */
+            char why[160];
+            double silent = (double)(now - c->live.last_life) / 1e9;
+            if (verdict == VL_HUNG)
+                snprintf(why, sizeof why,
+                         "agent's host answers but the agent is silent for %.2f s", silent);
+            else if (verdict == VL_UNREACHABLE)
+                snprintf(why, sizeof why, "no ACK from agent's host for %.2f s",
+                         (double)snap.last_ack_ms / 1e3);
+            else
+                snprintf(why, sizeof why,
+                         "agent silent for %.2f s on a troubled link"
+                         " (retransmissions or out-of-order arrivals)", silent);
             vl_lost(L, c, why);
             continue;
         }
@@ -789,7 +930,7 @@ static void vl_drop(struct vl_lane *L)
 }
 
 struct vl_lane *vl_new(uint32_t max_segs, uint64_t max_bytes, uint32_t max_indirect,
-                       uint64_t max_request)
+                       uint64_t max_request, int64_t tick_ns)
 {
     struct vl_lane *L = calloc(1, sizeof(*L));
     if (!L)
@@ -815,7 +956,9 @@ struct vl_lane *vl_new(uint32_t max_segs, uint64_t max_bytes, uint32_t max_indir
     L->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     for (uint32_t i = 0; i < VL_MAX_CTX; i++)
         L->ctx[i].fd = -1;
-    struct itimerspec its = {{0, VL_TICK_NS}, {0, VL_TICK_NS}};
+    if (tick_ns <= 0 || tick_ns >= 1000000000LL)
+        tick_ns = 250000000LL; /* never used: Python gives liveness.PING_INTERVAL_NS */
+    struct itimerspec its = {{0, tick_ns}, {0, tick_ns}};
     struct epoll_event ev = {.events = EPOLLIN};
     int ok = L->segs && L->req && L->fwd && L->idx && L->ep >= 0 && L->wake_fd >= 0 &&
              L->event_fd >= 0 && L->timer_fd >= 0 && !timerfd_settime(L->timer_fd, 0, &its, NULL);
@@ -972,7 +1115,7 @@ void vl_resume(struct vl_lane *L, uint64_t token, int repop)
  * it; Python keeps owning it), the last COMMAND seq sent. Returns 0, or -1
  * (no free slot, already lent, fd unusable). */
 int vl_add_ctx(struct vl_lane *L, uint32_t ctx_id, int fd, uint32_t session, uint64_t seq,
-               uint32_t window, uint32_t max_batch)
+               uint32_t window, uint32_t max_batch, const struct vl_live_cfg *live)
 {
     pthread_mutex_lock(&L->mu);
     int rc = -1;
@@ -998,7 +1141,10 @@ int vl_add_ctx(struct vl_lane *L, uint32_t ctx_id, int fd, uint32_t session, uin
             c->window = window ? window : 1;
             c->max_batch = max_batch;
             c->watched = 1;
-            c->last_life = vl_now();
+            c->live_cfg = *live;
+            struct vl_tcpsnap snap;
+            vl_ctx_snapshot(c, &snap);
+            vl_live_init(&c->live, vl_now(), &snap);
             rc = 0;
         } else if (rx && rx != c->rx) {
             free(rx);

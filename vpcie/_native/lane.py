@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from vpcie._native import native
+from vpcie.tunnel.liveness import PING_INTERVAL_NS, LivenessConfig
 from vpcie.virtqueue.layout import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES
 
 TURN, FRAME, LOST = 1, 2, 3
@@ -55,13 +56,24 @@ class BatchParts(NamedTuple):
 LaneResource = tuple[int, int, Sequence[tuple[int, int]]]
 
 
+def live_cfg(ffi: Any, cfg: LivenessConfig) -> Any:
+    """A ``struct vl_live_cfg *`` holding ``cfg``: the lane's only source of
+    the rule's constants."""
+    c = ffi.new("struct vl_live_cfg *")
+    c.hang_ns, c.unreach_ns = cfg.hang_after_ns, cfg.unreachable_after_ns
+    c.stall_ns, c.allowance = cfg.stall_ns, cfg.ack_allowance
+    return c
+
+
 class NativeLane:
     """One ``struct vl_lane`` and its thread (started here, joined by close)."""
 
     def __init__(self, max_segments: int, max_request: int) -> None:
         ffi, lib = native()
         self._ffi, self._lib = ffi, lib
-        p = lib.vl_new(max_segments, MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES, max_request)
+        p = lib.vl_new(
+            max_segments, MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES, max_request, PING_INTERVAL_NS
+        )
         if p == ffi.NULL:
             raise OSError("cannot start the lane thread")
         self._p: Any = p
@@ -125,11 +137,22 @@ class NativeLane:
 
     # -- contexts -------------------------------------------------------------------
     def add(
-        self, ctx_id: int, fd: int, session: int, seq: int, window: int, max_batch: int
+        self,
+        ctx_id: int,
+        fd: int,
+        session: int,
+        seq: int,
+        window: int,
+        max_batch: int,
+        liveness: LivenessConfig | None = None,
     ) -> bool:
-        """Lend ``ctx_id``'s session socket; False: no room, or already lent."""
+        """Lend ``ctx_id``'s session socket, watched by the liveness rule with
+        ``liveness`` (the session's own: TunnelClient.liveness); False: no
+        room, or already lent."""
         lib = self._lib
-        return bool(lib.vl_add_ctx(self._lane(), ctx_id, fd, session, seq, window, max_batch) == 0)
+        cfg = live_cfg(self._ffi, liveness or LivenessConfig())
+        lane = self._lane()
+        return bool(lib.vl_add_ctx(lane, ctx_id, fd, session, seq, window, max_batch, cfg) == 0)
 
     def set_fence(self, ctx_id: int, gpa: int | None) -> None:
         self._lib.vl_set_fence(self._lane(), ctx_id, gpa or 0, int(gpa is not None))

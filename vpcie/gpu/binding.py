@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Protocol
 
 from vpcie.errors import ErrorCode, VgpuError
+from vpcie.tunnel.liveness import LivenessConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class AgentTarget:
     device: str = ""  # GPU / MIG UUID on that agent, "" for any
     mem_quota: int = 0
     max_inflight: int = 0
+    liveness: LivenessConfig | None = None  # when the agent counts as lost (None: defaults)
 
     def describe(self) -> str:
         dev = self.device or "any"
@@ -96,6 +98,7 @@ async def tunnel_session(target: AgentTarget, name: str, handle_epoch: int = 0) 
         max_inflight=target.max_inflight,
         name=name,
         handle_epoch=handle_epoch,
+        liveness=target.liveness,
     )
     return client
 
@@ -109,8 +112,11 @@ class Binding:
     """The vGPU's current target. ``generation`` changes on every bind/unbind,
     so sessions opened under an old binding are recognised and dropped."""
 
-    def __init__(self, factory: SessionFactory = tunnel_session) -> None:
+    def __init__(
+        self, factory: SessionFactory = tunnel_session, liveness: LivenessConfig | None = None
+    ) -> None:
         self.factory = factory
+        self.liveness = liveness  # given to every target bound without its own
         self.target: AgentTarget | None = None
         self.generation = 0
         self.listeners: list[Callable[[], None]] = []
@@ -120,6 +126,8 @@ class Binding:
         return BindState.BOUND if self.target is not None else BindState.UNBOUND
 
     def bind(self, target: AgentTarget) -> None:
+        if target.liveness is None and self.liveness is not None:
+            target = replace(target, liveness=self.liveness)
         self.target = target
         self.generation += 1
         self._changed()

@@ -127,7 +127,8 @@ class Lanes:
         fd, sid, seq = session.lend()
         info = session.info
         window = max(1, int(getattr(info, "max_inflight", 0) or 1))
-        if not lane.add(ctx.ctx_id, fd, sid, seq, window, int(info.max_batch_bytes or 0)):
+        live = getattr(session, "liveness", None)  # the session's own liveness knobs
+        if not lane.add(ctx.ctx_id, fd, sid, seq, window, int(info.max_batch_bytes or 0), live):
             session.take_back(seq)
             return
         self.leases[ctx.ctx_id] = Lease(ctx, session)

@@ -15,10 +15,12 @@ Hot-path choices (measured with benchmarks/tunnel.py):
 - the granted ``max_inflight`` is enforced locally: one over it raises
   QUOTA_EXCEEDED at once instead of stalling.
 
-Liveness ("Liveness" in the doc): PING every 0.25 s; bytes received, and the
-kernel draining our send buffer, count as life; 1.0 s without either, EOF or
-reset -> LOST: every in-flight command completes with DEVICE_LOST, later
-calls raise VgpuError(DEVICE_LOST) at once.
+Liveness ("Liveness" in the doc): PING every 0.25 s, and each tick the rule of
+vpcie.tunnel.liveness fed with the connection's TCP_INFO (bytes from the agent
+or our bytes taken by it are life; a hung agent is lost after hang_after, an
+unreachable one after unreachable_after); EOF or reset -> LOST at once. Lost:
+every in-flight command completes with DEVICE_LOST, later calls raise
+VgpuError(DEVICE_LOST) at once.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ from vpcie.protocol.frames import (
     psk_mac,
 )
 from vpcie.tunnel import commands as cmds
+from vpcie.tunnel import tcpinfo
+from vpcie.tunnel.liveness import (
+    ACK_ALLOWANCE,
+    PING_INTERVAL_NS,
+    Liveness,
+    LivenessConfig,
+    TcpSnapshot,
+    Verdict,
+    lost_reason,
+)
 from vpcie.tunnel.results import Completion, QueryInfo, error_code
 from vpcie.tunnel.runstate import TRANSITIONS, Runstate, RunstateError
 from vpcie.tunnel.scatter import Scatter, byte_views
@@ -70,8 +82,7 @@ from vpcie.tunnel.tls_sniff import speaks_tls
 
 log = logging.getLogger(__name__)
 
-PING_INTERVAL = 0.25  # s, docs/PROTOCOL.md "Liveness"
-DEAD_AFTER = 1.0  # s of silence before the agent is declared lost
+PING_INTERVAL = PING_INTERVAL_NS / 1e9  # s, docs/PROTOCOL.md "Liveness"
 CONNECT_TIMEOUT = 5.0  # s for TCP/TLS + HELLO/AUTH/OPEN (the agent's own limit)
 CLOSE_TIMEOUT = 2.0  # s to wait for in-flight work and CLOSE|REPLY
 SMALL_FRAME = 64 * 1024  # frames up to this size are coalesced into one write
@@ -87,7 +98,6 @@ _CLOSE = int(FrameType.CLOSE)
 _REPLY = int(FrameFlag.REPLY)
 _OK = ErrorCode.OK
 _STAMP = struct.Struct("<Q")
-_monotonic = time.monotonic
 _NOP_BATCH = encode_batch([cmds.nop()])
 
 
@@ -128,7 +138,14 @@ class TunnelClient(asyncio.BufferedProtocol):
     completes. The asyncio protocol callbacks (``get_buffer`` ...) are not API.
     """
 
-    def __init__(self, *, psk: bytes | None, name: str, endpoint: str) -> None:
+    def __init__(
+        self,
+        *,
+        psk: bytes | None,
+        name: str,
+        endpoint: str,
+        liveness: LivenessConfig | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._psk = psk
         self._name = name
@@ -149,8 +166,10 @@ class TunnelClient(asyncio.BufferedProtocol):
         self._outq: deque[bytes | memoryview] = deque()
         self._flush_scheduled = False
         self._paused = False
-        self._last_life = time.monotonic()
-        self._last_wbuf = 0
+        self.liveness = liveness or LivenessConfig()  # the lane gets it too
+        self._live: Liveness | None = None  # from READY on (and again after a take-back)
+        self._rx_bytes = 0  # what we read: the rule's input where there is no TCP_INFO
+        self._drains = 0  # resume_writing calls: likewise
         self._timer: asyncio.TimerHandle | None = None
         self.rtt: float | None = None  # last PING round trip (s)
         self._lent = False  # the socket is with the vGPU lane (lend / take_back)
@@ -171,20 +190,23 @@ class TunnelClient(asyncio.BufferedProtocol):
         name: str = "",
         timeout: float = CONNECT_TIMEOUT,
         handle_epoch: int = 0,
+        liveness: LivenessConfig | None = None,
     ) -> TunnelClient:
         """Connect, authenticate (PSK or mutual TLS) and OPEN a session
         whose handles carry ``handle_epoch`` (codes.HANDLE_EPOCH_SHIFT).
 
         Raises AuthError (refused or failed authentication), VgpuError
         (NO_DEVICE / QUOTA_EXCEEDED from OPEN, DEVICE_LOST when the agent
-        cannot be reached, TIMEOUT), ConfigError (bad arguments).
+        cannot be reached, TIMEOUT), ConfigError (bad arguments). ``liveness``:
+        when the agent counts as lost (docs/PROTOCOL.md "Liveness"; default 1 s
+        hung, 4 s unreachable).
         """
         if (psk is None) == (ssl is None):
             raise ConfigError("give exactly one of psk= (loopback labs) or ssl= (mutual TLS)")
         if psk is not None and not psk:
             raise ConfigError("the pre-shared key is empty")
         loop = asyncio.get_running_loop()
-        self = cls(psk=psk, name=name, endpoint=f"{host}:{port}")
+        self = cls(psk=psk, name=name, endpoint=f"{host}:{port}", liveness=liveness)
         try:
             async with asyncio.timeout(timeout):
                 try:
@@ -211,7 +233,7 @@ class TunnelClient(asyncio.BufferedProtocol):
             self._finish(Runstate.LOST, f"handshake failed: {exc!r}")
             raise
         self._set_state(Runstate.READY)
-        self._last_life = time.monotonic()
+        self._live = Liveness(self.liveness, time.monotonic_ns(), self._snapshot())
         self._timer = loop.call_later(PING_INTERVAL, self._tick)
         return self
 
@@ -467,7 +489,7 @@ class TunnelClient(asyncio.BufferedProtocol):
             raise RuntimeError("session was not lent")
         self._lent = False
         self._seq = seq
-        self._last_life = time.monotonic()
+        self._live = Liveness(self.liveness, time.monotonic_ns(), self._snapshot())
         for s, on_done in adopt:
             fut = _SyncFuture(loop=self._loop)
             fut.on_done = on_done
@@ -593,7 +615,7 @@ class TunnelClient(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        self._last_life = time.monotonic()  # the peer's kernel is taking our bytes
+        self._drains += 1  # the peer is taking our bytes (the rule reads TCP_INFO)
         if self._outq:
             self._schedule_flush()
 
@@ -608,12 +630,13 @@ class TunnelClient(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+            tcpinfo.set_user_timeout(sock, self.liveness.user_timeout_ms)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._reader.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._last_life = _monotonic()
+        self._rx_bytes += nbytes
         try:
             for f in self._reader.buffer_updated(nbytes):
                 t = f.type
@@ -775,19 +798,29 @@ class TunnelClient(asyncio.BufferedProtocol):
         self._timer = None
         if self._state not in (Runstate.READY, Runstate.CLOSING):
             return
-        now = time.monotonic()
-        transport = self._transport
-        wbuf = transport.get_write_buffer_size() if transport is not None else 0
-        if wbuf < self._last_wbuf:
-            self._last_life = now  # the agent's side is taking our bytes
-        self._last_wbuf = wbuf
-        silent = now - self._last_life
-        if silent > DEAD_AFTER:
-            self._finish(Runstate.LOST, f"agent {self.endpoint} silent for {silent:.2f} s")
+        now = time.monotonic_ns()
+        snap = self._snapshot()
+        live = self._live
+        if live is None:
+            live = self._live = Liveness(self.liveness, now, snap)
+        verdict = live.step(now, snap)
+        if verdict is not Verdict.ALIVE:
+            why = lost_reason(verdict, self.endpoint, live.silent_ns(now), snap.last_ack_ms)
+            self._finish(Runstate.LOST, why)
             return
         ping = encode_payload("PING", time.monotonic_ns())
         self._queue(encode_frame(_PING, ping, session=self.session))
         self._timer = self._loop.call_later(PING_INTERVAL, self._tick)
+
+    def _snapshot(self) -> TcpSnapshot:
+        """One getsockopt per tick; where there is no TCP_INFO, what we read
+        and the drains of our write buffer stand in (no trouble is seen)."""
+        t = self._transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        snap = tcpinfo.snapshot(sock) if sock is not None else None
+        if snap is None:
+            snap = TcpSnapshot(rx=self._rx_bytes, acked=self._drains * (ACK_ALLOWANCE + 1))
+        return snap
 
     def _protocol_failure(self, why: str) -> None:
         log.error("agent %s broke the protocol: %s", self.endpoint, why)
