@@ -249,14 +249,21 @@ def main(argv: list[str] | None = None) -> int:
         rc: int = args.func(args)
         return rc
     except ConfigError as exc:
-        print(f"vpcie-agent: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, str(exc), 2)
     except OSError as exc:  # a file the command needed: name it, no traceback
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"vpcie-agent: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(args, f"{where}{exc.strerror or exc}", 1)
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(args: argparse.Namespace, line: str, status: int) -> int:
+    """One line on stderr, or with --json one object on stdout, as `vpcie` does."""
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": line, "status": status}))
+    else:
+        print(f"vpcie-agent: error: {line}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ exit, and no traceback (STYLE.md habit 15)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -178,6 +179,17 @@ def test_vgpu_errors_with_json_are_one_json_object(tmp_path: Path) -> None:
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr == ""
     reply = json.loads(r.stdout)
     assert reply["ok"] is False and str(missing) in reply["error"]
+
+
+def test_agent_errors_with_json_are_one_json_object() -> None:
+    """`vpcie-agent inventory --json` fails as JSON on stdout too (no CuPy here:
+    --executor cuda is refused)."""
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: --executor cuda would not be refused")
+    r = run(AGENT, "inventory", "--json", "--executor", "cuda")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr == ""
+    reply = json.loads(r.stdout)
+    assert reply["ok"] is False and "CuPy" in reply["error"] and reply["status"] == 2
 
 
 def test_vgpu_status_in_a_missing_folder(tmp_path: Path) -> None:
