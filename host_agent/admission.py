@@ -216,5 +216,33 @@ def close_refused(sock: socket.socket) -> None:
     sock.close()
 
 
+async def linger_close(sock: socket.socket, seconds: float) -> None:
+    """Half-close a refused connection, then read and drop what the peer still
+    sends (until its EOF, ``seconds`` or ``_DRAIN_MAX`` bytes) before closing.
+
+    Why: a TLS 1.3 client sends its first frame (HELLO) right after its side of
+    the handshake, before it reads our alert for its certificate. Closed at
+    once, the kernel answers that HELLO with a RST, and the client's write
+    fails with "connection reset" before it reads the alert: it cannot say
+    why it was refused. ``sock`` is detached from TLS first: nothing more is
+    written on the TLS stream (no close_notify)."""
+    raw = socket.socket(fileno=sock.detach())
+    loop = asyncio.get_running_loop()
+    left = _DRAIN_MAX
+    try:
+        raw.setblocking(False)
+        raw.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(seconds):
+            while left > 0:
+                chunk = await loop.sock_recv(raw, min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        close_refused(raw)
+
+
 def auth_mode(auth: str) -> AuthMode:
     return AuthMode.TLS if auth == "tls" else AuthMode.PSK

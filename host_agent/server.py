@@ -30,6 +30,7 @@ from host_agent.admission import (
     admit,
     auth_mode,
     close_refused,
+    linger_close,
     send_all,
 )
 from host_agent.config import AgentConfig
@@ -90,6 +91,7 @@ class Agent:
         self.pending = PendingTable(config.max_handshakes, config.max_handshakes_per_source)
         self._admitting: dict[int, _Pending] = {}
         self._next_key = 0
+        self._lingering = 0  # refused connections being closed slowly (linger_close)
         self._mode = auth_mode(config.auth)
         self._psk = bytes.fromhex(config.psk_hex) if config.auth == "psk" else b""
         self._ssl: ssl.SSLContext | None = None
@@ -215,6 +217,7 @@ class Agent:
         cfg, conn = self.config, current[0]
         hs = ServerHandshake(self._mode, cfg.agent_name, self._psk)
         admitted: Admitted | None = None
+        refused = False  # told why (ERROR frame or TLS alert): linger so it arrives
         try:
             async with asyncio.timeout(cfg.auth_timeout):
                 admitted = await admit(conn, self._ssl, hs, lambda t: current.__setitem__(0, t))
@@ -223,14 +226,17 @@ class Agent:
                 error=f"not authenticated within {cfg.auth_timeout:g} s")  # fmt: skip
         except AuthError as exc:
             log("warning", "auth_refused", error=str(exc), peer=hs.client_name or peer)
+            refused = True
             self.pending.remove(key)
             await self._refuse(current[0], error_frame(ErrorCode.PERMISSION_DENIED, str(exc)))
         except ProtocolError as exc:
             log("warning", "handshake_protocol_error", error=str(exc), peer=peer)
+            refused = True
             self.pending.remove(key)
             await self._refuse(current[0], error_frame(ErrorCode.PROTOCOL, str(exc)))
         except ssl.SSLError as exc:
             log("warning", "tls_refused", error=str(exc), peer=peer)
+            refused = True
         except OSError as exc:
             log("info", "handshake_lost", error=str(exc), peer=peer)
         except Exception as exc:  # our bug: loud in the log, and the peer is dropped
@@ -238,7 +244,14 @@ class Agent:
         finally:
             self.pending.remove(key)
         if admitted is None:
-            close_refused(current[0])
+            if refused and self._lingering < cfg.max_handshakes:
+                self._lingering += 1
+                try:
+                    await linger_close(current[0], REFUSE_SEND_S)
+                finally:
+                    self._lingering -= 1
+            else:
+                close_refused(current[0])
             return
         try:
             await self._open(admitted, peer)
