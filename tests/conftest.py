@@ -131,6 +131,29 @@ def start_agent(tmp: Path, *extra: str, psk: bytes = b"lab-secret-0123456789") -
     return agent
 
 
+@contextlib.contextmanager
+def tls_agent_proc(tls_dir: Path, cert_name: str = "agent1") -> Iterator[int]:
+    """A real ``vpcie-agent serve`` with mutual TLS (CPU executor) on 127.0.0.1,
+    serving ``cert_name`` from ``tls_dir``; yields its port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "host_agent.main", "serve", "--listen", f"127.0.0.1:{port}",
+            "--tls-dir", str(tls_dir), "--cert-name", cert_name, "--executor", "cpu",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_port("127.0.0.1", port, proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProc]:
     a = start_agent(tmp_path / "agent")

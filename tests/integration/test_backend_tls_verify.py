@@ -20,8 +20,6 @@ import contextlib
 import datetime as dt
 import ipaddress
 import ssl
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from host_agent import pki
 from host_agent.tls import client_context
-from tests.conftest import ROOT, free_port, wait_port
+from tests.conftest import tls_agent_proc
 from vpcie.gpu.binding import Binding
 from vpcie.gpu.control import ControlServer, control_request
 from vpcie.gpu.device import GpuDevice
@@ -102,23 +100,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture(scope="module")
 def tls_agent(certs: Pki) -> Iterator[int]:
     """A real agent with the fleet's good server certificate; yields its port."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "host_agent.main", "serve", "--listen", f"127.0.0.1:{port}",
-            "--tls-dir", str(certs.fleet), "--cert-name", "agent1", "--executor", "cpu",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_port("127.0.0.1", port, proc)
+    with tls_agent_proc(certs.fleet) as port:
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @dataclass

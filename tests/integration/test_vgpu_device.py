@@ -232,7 +232,7 @@ async def test_bind_over_mutual_tls(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, free_port, wait_port
+    from tests.conftest import ROOT, tls_agent_proc
 
     pki = tmp_path / "pki"
     agent_cli = [sys.executable, "-m", "host_agent.main", "pki"]
@@ -242,19 +242,7 @@ async def test_bind_over_mutual_tls(tmp_path: Path) -> None:
         ["issue", "--dir", str(pki), "--name", "backend", "--client"],
     ):
         subprocess.run([*agent_cli, *args], check=True, cwd=ROOT, capture_output=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "host_agent.main", "serve", "--listen", f"127.0.0.1:{port}",
-            "--tls-dir", str(pki), "--cert-name", "agent1", "--executor", "cpu",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_port("127.0.0.1", port, proc)
+    with tls_agent_proc(pki) as port:
         async with rig(tmp_path) as r:
             req = {"op": "bind", "agent": f"127.0.0.1:{port}", "tls_dir": str(pki)}
             assert (await control_request(r.control, req))["ok"]
@@ -268,9 +256,6 @@ async def test_bind_over_mutual_tls(tmp_path: Path) -> None:
             # The backend's certificate is checked: a folder without one is refused.
             bad = await control_request(r.control, {**req, "tls_name": "agent1-missing"})
             assert not bad["ok"]
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def test_hostile_chains_do_not_stop_the_device(tmp_path: Path) -> None:
