@@ -66,12 +66,15 @@ def agent(lab: NetLab, pki: Path, tmp_path: Path) -> LabAgent:
 async def connect(
     lab: NetLab, agent: LabAgent, pki: Path, *, port: int = 0, host: str = "", **kw: object
 ) -> TunnelClient:
-    """A TLS session made from the client's namespace (its socket stays there)."""
+    """A TLS session made from the client's namespace (its socket stays there).
+    Through a relay (``host``/``port``) the agent's certificate is still checked
+    against the agent's own address, as a backend behind a proxy would."""
     with lab.inside(lab.client_ns):
         return await TunnelClient.connect(
             host or agent.host,
             port or agent.port,
             ssl=client_tls_context(str(pki), "backend"),
+            server_hostname=agent.host,
             timeout=20,
             **kw,  # type: ignore[arg-type]
         )
