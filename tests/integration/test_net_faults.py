@@ -120,11 +120,15 @@ async def test_five_percent_loss_each_way_64mib_for_60s(
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("loss", [0, 5], ids=["clean-link", "5pct-loss"])
 def test_four_copiers_and_four_busy_workers_on_two_cpus(
-    lab: NetLab, agent: LabAgent, pki: Path
+    lab: NetLab, agent: LabAgent, pki: Path, loss: int
 ) -> None:
     """Four backends (processes, tests/net_copier.py) copy 64 MiB up and down
-    at once for 30 s beside four processes spinning on the 2 CPUs."""
+    at once for 30 s beside four processes spinning on the 2 CPUs; then the
+    same with 5% loss each way on top (the two failures the report saw, at once)."""
+    if loss:
+        lab.loss(loss)
     workers = busy_workers(4, 120)
     try:
         cmd = ["ip", "netns", "exec", lab.client_ns, sys.executable, "-m", "tests.net_copier"]
