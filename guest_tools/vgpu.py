@@ -21,25 +21,47 @@ import os
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 from guest_tools import drm
 from guest_tools.drm import PARAM_SUPPORTED_CAPSET_IDS, VIRTIO_GPU_DRIVER, NodeProbe, RenderNode
 from vpcie.errors import ErrorCode, VgpuError
 from vpcie.protocol.batch import Record, encode_batch, rec
-from vpcie.protocol.codes import ExecutorKind, Opcode
-from vpcie.protocol.frames import FAST
+from vpcie.protocol.codes import Opcode
 
-# The guest ABI (docs/GUEST_ABI.md); tests check these against the backend's.
-CAPSET_ID = 17
-CAPSET_VERSION = 1
-CAPSET_SIZE = 256
-FENCE_HEADER_SIZE = 16  # magic, version, nslots, rejected, last_reject
-FENCE_SLOT_SIZE = 24  # completed_seq u64, error_seq u64, error_code u32, failed u32
-FENCE_MAGIC = 0x31504656  # "VFP1"
-REPLY_SLOT = 4096  # bytes of COMPLETION per SIGNAL in flight
-REPLY_SLOTS = 16
+# The guest ABI (docs/GUEST_ABI.md): the one definition the backend uses too.
+from vpcie.protocol.guest_abi import (
+    CAPSET_ID,
+    CAPSET_SIZE,
+    CAPSET_VERSION,
+    FENCE_HEADER_SIZE,
+    FENCE_MAGIC,
+    FENCE_SLOT_SIZE,
+    REPLY_SLOT,
+    REPLY_SLOTS,
+    Reply,
+    VgpuInfo,
+    decode_reply,
+    fence_slot_offset,
+)
+
+__all__ = [
+    "CAPSET_ID",
+    "CAPSET_SIZE",
+    "CAPSET_VERSION",
+    "FENCE_HEADER_SIZE",
+    "FENCE_MAGIC",
+    "FENCE_SLOT_SIZE",
+    "REPLY_SLOT",
+    "REPLY_SLOTS",
+    "Buffer",
+    "Device",
+    "Reply",
+    "VgpuInfo",
+    "choose_render_node",
+    "decode_reply",
+    "find_render_node",
+]
+
 PAGE = 4096
 SPIN_S = 0.005  # wait(): busy-poll this long before sleeping between looks
 RENDER_NODE_ENV = "VPCIE_RENDER_NODE"  # names the vGPU's render node, skipping the lookup
@@ -83,71 +105,6 @@ def find_render_node(
     per Device)."""
     where = dri_dir or drm.DRI_DIR
     return choose_render_node([probe(path) for path in drm.render_nodes(where)], where)
-
-
-class VgpuInfo(NamedTuple):
-    """The capset: a QUERY_INFO of the bound GPU (or of none)."""
-
-    proto_version: int
-    executor: int
-    flags: int
-    mem_total: int
-    mem_free: int
-    mem_quota: int
-    mem_used: int
-    max_inflight: int
-    max_batch_bytes: int
-    max_streams: int
-    sm_count: int
-    cc_major: int
-    cc_minor: int
-    name: str
-    uuid: str
-    agent: str
-
-    @property
-    def executor_kind(self) -> ExecutorKind:
-        return ExecutorKind(self.executor)
-
-    def describe(self) -> str:
-        kind = self.executor_kind
-        if kind is ExecutorKind.NONE:
-            return "no GPU bound to this vGPU"
-        what = "NOT a GPU (CPU executor)" if kind is ExecutorKind.CPU else "GPU"
-        return f"{self.name} [{what}] via agent {self.agent!r}"
-
-
-@dataclass
-class Reply:
-    """A batch's COMPLETION: status, failing record, results by record index."""
-
-    status: ErrorCode
-    failed_index: int
-    message: str
-    results: dict[int, int]
-    blob: bytes
-
-    @property
-    def ok(self) -> bool:
-        return self.status == ErrorCode.OK
-
-    def check(self) -> Reply:
-        if not self.ok:
-            raise VgpuError(self.status, f"record {self.failed_index}: {self.message}")
-        return self
-
-    def value(self, index: int) -> int:
-        return self.results[index]
-
-    def value_f64(self, index: int) -> float:
-        return float(struct.unpack("<d", struct.pack("<Q", self.results[index]))[0])
-
-
-def decode_reply(raw: bytes | memoryview) -> tuple[Any, ...]:
-    """(status, failed_index, message, nresults, results, blob) of the COMPLETION
-    at the start of ``raw`` (a reply slot); ProtocolError when there is none."""
-    values, _end = FAST["COMPLETION"].decode(raw, 0)
-    return tuple(values)
 
 
 class Buffer:
@@ -209,16 +166,12 @@ class Device:
 
     def query_caps(self) -> VgpuInfo:
         """The capset as the kernel caches it: the GPU bound when it was read."""
-        caps = self.node.get_caps(CAPSET_ID, CAPSET_VERSION, CAPSET_SIZE)
-        values, _end = FAST["QUERY_INFO"].decode(caps, 0)
-        return VgpuInfo(*values)
+        return VgpuInfo.decode(self.node.get_caps(CAPSET_ID, CAPSET_VERSION, CAPSET_SIZE))
 
     def query(self) -> VgpuInfo:
         """What is bound now (a QUERY batch). The capset (``info``) is what was
         bound when the kernel first read it: the kernel caches capsets."""
-        blob = self.run([rec(Opcode.QUERY)]).check().blob
-        values, _end = FAST["QUERY_INFO"].decode(blob, 0)
-        return VgpuInfo(*values)
+        return VgpuInfo.decode(self.run([rec(Opcode.QUERY)]).check().blob)
 
     def buffer(self, size: int) -> Buffer:
         return Buffer(self.node, size)
@@ -257,13 +210,13 @@ class Device:
         return seq
 
     def done(self, stream: int, seq: int) -> bool:
-        return int(self._words[(FENCE_HEADER_SIZE + stream * FENCE_SLOT_SIZE) >> 3]) >= seq
+        return int(self._words[fence_slot_offset(stream) >> 3]) >= seq
 
     def wait(self, stream: int, seq: int, *, timeout: float = 30.0) -> Reply:
         """Poll the fence page until ``seq`` is done on ``stream``; its reply.
         Spins for the first SPIN_S (a round trip is well under that), then
         sleeps with backoff up to 1 ms between looks."""
-        word = (FENCE_HEADER_SIZE + stream * FENCE_SLOT_SIZE) >> 3
+        word = fence_slot_offset(stream) >> 3
         words = self._words
         start = time.monotonic()
         nap = 0.0
@@ -276,7 +229,7 @@ class Device:
             nap = min(0.001, nap * 2 or 0.00005)
             time.sleep(nap)
         failed_seq = int(words[word + 1])
-        tail = self.fence.read(FENCE_HEADER_SIZE + stream * FENCE_SLOT_SIZE + 16, 8)
+        tail = self.fence.read(fence_slot_offset(stream) + 16, 8)
         code, failed_index = struct.unpack("<II", tail)
         slot = self._slot_of.pop((stream, seq))
         try:

@@ -1,8 +1,8 @@
 """What the guest can learn before it submits anything: our capset and EDID.
 
-The capset (DESIGN.md: id 17, cached by the guest kernel after GET_CAPS) is a
-QUERY_INFO (vpcie/protocol/frames.py) padded to CAPSET_SIZE: protocol version,
-limits, executor kind and the GPU bound when the guest asked.
+The capset's layout (id 17, a QUERY_INFO padded to CAPSET_SIZE) is the guest
+ABI, shared with guest_tools: vpcie/protocol/guest_abi.py. Here is what the
+backend puts in it when no GPU is bound, and the EDID.
 """
 
 from __future__ import annotations
@@ -14,10 +14,19 @@ from vpcie.protocol.codes import (
     ExecutorKind,
 )
 from vpcie.protocol.frames import encode_payload
+from vpcie.protocol.guest_abi import CAPSET_ID as VGPU_CAPSET_ID
+from vpcie.protocol.guest_abi import CAPSET_SIZE, capset_payload, decode_capset
+from vpcie.protocol.guest_abi import CAPSET_VERSION as VGPU_CAPSET_VERSION
 
-VGPU_CAPSET_ID = 17
-VGPU_CAPSET_VERSION = 1
-CAPSET_SIZE = 256
+__all__ = [
+    "CAPSET_SIZE",
+    "VGPU_CAPSET_ID",
+    "VGPU_CAPSET_VERSION",
+    "capset_payload",
+    "decode_capset",
+    "make_edid",
+    "unbound_info",
+]
 
 
 def unbound_info(agent: str = "") -> bytes:
@@ -29,13 +38,6 @@ def unbound_info(agent: str = "") -> bytes:
         0, MAX_BATCH_BYTES, MAX_STREAMS, 0, 0, 0,
         "no GPU bound", "", agent,
     )  # fmt: skip
-
-
-def capset_payload(info: bytes) -> bytes:
-    """The capset bytes: a QUERY_INFO, zero-padded to CAPSET_SIZE."""
-    if len(info) > CAPSET_SIZE:
-        info = info[:CAPSET_SIZE]
-    return info + bytes(CAPSET_SIZE - len(info))
 
 
 def make_edid(width: int = 1024, height: int = 768) -> bytes:
@@ -69,11 +71,3 @@ def make_edid(width: int = 1024, height: int = 768) -> bytes:
     edid[126] = 0
     edid[127] = (-sum(edid[:127])) & 0xFF
     return bytes(edid)
-
-
-def decode_capset(payload: bytes) -> tuple[object, ...]:
-    """QUERY_INFO fields from capset bytes (the zero padding is ignored)."""
-    from vpcie.protocol.frames import FAST
-
-    values, _end = FAST["QUERY_INFO"].decode(payload, 0)
-    return values

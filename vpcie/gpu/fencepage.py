@@ -5,48 +5,36 @@ fence when the response echoes it, and a later fence signals every earlier
 one). Completion is published here instead: a guest buffer attached to the
 context (FENCE_PAGE_SET names it) that the backend writes and the guest polls.
 
-Layout (little-endian)::
-
-    header  magic u32 "VFP1", version u16, nslots u16, rejected u32,
-            last_reject u32 (ErrorCode of the latest rejected submission)
-    slot[nslots] (one per stream)
-            completed_seq u64, error_seq u64, error_code u32, failed_index u32
-
-A SIGNAL(seq) record on stream s publishes ``completed_seq = seq`` in slot s
-once the records before it are done; if the batch failed, ``error_seq = seq``,
-``error_code`` and ``failed_index`` are written first. The guest waits for
-``completed_seq >= seq`` and then checks ``error_seq == seq``. A submission
-the backend rejects before anything runs (malformed batch, foreign resource)
-increments ``rejected`` and sets ``last_reject``.
+The layout (header, one slot per stream) is the guest ABI, shared with
+guest_tools: vpcie/protocol/guest_abi.py. Here is the backend's writer.
 """
 
 from __future__ import annotations
 
-import construct as c
-
 from vpcie.memory import word_view
 from vpcie.protocol.codes import MAX_STREAMS
-from vpcie.protocol.fastcodec import FastStruct
-
-FENCE_MAGIC = 0x31504656  # b"VFP1"
-FENCE_VERSION = 1
-
-HEADER = c.Struct(
-    "magic" / c.Int32ul,
-    "version" / c.Int16ul,
-    "nslots" / c.Int16ul,
-    "rejected" / c.Int32ul,
-    "last_reject" / c.Int32ul,
+from vpcie.protocol.guest_abi import FENCE_HEADER as HEADER
+from vpcie.protocol.guest_abi import (
+    FENCE_MAGIC,
+    FENCE_PAGE_SIZE,
+    FENCE_VERSION,
+    HEADER_ST,
+    SLOT_ST,
+    fence_slot_offset,
 )
-SLOT = c.Struct(
-    "completed_seq" / c.Int64ul,
-    "error_seq" / c.Int64ul,
-    "error_code" / c.Int32ul,
-    "failed_index" / c.Int32ul,
-)
-HEADER_ST = FastStruct(HEADER).fixed_struct()
-SLOT_ST = FastStruct(SLOT).fixed_struct()
-FENCE_PAGE_SIZE = HEADER_ST.size + MAX_STREAMS * SLOT_ST.size
+from vpcie.protocol.guest_abi import FENCE_SLOT as SLOT
+
+__all__ = [
+    "FENCE_MAGIC",
+    "FENCE_PAGE_SIZE",
+    "FENCE_VERSION",
+    "HEADER",
+    "HEADER_ST",
+    "SLOT",
+    "SLOT_ST",
+    "FencePage",
+]
+
 _REJECTED, _LAST_REJECT = 2, 3  # header fields, as u32 indices
 
 
@@ -69,9 +57,7 @@ class FencePage:
         view[:FENCE_PAGE_SIZE] = bytes(FENCE_PAGE_SIZE)
         HEADER_ST.pack_into(view, 0, FENCE_MAGIC, FENCE_VERSION, MAX_STREAMS, 0, 0)
 
-    @staticmethod
-    def slot_offset(stream: int) -> int:
-        return HEADER_ST.size + stream * SLOT_ST.size
+    slot_offset = staticmethod(fence_slot_offset)
 
     def complete(self, stream: int, seq: int, error_code: int = 0, failed_index: int = 0) -> None:
         """Publish ``seq`` on ``stream``; error fields first, then the sequence."""

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from guest_tools.vgpu import REPLY_SLOT, REPLY_SLOTS, Reply, decode_reply
 from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.capset import CAPSET_SIZE, VGPU_CAPSET_ID
@@ -28,6 +27,7 @@ from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import Record, encode_batch, rec
 from vpcie.protocol.codes import Opcode
 from vpcie.protocol.frames import decode_payload
+from vpcie.protocol.guest_abi import REPLY_SLOT, REPLY_SLOTS, Reply, decode_reply
 
 PAGE = 4096
 _HDR_FMT = wire.HDR
