@@ -34,6 +34,7 @@ from vpcie.protocol.frames import (
 )
 from vpcie.tunnel import Completion, Runstate, RunstateError, TunnelClient
 from vpcie.tunnel import commands as cmds
+from vpcie.tunnel.runstate import TRANSITIONS
 
 PSK = b"unit-test-key"
 SESSION = 7
@@ -439,6 +440,38 @@ async def test_a_lent_socket_comes_back_with_its_commands(agent: tuple[FakeAgent
             c.take_back(seq + 2)
     finally:
         await c.close()
+
+
+async def test_lent_is_a_runstate(agent: tuple[FakeAgent, int]) -> None:
+    """Lending is a state of the tunnel's Runstate machine: while LENT every
+    call that needs the socket says so (naming the state and what to do),
+    and lend/take_back called in the wrong state are refused the same way."""
+    _fake, port = agent
+    c = await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t")
+    try:
+        not_lent = r"take_back\(\) needs a LENT tunnel, but it is READY"
+        with pytest.raises(RunstateError, match=not_lent):
+            c.take_back(0)
+        _fd, _session, seq = c.lend()
+        assert c.state is Runstate.LENT and not c.lendable()
+        for call in (c.lend, c.send_nop, lambda: c.send([cmds.nop()])):
+            with pytest.raises(RunstateError, match="needs a READY tunnel, but it is LENT") as e:
+                call()
+            assert e.value.state is Runstate.LENT and "take_back() first" in str(e.value)
+        with pytest.raises(RunstateError, match=r"close\(\) needs a READY tunnel, but it is LENT"):
+            await c.close()
+        c.take_back(seq)
+        assert c.state is Runstate.READY and (await c.nop()).ok
+    finally:
+        await c.close()
+    assert c.state is Runstate.CLOSED
+
+
+def test_lent_transitions() -> None:
+    """READY <-> LENT; a lent tunnel can still fail (LOST) or be torn down."""
+    assert Runstate.LENT in TRANSITIONS[Runstate.READY]
+    assert TRANSITIONS[Runstate.LENT] == {Runstate.READY, Runstate.LOST, Runstate.CLOSED}
+    assert all(Runstate.LENT not in TRANSITIONS[s] for s in Runstate if s is not Runstate.READY)
 
 
 async def test_a_lent_socket_comes_back_with_its_unsent_bytes(

@@ -172,7 +172,6 @@ class TunnelClient(asyncio.BufferedProtocol):
         self._drains = 0  # resume_writing calls: likewise
         self._timer: asyncio.TimerHandle | None = None
         self.rtt: float | None = None  # last PING round trip (s)
-        self._lent = False  # the socket is with the vGPU lane (lend / take_back)
 
     # -- public API ------------------------------------------------------------
     @classmethod
@@ -327,10 +326,8 @@ class TunnelClient(asyncio.BufferedProtocol):
 
     def send_nop(self) -> asyncio.Future[Completion]:
         """A one-record NOP batch (pre-encoded): the cheapest command there is."""
-        if (
-            self._state is not _READY
-            or self._lent
-            or (self.max_inflight and len(self._pending) >= self.max_inflight)
+        if self._state is not _READY or (
+            self.max_inflight and len(self._pending) >= self.max_inflight
         ):
             self._check_ready("send_nop()")  # raises
         return self._command(_NOP_BATCH, None, None)
@@ -410,8 +407,8 @@ class TunnelClient(asyncio.BufferedProtocol):
 
         Idempotent; after a loss it only releases the transport.
         """
-        if self._lent:
-            raise RuntimeError("close(): the session's socket is lent to the vGPU lane")
+        if self._state is Runstate.LENT:
+            raise RunstateError("close()", self._state)
         if self._state is not Runstate.READY:
             if self._state is Runstate.CONNECTING:
                 self._finish(Runstate.CLOSED, "closed before it was connected")
@@ -446,7 +443,6 @@ class TunnelClient(asyncio.BufferedProtocol):
         t = self._transport
         return (
             self._state is _READY
-            and not self._lent
             and not self._pending
             and not self._outq
             and not self._paused
@@ -461,6 +457,8 @@ class TunnelClient(asyncio.BufferedProtocol):
         """Stop reading and pinging; the caller reads and writes the socket
         (COMMAND out; COMPLETION, PING, PONG, ERROR in) until ``take_back``.
         Returns the socket's fd, the session id and the last COMMAND seq."""
+        if self._state is not _READY:
+            raise RunstateError("lend()", self._state)
         if not self.lendable():
             raise RuntimeError("session is not idle: it cannot be lent")
         t = self._transport
@@ -469,7 +467,7 @@ class TunnelClient(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._lent = True
+        self._set_state(Runstate.LENT)
         return int(t.get_extra_info("socket").fileno()), self.session, self._seq
 
     def take_back(
@@ -484,18 +482,23 @@ class TunnelClient(asyncio.BufferedProtocol):
         ``on_done`` their Completion goes to, as with send()); ``leftover``
         the bytes read past the last whole frame; ``unsent`` the tail of the
         frames written meanwhile that the kernel had not taken yet (written
-        before anything of ours)."""
-        if not self._lent:
-            raise RuntimeError("session was not lent")
-        self._lent = False
+        before anything of ours).
+
+        In a terminal state (the tunnel failed while lent) the adopted
+        commands end at once with the loss, as every other in-flight one did."""
+        if self._state is not Runstate.LENT:
+            if self._state not in (Runstate.LOST, Runstate.CLOSED):
+                raise RunstateError("take_back()", self._state, Runstate.LENT)
+            for _s, on_done in adopt:
+                on_done(Completion.lost(self.lost_reason))
+            return
+        self._set_state(_READY)
         self._seq = seq
         self._live = Liveness(self.liveness, time.monotonic_ns(), self._snapshot())
         for s, on_done in adopt:
             fut = _SyncFuture(loop=self._loop)
             fut.on_done = on_done
             self._pending[s] = fut
-        if self._state is not _READY:
-            return
         if self._transport is not None:
             if unsent:
                 self._transport.write(unsent)
@@ -519,8 +522,6 @@ class TunnelClient(asyncio.BufferedProtocol):
 
     # -- commands --------------------------------------------------------------
     def _check_ready(self, what: str) -> None:
-        if self._lent:
-            raise RuntimeError(f"{what}: the session's socket is lent to the vGPU lane")
         if self._state is not Runstate.READY:
             if self._state is Runstate.LOST:
                 raise VgpuError(ErrorCode.DEVICE_LOST, self.lost_reason)
