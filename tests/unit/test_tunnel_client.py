@@ -467,6 +467,26 @@ async def test_lent_is_a_runstate(agent: tuple[FakeAgent, int]) -> None:
     assert c.state is Runstate.CLOSED
 
 
+async def test_lost_while_lent_ends_the_adopted_commands(agent: tuple[FakeAgent, int]) -> None:
+    """A tunnel that fails while LENT is LOST; the commands the borrower hands
+    back with take_back() end with that loss at once, like every other
+    in-flight command did, instead of waiting for a COMPLETION that cannot come."""
+    _fake, port = agent
+    c = await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t")
+    try:
+        _fd, _session, seq = c.lend()
+        c.fail("the lane saw the agent go")
+        assert c.state is Runstate.LOST
+        done: list[Completion] = []
+        c.take_back(seq + 1, [(seq + 1, done.append)])
+        assert [(d.status, d.message) for d in done] == [
+            (ErrorCode.DEVICE_LOST, "the lane saw the agent go")
+        ]
+        assert c.inflight == 0
+    finally:
+        await c.close()
+
+
 def test_lent_transitions() -> None:
     """READY <-> LENT; a lent tunnel can still fail (LOST) or be torn down."""
     assert Runstate.LENT in TRANSITIONS[Runstate.READY]
