@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -485,6 +486,24 @@ async def test_lost_while_lent_ends_the_adopted_commands(agent: tuple[FakeAgent,
         assert c.inflight == 0
     finally:
         await c.close()
+
+
+@pytest.mark.parametrize(
+    ("call", "build"),
+    [
+        ("query", cmds.query), ("alloc", cmds.mem_alloc), ("free", cmds.mem_free),
+        ("memset", cmds.memset), ("gemm", cmds.gemm), ("axpy", cmds.axpy),
+        ("reduce_sum", cmds.reduce_sum), ("sync", cmds.sync),
+    ],
+)  # fmt: skip
+def test_convenience_calls_take_their_builders_parameters(
+    call: str, build: Callable[..., Record]
+) -> None:
+    """TunnelClient's one-record calls are vpcie.tunnel.commands' builders
+    sent: same parameters (after self), never a second list of them."""
+    mine = list(inspect.signature(getattr(TunnelClient, call)).parameters.values())
+    assert [p.name for p in mine[:1]] == ["self"]
+    assert mine[1:] == list(inspect.signature(build).parameters.values())
 
 
 def test_lent_transitions() -> None:

@@ -26,15 +26,16 @@ VgpuError(DEVICE_LOST) at once.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import ssl as ssl_mod
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from vpcie.errors import AuthError, ConfigError, ErrorCode, ProtocolError, VgpuError
 from vpcie.protocol.batch import Record, encode_batch
@@ -44,7 +45,6 @@ from vpcie.protocol.codes import (
     NO_INDEX,
     PROTOCOL_VERSION,
     AuthMode,
-    DType,
     FrameFlag,
     FrameType,
 )
@@ -105,6 +105,33 @@ _OK_EMPTY = encode_completion(0, failed_index=NO_INDEX)
 _READY = Runstate.READY
 _COMMAND_CAP = MAX_PAYLOAD[FrameType.COMMAND]
 _SEQ_LENGTH = SEQ_LENGTH
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _checked(done: Completion) -> None:
+    done.check()
+
+
+def _one_record(
+    build: Callable[P, Record], answer: Callable[[Completion], R]
+) -> Callable[Concatenate[TunnelClient, P], Coroutine[Any, Any, R]]:
+    """A convenience call: a one-record batch made by ``build`` (a builder of
+    vpcie.tunnel.commands, whose parameters it takes), sent and awaited; its
+    Completion read by ``answer`` (raising VgpuError if the record failed)."""
+
+    async def call(self: TunnelClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return answer(await self.send([build(*args, **kwargs)]))
+
+    # help() and inspect show the builder's parameters (after self).
+    sig = inspect.signature(build)
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+    params = [this, *sig.parameters.values()]
+    call.__signature__ = sig.replace(parameters=params, return_annotation=sig.empty)  # type: ignore[attr-defined]
+    call.__doc__ = build.__doc__
+    return call
 
 
 def _command_head(session: int) -> bytes:
@@ -335,16 +362,16 @@ class TunnelClient(asyncio.BufferedProtocol):
     async def nop(self) -> Completion:
         return (await self.send_nop()).check()
 
-    async def query(self) -> QueryInfo:
-        done = (await self.send([cmds.query()])).check()
-        return QueryInfo.decode(done.blob)
-
-    async def alloc(self, size: int, flags: int = 0) -> int:
-        """Device memory of ``size`` bytes; returns its handle."""
-        return (await self.send([cmds.mem_alloc(size, flags)])).value(0)
-
-    async def free(self, handle: int) -> None:
-        (await self.send([cmds.mem_free(handle)])).check()
+    # One record each, built by vpcie.tunnel.commands (its signatures, its
+    # field order); only how the answer is read is said here.
+    query = _one_record(cmds.query, lambda done: QueryInfo.decode(done.check().blob))
+    alloc = _one_record(cmds.mem_alloc, Completion.value)  # the handle
+    free = _one_record(cmds.mem_free, _checked)
+    memset = _one_record(cmds.memset, _checked)
+    gemm = _one_record(cmds.gemm, _checked)
+    axpy = _one_record(cmds.axpy, _checked)
+    reduce_sum = _one_record(cmds.reduce_sum, Completion.value_f64)
+    sync = _one_record(cmds.sync, _checked)
 
     async def copy_h2d(self, handle: int, offset: int, buf: Any, *, stream: int = 0) -> None:
         """Copy ``buf`` (a buffer or a list of them) to device memory at ``offset``."""
@@ -359,48 +386,6 @@ class TunnelClient(asyncio.BufferedProtocol):
         size = sum(len(v) for v in views)
         rec = cmds.copy_d2h(handle, offset, size, stream=stream)
         (await self.send([rec], d2h=views)).check()
-
-    async def memset(
-        self, handle: int, value: int, offset: int, size: int, *, stream: int = 0
-    ) -> None:
-        (await self.send([cmds.memset(handle, value, offset, size, stream=stream)])).check()
-
-    async def gemm(
-        self,
-        a: int,
-        b: int,
-        c: int,
-        m: int,
-        n: int,
-        k: int,
-        *,
-        alpha: float = 1.0,
-        beta: float = 0.0,
-        dtype: DType = DType.F32,
-        trans_a: bool = False,
-        trans_b: bool = False,
-        stream: int = 0,
-    ) -> None:
-        """Row-major C[m,n] = alpha * op(A) @ op(B) + beta * C on the agent."""
-        rec = cmds.gemm(
-            a, b, c, m, n, k, alpha=alpha, beta=beta, dtype=dtype,
-            trans_a=trans_a, trans_b=trans_b, stream=stream,
-        )  # fmt: skip
-        (await self.send([rec])).check()
-
-    async def axpy(
-        self, x: int, y: int, alpha: float, n: int, *, dtype: DType = DType.F32, stream: int = 0
-    ) -> None:
-        (await self.send([cmds.axpy(x, y, alpha, n, dtype=dtype, stream=stream)])).check()
-
-    async def reduce_sum(
-        self, x: int, out: int, n: int, *, dtype: DType = DType.F32, stream: int = 0
-    ) -> float:
-        done = await self.send([cmds.reduce_sum(x, out, n, dtype=dtype, stream=stream)])
-        return done.value_f64(0)
-
-    async def sync(self, stream: int = 0) -> None:
-        (await self.send([cmds.sync(stream)])).check()
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Let in-flight commands finish (up to ``timeout``), CLOSE, disconnect.

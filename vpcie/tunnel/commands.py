@@ -1,5 +1,8 @@
 """Record builders for the convenience calls, and the copy-stream scan.
 
+TunnelClient's one-record calls (alloc, memset, gemm, ...) are these builders
+sent: they take the builder's parameters, so a field is added here only.
+
 The scan finds how many bytes a batch's resource-0 COPY_H2D / COPY_D2H
 records move through the tunnel (docs/PROTOCOL.md "Copies in the tunnel"),
 so the client can check the caller's scatter lists before anything is sent.
@@ -71,6 +74,7 @@ def query() -> Record:
 
 
 def mem_alloc(size: int, flags: int = 0) -> Record:
+    """Device memory of ``size`` bytes; its handle is the record's result."""
     return rec(Opcode.MEM_ALLOC, size, flags)
 
 
