@@ -12,7 +12,6 @@ exit status is the number of failed checks.
 
 from __future__ import annotations
 
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from guest_tools.vgpu import FENCE_MAGIC, Device
 from vpcie.errors import ErrorCode
 from vpcie.protocol.batch import encode_batch, rec
 from vpcie.protocol.codes import Opcode
+from vpcie.protocol.guest_abi import FENCE_HEADER_SIZE, HEADER_ST
 
 
 def say(line: str) -> None:
@@ -29,7 +29,9 @@ def say(line: str) -> None:
 
 def fence_header(dev: Device) -> tuple[int, int, int]:
     """(magic, rejected count, last reject code) of this context's fence page."""
-    magic, _version, _nslots, rejected, last = struct.unpack("<IHHII", dev.fence.read(0, 16))
+    magic, _version, _nslots, rejected, last = HEADER_ST.unpack(
+        dev.fence.read(0, FENCE_HEADER_SIZE)
+    )
     return magic, rejected, last
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 import time
 from collections.abc import Callable, Sequence
 
@@ -38,6 +37,7 @@ from vpcie.protocol.guest_abi import (
     FENCE_SLOT_SIZE,
     REPLY_SLOT,
     REPLY_SLOTS,
+    SLOT_ST,
     Reply,
     VgpuInfo,
     decode_reply,
@@ -229,8 +229,8 @@ class Device:
             nap = min(0.001, nap * 2 or 0.00005)
             time.sleep(nap)
         failed_seq = int(words[word + 1])
-        tail = self.fence.read(fence_slot_offset(stream) + 16, 8)
-        code, failed_index = struct.unpack("<II", tail)
+        raw = self.fence.read(fence_slot_offset(stream), FENCE_SLOT_SIZE)
+        _completed, _failed, code, failed_index = SLOT_ST.unpack(raw)
         slot = self._slot_of.pop((stream, seq))
         try:
             status, index, message, _n, results, blob = decode_reply(
