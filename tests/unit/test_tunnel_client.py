@@ -9,6 +9,7 @@ tests/integration/test_tunnel_agent.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import inspect
 import os
@@ -21,9 +22,11 @@ import pytest
 
 from tests.conftest import until
 from vpcie.errors import AuthError, ErrorCode, VgpuError
+from vpcie.protocol import guest_abi
 from vpcie.protocol.batch import Record, decode_batch, encode_batch, fields
 from vpcie.protocol.codes import NO_INDEX, ExecutorKind, FrameFlag, FrameType, Opcode
 from vpcie.protocol.frames import (
+    FAST,
     Frame,
     FrameReader,
     data_frame_header,
@@ -35,6 +38,7 @@ from vpcie.protocol.frames import (
 )
 from vpcie.tunnel import Completion, Runstate, RunstateError, TunnelClient
 from vpcie.tunnel import commands as cmds
+from vpcie.tunnel.results import QueryInfo
 from vpcie.tunnel.runstate import TRANSITIONS
 
 PSK = b"unit-test-key"
@@ -504,6 +508,13 @@ def test_convenience_calls_take_their_builders_parameters(
     mine = list(inspect.signature(getattr(TunnelClient, call)).parameters.values())
     assert [p.name for p in mine[:1]] == ["self"]
     assert mine[1:] == list(inspect.signature(build).parameters.values())
+
+
+def test_query_info_has_the_wire_fields() -> None:
+    """The tunnel's QueryInfo names QUERY_INFO's fields, in wire order (as the
+    guest ABI's VgpuInfo does): a field added on the wire fails here."""
+    names = tuple(f.name for f in dataclasses.fields(QueryInfo))
+    assert names == FAST["QUERY_INFO"].names == guest_abi.VgpuInfo._fields
 
 
 def test_lent_transitions() -> None:
