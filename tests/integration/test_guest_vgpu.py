@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import AgentProc
 from vpcie._native import native_available
-from vpcie.guestvm import (
+from vpcie.testing.guestvm import (
     GUEST_TOOLS,
     USER_DIR,
     image_dir,

@@ -25,9 +25,9 @@ from vpcie._native import native_available
 from vpcie.cli.vgpu import _human
 from vpcie.errors import ErrorCode
 from vpcie.gpu.control import control_request
-from vpcie.gpu.guest_driver import GuestContext
 from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import Opcode
+from vpcie.testing.guest_driver import GuestContext
 
 pytestmark = pytest.mark.timeout(90)
 
