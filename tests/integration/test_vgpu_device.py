@@ -17,10 +17,11 @@ import pytest
 
 from tests.conftest import AgentProc, until
 from vpcie.backend.server import BackendServer
+from vpcie.control.client import control_request
+from vpcie.control.server import ControlServer
 from vpcie.errors import ErrorCode
 from vpcie.gpu.binding import Binding
 from vpcie.gpu.capset import decode_capset
-from vpcie.gpu.control import ControlServer, control_request
 from vpcie.gpu.device import GpuDevice
 from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import DType, ExecutorKind, Opcode
