@@ -38,10 +38,10 @@ from cffi import FFI
 from vpcie._native import native
 from vpcie._native.walker import NativeWalker
 from vpcie.gpu import wire
-from vpcie.gpu.guest_driver import hdr
 from vpcie.memory import GuestMemory, word_view
 from vpcie.protocol.batch import encode_batch, rec
 from vpcie.protocol.codes import FRAME_MAGIC, PROTOCOL_VERSION, FrameType, Opcode
+from vpcie.testing.guest_driver import hdr
 from vpcie.tunnel import TunnelClient
 from vpcie.virtqueue import DriverQueue, GuestAllocator, VirtQueue
 

@@ -65,12 +65,12 @@ import numpy as np
 from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
-from vpcie.gpu.guest_driver import Bo, FrontendTransport, GuestContext, GuestGpu, hdr
 from vpcie.memory import word_view
 from vpcie.protocol.batch import Record, encode_batch, rec
 from vpcie.protocol.codes import Opcode
 from vpcie.protocol.frames import FAST
-from vpcie.testing import VhostUserFrontend
+from vpcie.testing.frontend import VhostUserFrontend
+from vpcie.testing.guest_driver import Bo, FrontendTransport, GuestContext, GuestGpu, hdr
 from vpcie.tunnel import TunnelClient
 
 ROOT = Path(__file__).resolve().parent.parent

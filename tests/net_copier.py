@@ -15,8 +15,8 @@ import os
 import sys
 import time
 
+from vpcie.control.target import client_tls_context
 from vpcie.errors import VgpuError
-from vpcie.gpu.control import client_tls_context
 from vpcie.tunnel import TunnelClient
 
 

@@ -228,8 +228,9 @@ def _is_listener(fd: int) -> bool:
 
 
 def _bind_target(args: argparse.Namespace) -> Any:
+    from vpcie.control.messages import BindRequest
+    from vpcie.control.target import bind_target
     from vpcie.fileerrors import os_error_line
-    from vpcie.gpu.control import target_from_request
 
     req = {
         "agent": args.bind,
@@ -240,7 +241,7 @@ def _bind_target(args: argparse.Namespace) -> Any:
         "device": args.device,
     }
     try:
-        return target_from_request(req)
+        return bind_target(BindRequest.from_wire(req))
     except OSError as exc:  # the PSK file
         raise ConfigError("--psk-file: " + os_error_line("read", args.psk_file, exc)) from exc
     except ValueError as exc:
@@ -281,8 +282,8 @@ def setup_logging(verbose: bool, log_file: logging.Handler | None = None) -> Non
 async def run(args: argparse.Namespace, plan: Plan | None = None) -> None:
     from vpcie.backend.device import Device, NullGpuDevice
     from vpcie.backend.server import BackendServer
+    from vpcie.control.server import ControlServer
     from vpcie.gpu.binding import Binding
-    from vpcie.gpu.control import ControlServer
     from vpcie.gpu.device import GpuDevice
 
     plan = plan or prepare(args)

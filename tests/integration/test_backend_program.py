@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vpcie.testing import VhostUserFrontend
+from vpcie.testing.frontend import VhostUserFrontend
 
 CMD = [sys.executable, "-m", "vpcie.backend_main"]
 

@@ -1,7 +1,7 @@
 """The backend checks the agent's certificate before it binds.
 
 Each test asks a backend's control socket to ``bind`` over mutual TLS (the
-real bind path: ``target_from_request`` -> ``client_tls_context`` -> the
+real bind path: ``bind_target`` -> ``client_tls_context`` -> the
 probe's TunnelClient) to an impostor: a TLS endpoint on 127.0.0.1 with a bad
 certificate that relays everything to a real ``vpcie-agent`` (TLS, CPU
 executor), presenting the backend's own client certificate there. So if the
@@ -33,8 +33,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from host_agent import pki
 from host_agent.tls import client_context
 from tests.conftest import tls_agent_proc
+from vpcie.control.client import control_request
+from vpcie.control.server import ControlServer
 from vpcie.gpu.binding import Binding
-from vpcie.gpu.control import ControlServer, control_request
 from vpcie.gpu.device import GpuDevice
 
 pytestmark = pytest.mark.timeout(90)

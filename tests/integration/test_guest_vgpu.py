@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import AgentProc
 from vpcie._native import native_available
-from vpcie.guestvm import (
+from vpcie.testing.guestvm import (
     GUEST_TOOLS,
     USER_DIR,
     image_dir,
@@ -164,7 +164,7 @@ async def test_held_work_ends_with_device_lost(
     or when the agent dies: the guest sees DEVICE_LOST on its fence page within
     2 s; then new work is NO_DEVICE (unbound) or DEVICE_LOST (its session is
     gone), never a hang."""
-    from vpcie.gpu.control import control_request
+    from vpcie.control.client import control_request
 
     agent = agent_factory()
     done: list[object] = []
@@ -202,7 +202,7 @@ async def test_guest_with_its_framebuffer_console(tmp_path: Path, agent: AgentPr
     """The guest keeps the DRM framebuffer console (as a desktop guest would):
     the kernel's own 2D traffic (a scanout resource, transfers, flushes) is
     served by the null scanout with no error, next to the vGPU work."""
-    from vpcie.gpu.control import control_request
+    from vpcie.control.client import control_request
 
     seen: list[asyncio.Task[dict[str, object]]] = []
     async with backend(

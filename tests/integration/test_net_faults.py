@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from tests.netlab import DelayRelay, LabAgent, NetLab, busy_workers, stop_workers, unavailable
+from vpcie.control.target import client_tls_context
 from vpcie.errors import ErrorCode, VgpuError
-from vpcie.gpu.control import client_tls_context
 from vpcie.tunnel import Runstate, TunnelClient
 from vpcie.tunnel.liveness import LivenessConfig
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.integration.test_vgpu_device import rig
 from vpcie.gpu import wire
-from vpcie.gpu.guest_driver import FrontendTransport, GuestGpu, hdr
+from vpcie.testing.guest_driver import FrontendTransport, GuestGpu, hdr
 
 
 async def test_eight_in_flight_control_commands(tmp_path: Path) -> None:

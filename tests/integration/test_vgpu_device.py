@@ -17,16 +17,17 @@ import pytest
 
 from tests.conftest import AgentProc, until
 from vpcie.backend.server import BackendServer
+from vpcie.control.client import control_request
+from vpcie.control.server import ControlServer
 from vpcie.errors import ErrorCode
 from vpcie.gpu.binding import Binding
 from vpcie.gpu.capset import decode_capset
-from vpcie.gpu.control import ControlServer, control_request
 from vpcie.gpu.device import GpuDevice
-from vpcie.gpu.guest_driver import FrontendTransport, GuestContext, GuestGpu
 from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import DType, ExecutorKind, Opcode
 from vpcie.protocol.frames import decode_payload
-from vpcie.testing import VhostUserFrontend
+from vpcie.testing.frontend import VhostUserFrontend
+from vpcie.testing.guest_driver import FrontendTransport, GuestContext, GuestGpu
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -265,7 +266,7 @@ async def test_hostile_chains_do_not_stop_the_device(tmp_path: Path) -> None:
     import struct as st
 
     from vpcie.gpu import wire
-    from vpcie.gpu.guest_driver import hdr
+    from vpcie.testing.guest_driver import hdr
 
     async with rig(tmp_path) as r:
         fe = r.fe

@@ -29,10 +29,10 @@ from vpcie.cli.vgpu import _human
 from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
-from vpcie.gpu.guest_driver import REPLY_SLOT, REPLY_SLOTS, GuestContext, Reply, hdr
 from vpcie.protocol.batch import Record, encode_batch, rec
 from vpcie.protocol.codes import NO_INDEX, DType, Opcode
 from vpcie.protocol.frames import encode_completion
+from vpcie.testing.guest_driver import REPLY_SLOT, REPLY_SLOTS, GuestContext, Reply, hdr
 from vpcie.tunnel import commands as cmds
 
 pytestmark = [

@@ -23,11 +23,11 @@ from tests.integration.test_vgpu_device import Rig, alloc, rig
 from tests.integration.test_vgpu_lane import lent
 from vpcie._native import native_available
 from vpcie.cli.vgpu import _human
+from vpcie.control.client import control_request
 from vpcie.errors import ErrorCode
-from vpcie.gpu.control import control_request
-from vpcie.gpu.guest_driver import GuestContext
 from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import Opcode
+from vpcie.testing.guest_driver import GuestContext
 
 pytestmark = pytest.mark.timeout(90)
 

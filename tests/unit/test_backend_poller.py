@@ -43,9 +43,9 @@ async def test_a_polling_backend_serves_the_guest(tmp_path: object) -> None:
     from vpcie.backend.server import BackendServer
     from vpcie.gpu.capset import decode_capset
     from vpcie.gpu.device import GpuDevice
-    from vpcie.gpu.guest_driver import FrontendTransport, GuestGpu
     from vpcie.protocol.codes import ExecutorKind
-    from vpcie.testing import VhostUserFrontend
+    from vpcie.testing.frontend import VhostUserFrontend
+    from vpcie.testing.guest_driver import FrontendTransport, GuestGpu
 
     device = GpuDevice()
     server = BackendServer(device, poll_s=0.0005)

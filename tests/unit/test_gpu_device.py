@@ -13,11 +13,11 @@ from vpcie.errors import ErrorCode
 from vpcie.gpu import wire
 from vpcie.gpu.capset import CAPSET_SIZE, VGPU_CAPSET_ID, decode_capset
 from vpcie.gpu.device import GpuDevice
-from vpcie.gpu.guest_driver import CommandFailed, DirectTransport, GuestContext, GuestGpu, hdr
 from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import encode_batch, rec
 from vpcie.protocol.codes import NO_INDEX, ExecutorKind, Opcode
 from vpcie.protocol.frames import decode_payload
+from vpcie.testing.guest_driver import CommandFailed, DirectTransport, GuestContext, GuestGpu, hdr
 from vpcie.virtqueue.driver import GuestAllocator
 
 MEM = 16 << 20

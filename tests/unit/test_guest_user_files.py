@@ -1,4 +1,4 @@
-"""A user's own files in the guest (vpcie.guestvm.user_archive): a second
+"""A user's own files in the guest (vpcie.testing.guestvm.user_archive): a second
 cpio archive appended to the image's initramfs. Read back here with the
 real ``cpio`` tool; booted in tests/integration/test_guest_vgpu.py."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vpcie.errors import ConfigError
-from vpcie.guestvm import USER_DIR, initramfs_with, qemu_command, user_archive
+from vpcie.testing.guestvm import USER_DIR, initramfs_with, qemu_command, user_archive
 
 pytestmark = pytest.mark.skipif(shutil.which("cpio") is None, reason="needs the cpio tool")
 

@@ -18,10 +18,10 @@ from tests.unit.test_gpu_device import MEM, _HeldSession
 from vpcie.errors import ErrorCode, VgpuError
 from vpcie.gpu.binding import AgentTarget, Binding
 from vpcie.gpu.device import GpuDevice
-from vpcie.gpu.guest_driver import DirectTransport, GuestGpu
 from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import HANDLE_EPOCH_SHIFT, HANDLE_INDEX_MASK, MAX_HANDLE_EPOCH, Opcode
+from vpcie.testing.guest_driver import DirectTransport, GuestGpu
 from vpcie.virtqueue.driver import GuestAllocator
 
 

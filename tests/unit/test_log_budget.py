@@ -20,7 +20,7 @@ def test_budget_burst_refill_and_the_drop_count() -> None:
     assert budget.filter(record("vpcie.virtqueue.device", logging.WARNING)) is False  # a child
     # Errors and lines from loggers a guest cannot drive always pass.
     assert budget.filter(record("vpcie.gpu.device", logging.ERROR))
-    assert budget.filter(record("vpcie.gpu.control"))
+    assert budget.filter(record("vpcie.control.server"))
     assert budget.filter(record("vpcie.backend"))
     now[0] = 0.15  # 1.5 tokens back
     first = record("vpcie.gpu.device", msg="refused %s")

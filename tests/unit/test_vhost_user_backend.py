@@ -11,7 +11,7 @@ import pytest
 
 from vpcie.backend.device import VIRTIO_GPU_RESP_ERR_UNSPEC, NullGpuDevice
 from vpcie.backend.server import BackendServer
-from vpcie.testing import VhostUserFrontend
+from vpcie.testing.frontend import VhostUserFrontend
 from vpcie.vhost_user.connection import Runstate
 from vpcie.vhost_user.constants import Request
 from vpcie.vhost_user.messages import VringState

@@ -139,7 +139,7 @@ class GuestDemoReport:
 
 def start_guest_backend(workdir: Path, agent: LocalAgent) -> tuple[subprocess.Popen[bytes], str]:
     """vpcie-backend bound to ``agent`` (its PSK in a 0600 file)."""
-    from vpcie.guestvm import start_backend
+    from vpcie.testing.guestvm import start_backend
 
     assert agent.psk is not None
     psk_file = workdir / "backend.psk"
@@ -152,7 +152,7 @@ def start_guest_backend(workdir: Path, agent: LocalAgent) -> tuple[subprocess.Po
 
 
 async def guest_demo(n: int, timeout: float, echo: bool) -> GuestDemoReport:
-    from vpcie.guestvm import GUEST_TOOLS, image_dir, run_guest, stop_backend
+    from vpcie.testing.guestvm import GUEST_TOOLS, image_dir, run_guest, stop_backend
 
     image_dir()  # a clear error before anything starts
     report = GuestDemoReport(size=n)

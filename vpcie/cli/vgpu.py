@@ -50,11 +50,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vpcie.gpu.control import control_request
+    from vpcie.control.client import control_request
+    from vpcie.control.messages import BindRequest, Request, StatusRequest, UnbindRequest
 
-    req: dict[str, Any] = {"op": args.vgpu_cmd}
+    req: Request = StatusRequest() if args.vgpu_cmd == "status" else UnbindRequest()
     if args.vgpu_cmd == "bind":
-        req.update(
+        req = BindRequest(
             agent=args.agent,
             # The backend resolves paths in its own working directory: send ours.
             psk_file=args.psk_file and os.path.abspath(args.psk_file),

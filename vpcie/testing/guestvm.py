@@ -31,7 +31,7 @@ from pathlib import Path
 
 from vpcie.errors import ConfigError, ErrorCode, VgpuError
 
-IMAGE_DIR = Path(__file__).resolve().parent.parent / "images" / "out"
+IMAGE_DIR = Path(__file__).resolve().parents[2] / "images" / "out"  # the repository's images/out
 QEMU = "qemu-system-x86_64"
 GUEST_TOOLS = "/opt/vpcie/guest_tools"  # where images/build.sh puts guest_tools
 USER_DIR = "/opt/vpcie/user"  # where run_guest(files=...) puts the user's files
