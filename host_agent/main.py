@@ -35,8 +35,8 @@ from host_agent.inventory import Inventory, discover
 from host_agent.logs import log
 from host_agent.nvml import load_nvml
 from host_agent.server import Agent
-from vpcie.cli.oneline import OneLineParser, non_negative_int
 from vpcie.errors import ConfigError
+from vpcie.oneline_args import OneLineParser, non_negative_int
 
 MIN_PSK_BYTES = 16
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vpcie.cli.oneline import OneLineParser
 from vpcie.errors import ConfigError, VpcieError
+from vpcie.oneline_args import OneLineParser
 from vpcie.places import DEFAULT_LOG_DIR, DEFAULT_RUN_DIR
 
 if TYPE_CHECKING:  # the modules are imported where used: --print-capabilities stays light

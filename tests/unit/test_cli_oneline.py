@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from vpcie.cli.oneline import OneLineParser, non_negative_int
+from vpcie.oneline_args import OneLineParser, non_negative_int
 from vpcie.tunnel.tls_sniff import is_tls_answer
 
 

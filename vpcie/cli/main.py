@@ -11,8 +11,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from vpcie.cli.oneline import OneLineParser
 from vpcie.errors import ConfigError, VpcieError
+from vpcie.oneline_args import OneLineParser
 
 
 def cmd_version(args: argparse.Namespace) -> int:

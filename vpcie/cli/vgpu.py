@@ -10,8 +10,8 @@ import json
 import os
 from typing import Any
 
-from vpcie.cli.oneline import non_negative_int
 from vpcie.errors import ConfigError, VpcieError
+from vpcie.oneline_args import non_negative_int
 
 
 class ControlFailed(VpcieError):
