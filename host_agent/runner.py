@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from host_agent.executors.base import Executor, Landing, Region
 from vpcie.errors import ErrorCode, VgpuError
@@ -43,6 +44,7 @@ _F64 = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
 MAX_DIM = 1 << 20  # grid/block extent cap (CUDA's own limits are lower)
 
+Body = tuple[Any, ...]  # a decoded record body, in batch.BODIES field order
 DataOut = Callable[[int, memoryview, bool], None]
 """send_data(offset in the D2H stream, bytes, last)"""
 
@@ -133,21 +135,14 @@ def lane_of(records: list[Record]) -> int:
 
 # Plain ints for the per-record dispatch (an IntEnum attribute costs a lookup
 # and a slower compare on every record of every batch).
-_NOP = int(Opcode.NOP)
-_QUERY = int(Opcode.QUERY)
-_ALLOC = int(Opcode.MEM_ALLOC)
-_FREE = int(Opcode.MEM_FREE)
 _H2D = int(Opcode.COPY_H2D)
 _D2H = int(Opcode.COPY_D2H)
 _D2D = int(Opcode.COPY_D2D)
 _MEMSET = int(Opcode.MEMSET)
 _MODULE_LOAD = int(Opcode.MODULE_LOAD)
-_MODULE_FREE = int(Opcode.MODULE_FREE)
-_LAUNCH = int(Opcode.LAUNCH)
 _GEMM = int(Opcode.GEMM)
 _AXPY = int(Opcode.AXPY)
 _REDUCE_SUM = int(Opcode.REDUCE_SUM)
-_EVENT_RECORD = int(Opcode.EVENT_RECORD)
 _EVENT_WAIT = int(Opcode.EVENT_WAIT)
 _SYNC = int(Opcode.SYNC)
 # The opcodes inline_cost looks at; every other one costs nothing.
@@ -258,91 +253,89 @@ class BatchRun:
             return _OK_EMPTY
         return encode_completion(ErrorCode.OK, failed_index=NO_INDEX, results=results, blob=blob)
 
-    # One method per opcode keeps each check next to its use.
+    # One method per opcode keeps each check next to its use; OPCODES maps
+    # the opcode to it (a dict lookup instead of an if-chain).
     def _record(self, r: Record) -> int | bytes | None:
         op, _flags, s, body = r
         if s >= MAX_STREAMS and not (op == _SYNC and s == ALL_STREAMS):
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"stream {s} >= {MAX_STREAMS}")
         if not isinstance(body, tuple):
             raise VgpuError(ErrorCode.NOT_SUPPORTED, f"unknown opcode {op}")
+        run = _DISPATCH.get(op)
+        if run is None:  # backend-local (FENCE_PAGE_SET, SIGNAL): never sent here
+            raise VgpuError(ErrorCode.NOT_SUPPORTED, f"opcode {op}")
+        return run(self, body, s)
+
+    def _nop(self, body: Body, s: int) -> None:
+        return None
+
+    def _query(self, body: Body, s: int) -> bytes:
+        return self.ex.query_info()
+
+    def _mem_alloc(self, body: Body, s: int) -> int:
+        return self.ex.mem_alloc(body[0], body[1])
+
+    def _mem_free(self, body: Body, s: int) -> None:
+        self.ex.mem_free(body[0])
+
+    def _copy_d2d(self, body: Body, s: int) -> None:
         ex = self.ex
-        if op == _NOP:
-            return None
-        if op == _QUERY:
-            return ex.query_info()
-        if op == _ALLOC:
-            return ex.mem_alloc(body[0], body[1])
-        if op == _FREE:
-            ex.mem_free(body[0])
-            return None
-        if op == _H2D:
-            self._h2d(body, s)
-            return None
-        if op == _D2H:
-            self._d2h(body, s)
-            return None
-        if op == _D2D:
-            dst_h, src_h, dst_off, src_off, size = body
-            ex.copy_d2d(
-                ex.check_range(dst_h, dst_off, size), ex.check_range(src_h, src_off, size), s
-            )
-            return None
-        if op == _MEMSET:
-            handle, value, offset, size = body
-            if value > 0xFF:
-                raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"MEMSET value {value} is not a byte")
-            ex.memset(ex.check_range(handle, offset, size), value, s)
-            return None
-        if op == _MODULE_LOAD:
-            kind, name, code = body
-            if kind not in tuple(ModuleKind):
-                raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown module kind {kind}")
-            return ex.module_load(kind, name, code)
-        if op == _MODULE_FREE:
-            ex.module_free(body[0])
-            return None
-        if op == _LAUNCH:
-            self._launch(body, s)
-            return None
-        if op == _GEMM:
-            self._gemm(body, s)
-            return None
-        if op == _AXPY:
-            dt = _dtype(body[0], ex)
-            x_h, y_h, alpha, n, x_off, y_off = body[1:]
-            isz = DTYPE_SIZE[dt]
-            x = ex.check_range(x_h, x_off, n * isz, isz)
-            y = ex.check_range(y_h, y_off, n * isz, isz)
-            ex.axpy(dt, alpha, x, y, s)
-            return None
-        if op == _REDUCE_SUM:
-            dt = _dtype(body[0], ex)
-            x_h, out_h, n, x_off, out_off = body[1:]
-            isz = DTYPE_SIZE[dt]
-            x = ex.check_range(x_h, x_off, n * isz, isz)
-            out = ex.check_range(out_h, out_off, isz, isz) if out_h else None
-            return f64_bits(ex.reduce_sum(dt, x, out, s))
-        if op == _EVENT_RECORD:
-            self._check_event(body[0])
-            ex.event_record(body[0], s)
-            self.gates.set(body[0])
-            return None
-        if op == _EVENT_WAIT:
-            self._check_event(body[0])
-            self.gates.wait(body[0], self.event_wait_timeout)
-            ex.event_wait(body[0], s)
-            return None
-        if op == _SYNC:
-            ex.sync(None if s == ALL_STREAMS else s)
-            return None
-        raise VgpuError(ErrorCode.NOT_SUPPORTED, f"opcode {op}")
+        dst_h, src_h, dst_off, src_off, size = body
+        ex.copy_d2d(ex.check_range(dst_h, dst_off, size), ex.check_range(src_h, src_off, size), s)
+
+    def _memset(self, body: Body, s: int) -> None:
+        ex = self.ex
+        handle, value, offset, size = body
+        if value > 0xFF:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"MEMSET value {value} is not a byte")
+        ex.memset(ex.check_range(handle, offset, size), value, s)
+
+    def _module_load(self, body: Body, s: int) -> int:
+        kind, name, code = body
+        if kind not in tuple(ModuleKind):
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown module kind {kind}")
+        return self.ex.module_load(kind, name, code)
+
+    def _module_free(self, body: Body, s: int) -> None:
+        self.ex.module_free(body[0])
+
+    def _axpy(self, body: Body, s: int) -> None:
+        ex = self.ex
+        dt = _dtype(body[0], ex)
+        x_h, y_h, alpha, n, x_off, y_off = body[1:]
+        isz = DTYPE_SIZE[dt]
+        x = ex.check_range(x_h, x_off, n * isz, isz)
+        y = ex.check_range(y_h, y_off, n * isz, isz)
+        ex.axpy(dt, alpha, x, y, s)
+
+    def _reduce_sum(self, body: Body, s: int) -> int:
+        ex = self.ex
+        dt = _dtype(body[0], ex)
+        x_h, out_h, n, x_off, out_off = body[1:]
+        isz = DTYPE_SIZE[dt]
+        x = ex.check_range(x_h, x_off, n * isz, isz)
+        out = ex.check_range(out_h, out_off, isz, isz) if out_h else None
+        return f64_bits(ex.reduce_sum(dt, x, out, s))
+
+    def _event_record(self, body: Body, s: int) -> None:
+        self._check_event(body[0])
+        self.ex.event_record(body[0], s)
+        self.gates.set(body[0])
+
+    def _event_wait(self, body: Body, s: int) -> None:
+        self._check_event(body[0])
+        self.gates.wait(body[0], self.event_wait_timeout)
+        self.ex.event_wait(body[0], s)
+
+    def _sync(self, body: Body, s: int) -> None:
+        self.ex.sync(None if s == ALL_STREAMS else s)
 
     @staticmethod
     def _check_event(event: int) -> None:
         if event >= MAX_EVENTS:
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"event {event} >= {MAX_EVENTS}")
 
-    def _h2d(self, body: tuple[int, ...], stream: int) -> None:
+    def _copy_h2d(self, body: Body, stream: int) -> None:
         handle, resource, dev_off, _host_off, size = body
         if resource != 0:
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, "guest resources are not reachable here")
@@ -360,7 +353,7 @@ class BatchRun:
             region = Region(region.buf, region.offset + len(view), region.size - len(view))
         return None
 
-    def _d2h(self, body: tuple[int, ...], stream: int) -> None:
+    def _copy_d2h(self, body: Body, stream: int) -> None:
         handle, resource, dev_off, _host_off, size = body
         if resource != 0:
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, "guest resources are not reachable here")
@@ -372,7 +365,7 @@ class BatchRun:
             self.send_data(pos, chunk, self._d2h_pos == total)
         return None
 
-    def _gemm(self, body: tuple[int, ...], stream: int) -> None:
+    def _gemm(self, body: Body, stream: int) -> None:
         ex = self.ex
         dt = _dtype(body[0], ex)
         ta, tb, m, n, k = body[1:6]
@@ -388,7 +381,7 @@ class BatchRun:
             ex.gemm(dt, bool(ta), bool(tb), m, n, k, alpha, beta, a, b, c, stream)
         return None
 
-    def _launch(self, body: tuple[object, ...], stream: int) -> None:
+    def _launch(self, body: Body, stream: int) -> None:
         module, gx, gy, gz, bx, by, bz, shared, kernel, nargs, args = body
         assert isinstance(module, int) and isinstance(kernel, str) and isinstance(args, list)
         dims = (gx, gy, gz, bx, by, bz)
@@ -408,3 +401,40 @@ class BatchRun:
         block = (int(bx), int(by), int(bz))  # type: ignore[call-overload]
         self.ex.launch(module, kernel, grid, block, int(shared), checked, stream)  # type: ignore[call-overload]
         return None
+
+
+class OpEntry(NamedTuple):
+    """How the agent runs one opcode: the BatchRun method that checks the
+    record's fields, and the Executor method it ends in (None: no device work)."""
+
+    run: Callable[[BatchRun, Body, int], int | bytes | None]
+    executor: str | None
+
+
+# Every opcode an agent runs. Adding one: its body in vpcie/protocol/batch.py
+# (+ Opcode in codes.py), an entry here with its BatchRun method, and the
+# Executor method (base default NOT_SUPPORTED; CPU and CUDA override what they
+# can). tests/unit/test_opcode_walk.py checks all of them line up.
+OPCODES: dict[Opcode, OpEntry] = {
+    Opcode.NOP: OpEntry(BatchRun._nop, None),
+    Opcode.QUERY: OpEntry(BatchRun._query, "query_info"),
+    Opcode.MEM_ALLOC: OpEntry(BatchRun._mem_alloc, "mem_alloc"),
+    Opcode.MEM_FREE: OpEntry(BatchRun._mem_free, "mem_free"),
+    Opcode.COPY_H2D: OpEntry(BatchRun._copy_h2d, "copy_h2d"),
+    Opcode.COPY_D2H: OpEntry(BatchRun._copy_d2h, "d2h_chunks"),
+    Opcode.COPY_D2D: OpEntry(BatchRun._copy_d2d, "copy_d2d"),
+    Opcode.MEMSET: OpEntry(BatchRun._memset, "memset"),
+    Opcode.MODULE_LOAD: OpEntry(BatchRun._module_load, "module_load"),
+    Opcode.MODULE_FREE: OpEntry(BatchRun._module_free, "module_free"),
+    Opcode.LAUNCH: OpEntry(BatchRun._launch, "launch"),
+    Opcode.GEMM: OpEntry(BatchRun._gemm, "gemm"),
+    Opcode.AXPY: OpEntry(BatchRun._axpy, "axpy"),
+    Opcode.REDUCE_SUM: OpEntry(BatchRun._reduce_sum, "reduce_sum"),
+    Opcode.EVENT_RECORD: OpEntry(BatchRun._event_record, "event_record"),
+    Opcode.EVENT_WAIT: OpEntry(BatchRun._event_wait, "event_wait"),
+    Opcode.SYNC: OpEntry(BatchRun._sync, "sync"),
+}
+# Plain int keys for the per-record lookup (an IntEnum hashes and compares slower).
+_DISPATCH: dict[int, Callable[[BatchRun, Body, int], int | bytes | None]] = {
+    int(op): entry.run for op, entry in OPCODES.items()
+}

@@ -400,18 +400,18 @@ def test_random_bytes_agree(checker: BatchChecker, mem: GuestMemory, raw: bytes)
 # -- the C tables against Python -------------------------------------------------------
 def test_constants_match_python() -> None:
     _, lib = _native.native()
-    assert lib.VB_BATCH_MAGIC == BATCH_MAGIC
-    assert lib.VB_BATCH_VERSION == BATCH_VERSION
-    assert lib.VB_MAX_BATCH_BYTES == MAX_BATCH_BYTES
-    assert lib.VB_MAX_BATCH_RECORDS == MAX_BATCH_RECORDS
-    assert lib.VB_MAX_STREAMS == MAX_STREAMS
-    assert lib.VB_ALL_STREAMS == ALL_STREAMS
-    assert lib.VB_BATCH_HEADER_SIZE == BATCH_HEADER_SIZE == batch.BATCH_HEADER.sizeof()
-    assert lib.VB_RECORD_HEADER_SIZE == RECORD_HEADER_SIZE == batch.RECORD_HEADER.sizeof()
-    assert lib.VB_OP_LAUNCH == Opcode.LAUNCH
-    assert lib.VB_OP_SYNC == Opcode.SYNC
-    assert lib.VB_OP_SIGNAL == Opcode.SIGNAL
-    assert lib.VB_OPCODES == max(Opcode) + 1
+    assert lib.VPCIE_BATCH_MAGIC == BATCH_MAGIC
+    assert lib.VPCIE_BATCH_VERSION == BATCH_VERSION
+    assert lib.VPCIE_MAX_BATCH_BYTES == MAX_BATCH_BYTES
+    assert lib.VPCIE_MAX_BATCH_RECORDS == MAX_BATCH_RECORDS
+    assert lib.VPCIE_MAX_STREAMS == MAX_STREAMS
+    assert lib.VPCIE_ALL_STREAMS == ALL_STREAMS
+    assert lib.VPCIE_BATCH_HEADER_SIZE == BATCH_HEADER_SIZE == batch.BATCH_HEADER.sizeof()
+    assert lib.VPCIE_RECORD_HEADER_SIZE == RECORD_HEADER_SIZE == batch.RECORD_HEADER.sizeof()
+    assert lib.VPCIE_OP_LAUNCH == Opcode.LAUNCH
+    assert lib.VPCIE_OP_SYNC == Opcode.SYNC
+    assert lib.VPCIE_OP_SIGNAL == Opcode.SIGNAL
+    assert lib.VPCIE_OPCODES == max(Opcode) + 1
 
 
 def test_launch_layout_matches_construct(checker: BatchChecker) -> None:
@@ -421,12 +421,12 @@ def test_launch_layout_matches_construct(checker: BatchChecker) -> None:
     names = [n for n, _ in members]
     assert names[KERNEL:] == ["kernel", "nargs", "args"]
     prefix = c.Struct(*batch.LAUNCH.subcons[:KERNEL])
-    assert lib.VB_LAUNCH_PREFIX == prefix.sizeof()
+    assert lib.VPCIE_LAUNCH_OFF_KERNEL == prefix.sizeof()
     kernel = members[KERNEL][1]
     assert isinstance(kernel, c.StringEncoded) and isinstance(kernel.subcon, c.Prefixed)
     assert kernel.subcon.lengthfield.sizeof() == 1
     assert members[KERNEL + 1][1].sizeof() == 2
-    assert lib.VB_LAUNCH_ARG_SIZE == batch.LAUNCH_ARG.sizeof()
+    assert lib.VPCIE_LAUNCH_ARG_SIZE == batch.LAUNCH_ARG.sizeof()
     # and the C walks it the same way: a LAUNCH body built by construct
     arg = {"kind": 1, "handle": 2, "value": 3}
     values = (1, 2, 3, 4, 5, 6, 7, 8, "k", 2, [arg, arg])

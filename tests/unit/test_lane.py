@@ -45,18 +45,22 @@ def test_constants_match_python() -> None:
     from vpcie.tunnel.liveness import Verdict
 
     _ffi, lib = native()
-    assert lib.VL_FRAME_MAGIC == FRAME_MAGIC and lib.VL_PROTOCOL_VERSION == PROTOCOL_VERSION
+    assert lib.VPCIE_FRAME_MAGIC == FRAME_MAGIC and lib.VPCIE_PROTOCOL_VERSION == PROTOCOL_VERSION
     for name in ("COMMAND", "DATA", "COMPLETION", "ERROR", "PING", "PONG"):
-        assert getattr(lib, f"VL_T_{name}") == FrameType[name]
-    assert lib.VL_MAX_COMMAND == MAX_PAYLOAD[FrameType.COMMAND]
-    assert lib.VL_MAX_COMPLETION == MAX_PAYLOAD[FrameType.COMPLETION]
-    assert lib.VL_MAX_CONTROL == MAX_PAYLOAD[FrameType.PING] == MAX_PAYLOAD[FrameType.ERROR]
-    assert lib.VL_OK_PAYLOAD_SIZE == len(encode_completion(0, failed_index=NO_INDEX))
+        assert getattr(lib, f"VPCIE_T_{name}") == FrameType[name]
+    assert lib.VPCIE_MAX_PAYLOAD_COMMAND == MAX_PAYLOAD[FrameType.COMMAND]
+    assert lib.VPCIE_MAX_PAYLOAD_COMPLETION == MAX_PAYLOAD[FrameType.COMPLETION]
+    assert (
+        lib.VPCIE_MAX_CONTROL_PAYLOAD
+        == MAX_PAYLOAD[FrameType.PING]
+        == MAX_PAYLOAD[FrameType.ERROR]
+    )
+    assert lib.VPCIE_COMPLETION_OK_LEN == len(encode_completion(0, failed_index=NO_INDEX))
     assert lib.VL_CMD_SUBMIT_3D == wire.Cmd.SUBMIT_3D
     assert lib.VL_RESP_OK_NODATA == wire.Resp.OK_NODATA
     assert lib.VL_FENCE_HDR == HEADER_ST.size and lib.VL_FENCE_SLOT == SLOT_ST.size
-    assert lib.VL_NO_INDEX == NO_INDEX and lib.VL_E_OUT_OF_RANGE == ErrorCode.OUT_OF_RANGE
-    assert lib.VL_MAX_SIGS == MAX_FAST_SIGNALS and lib.VL_MAX_RECORDS == MAX_BATCH_RECORDS
+    assert lib.VPCIE_NO_INDEX == NO_INDEX and lib.VPCIE_E_OUT_OF_RANGE == ErrorCode.OUT_OF_RANGE
+    assert lib.VL_MAX_SIGS == MAX_FAST_SIGNALS and lib.VPCIE_MAX_BATCH_RECORDS == MAX_BATCH_RECORDS
     assert lib.VL_MAX_CTX_INFLIGHT == MAX_CTX_INFLIGHT
     assert lib.VL_CHAINS_PER_WAKE == MAX_CHAINS_PER_KICK
     # The tick and the liveness constants are no longer C's: Python gives them

@@ -39,8 +39,10 @@
  * guest RAM across calls; Python keeps the table's mapping alive (acquire)
  * while the lane may use it.
  *
- * The numbers below come from vpcie/protocol/codes.py, vpcie/gpu/wire.py and
- * vpcie/gpu/fencepage.py; tests/unit/test_lane.py checks each against Python.
+ * The tunnel's layouts and numbers come from vpcie_wire.h, generated from
+ * vpcie/protocol/; the virtio-gpu and fence page numbers below from
+ * vpcie/gpu/wire.py and vpcie/gpu/fencepage.py (tests/unit/test_lane.py checks
+ * each against Python).
  */
 #include <errno.h>
 #include <linux/tcp.h>
@@ -56,31 +58,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "vpcie_wire.h"
+
 #define VL_MAX_CTX 64        /* lent sessions per vGPU; more stay on the Python path */
 #define VL_MAX_SIGS 64       /* batchcheck.MAX_FAST_SIGNALS */
-#define VL_MAX_RECORDS 4096u /* codes.MAX_BATCH_RECORDS */
 #define VL_REPLY_SEGS 8      /* guest ranges of one SIGNAL reply; more: Python */
 #define VL_MAX_CTX_INFLIGHT 1024u /* gpu.device.MAX_CTX_INFLIGHT */
 #define VL_CHAINS_PER_WAKE 256u   /* backend.device.MAX_CHAINS_PER_KICK */
 
-#define VL_FRAME_HDR 24u
-#define VL_FRAME_MAGIC 0x49435056u /* codes.FRAME_MAGIC */
-#define VL_PROTOCOL_VERSION 1u
-#define VL_T_COMMAND 5u
-#define VL_T_DATA 6u
-#define VL_T_COMPLETION 7u
-#define VL_T_ERROR 8u
-#define VL_T_PING 9u
-#define VL_T_PONG 10u
-#define VL_T_MAX 10u
-#define VL_MAX_COMMAND (1u << 20)       /* MAX_PAYLOAD[COMMAND] */
-#define VL_MAX_COMPLETION (64u * 1024u) /* MAX_PAYLOAD[COMPLETION] */
-#define VL_MAX_CONTROL 4096u            /* MAX_PAYLOAD[ERROR, PING, PONG] */
-#define VL_PING_SIZE 8u
-/* encode_completion(OK, failed_index=NO_INDEX): status, failed, message
- * length, nresults, blob length. */
-static const uint8_t vl_ok_payload[] = {0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0};
-#define VL_OK_PAYLOAD_SIZE 16u
+static const uint8_t vl_ok_payload[] = VPCIE_COMPLETION_OK_BYTES; /* OK, failed_index NO_INDEX */
 
 #define VL_GPU_HDR 24u        /* struct virtio_gpu_ctrl_hdr */
 #define VL_SUBMIT_HDR 32u     /* + size u32, num_in_fences u32 */
@@ -91,8 +77,6 @@ static const uint8_t vl_ok_payload[] = {0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0
 
 #define VL_FENCE_HDR 16u      /* fencepage.HEADER */
 #define VL_FENCE_SLOT 24u     /* fencepage.SLOT */
-#define VL_NO_INDEX 0xFFFFFFFFu
-#define VL_E_OUT_OF_RANGE 13u /* ErrorCode.OUT_OF_RANGE */
 
 /* Offsets of the struct tcp_info fields the rule reads, as this kernel's
  * header has them (vpcie/tunnel/tcpinfo.py FIELDS is tested against these). */
@@ -108,7 +92,7 @@ static const uint8_t vl_ok_payload[] = {0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0
 #define VL_TCPI_SND_WND offsetof(struct tcp_info, tcpi_snd_wnd)
 /* A session's backlog (what the kernel would not take yet): one COMMAND
  * and room for PINGs and PONGs. More: the agent sends but does not read. */
-#define VL_TX_CAP (VL_FRAME_HDR + VL_MAX_COMMAND + 65536u)
+#define VL_TX_CAP (VPCIE_FRAME_HEADER_SIZE + VPCIE_MAX_PAYLOAD_COMMAND + 65536u)
 
 /* ---- liveness: vpcie/tunnel/liveness.py's rule, field for field ---- */
 
@@ -314,13 +298,13 @@ static void vl_put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
 static void vl_frame_header(uint8_t *h, uint32_t type, uint32_t session, uint64_t seq, uint32_t len)
 {
-    vl_put32(h, VL_FRAME_MAGIC);
-    h[4] = VL_PROTOCOL_VERSION;
-    h[5] = (uint8_t)type;
-    h[6] = h[7] = 0; /* flags */
-    vl_put32(h + 8, session);
-    vl_put64(h + 12, seq);
-    vl_put32(h + 20, len);
+    vl_put32(h + VPCIE_FRAME_HEADER_OFF_MAGIC, VPCIE_FRAME_MAGIC);
+    h[VPCIE_FRAME_HEADER_OFF_VERSION] = VPCIE_PROTOCOL_VERSION;
+    h[VPCIE_FRAME_HEADER_OFF_TYPE] = (uint8_t)type;
+    memset(h + VPCIE_FRAME_HEADER_OFF_FLAGS, 0, 2);
+    vl_put32(h + VPCIE_FRAME_HEADER_OFF_SESSION, session);
+    vl_put64(h + VPCIE_FRAME_HEADER_OFF_SEQ, seq);
+    vl_put32(h + VPCIE_FRAME_HEADER_OFF_LENGTH, len);
 }
 
 /* ---- events to Python (their fd is an eventfd the event loop watches) ---- */
@@ -474,7 +458,7 @@ static void vl_flush(struct vl_lane *L, struct vl_ctx *c)
 static void vl_fence_complete(struct vl_lane *L, uint64_t fence_gpa, uint32_t stream, uint64_t seq,
                               uint32_t code, uint32_t failed)
 {
-    if (stream >= VB_MAX_STREAMS)
+    if (stream >= VPCIE_MAX_STREAMS)
         return;
     uint64_t at = fence_gpa + VL_FENCE_HDR + (uint64_t)VL_FENCE_SLOT * stream;
     const struct vq_region *g = vq_find(L->regs, L->nregs, at);
@@ -496,13 +480,13 @@ static void vl_fence_complete(struct vl_lane *L, uint64_t fence_gpa, uint32_t st
 static void vl_finish(struct vl_lane *L, struct vl_batch *b, const uint8_t *reply, uint32_t len,
                       uint32_t code, uint32_t failed, uint64_t fence_gpa, uint32_t has_fence)
 {
-    uint32_t fence_failed = failed == VL_NO_INDEX ? 0 : failed;
+    uint32_t fence_failed = failed == VPCIE_NO_INDEX ? 0 : failed;
     for (uint32_t i = 0; i < b->nsigs; i++) {
         struct vl_sig *s = &b->sigs[i];
         uint32_t sc = code;
         if (s->nsegs) {
             if (len > s->reply_size)
-                sc = VL_E_OUT_OF_RANGE;
+                sc = VPCIE_E_OUT_OF_RANGE;
             else
                 vq_scatter(L->regs, L->nregs, (const char *)s->segs, s->nsegs, 0,
                            (const char *)reply, len);
@@ -542,13 +526,13 @@ static struct vl_batch *vl_unlink(struct vl_ctx *c, uint64_t seq)
 /* 1: handled, 0: the context is lost (stop parsing). */
 static int vl_frame(struct vl_lane *L, struct vl_ctx *c, const uint8_t *f, uint32_t len)
 {
-    uint32_t type = f[5], session;
+    uint32_t type = f[VPCIE_FRAME_HEADER_OFF_TYPE], session;
     uint64_t seq;
-    const uint8_t *payload = f + VL_FRAME_HDR;
-    memcpy(&session, f + 8, 4);
-    memcpy(&seq, f + 12, 8);
+    const uint8_t *payload = f + VPCIE_FRAME_HEADER_SIZE;
+    memcpy(&session, f + VPCIE_FRAME_HEADER_OFF_SESSION, 4);
+    memcpy(&seq, f + VPCIE_FRAME_HEADER_OFF_SEQ, 8);
     char why[160];
-    if (type == VL_T_COMPLETION) {
+    if (type == VPCIE_T_COMPLETION) {
         if (session != c->session) {
             snprintf(why, sizeof why, "agent broke the protocol: COMPLETION for session %u, this is %u",
                      session, c->session);
@@ -563,9 +547,9 @@ static int vl_frame(struct vl_lane *L, struct vl_ctx *c, const uint8_t *f, uint3
             vl_lost(L, c, why);
             return 0;
         }
-        if (!c->held && len == VL_OK_PAYLOAD_SIZE && !memcmp(payload, vl_ok_payload, len)) {
+        if (!c->held && len == VPCIE_COMPLETION_OK_LEN && !memcmp(payload, vl_ok_payload, len)) {
             L->stats.completed++;
-            vl_finish(L, b, vl_ok_payload, VL_OK_PAYLOAD_SIZE, 0, VL_NO_INDEX, c->fence_gpa,
+            vl_finish(L, b, vl_ok_payload, VPCIE_COMPLETION_OK_LEN, 0, VPCIE_NO_INDEX, c->fence_gpa,
                       c->has_fence);
             return 1;
         }
@@ -574,21 +558,21 @@ static int vl_frame(struct vl_lane *L, struct vl_ctx *c, const uint8_t *f, uint3
         b->held = 1;
         c->held++;
         L->stats.python_frames++;
-        vl_post(L, VL_EV_FRAME, c->ctx_id, f, VL_FRAME_HDR + len)->batch = b;
+        vl_post(L, VL_EV_FRAME, c->ctx_id, f, VPCIE_FRAME_HEADER_SIZE + len)->batch = b;
         return 1;
     }
-    if ((type == VL_T_PING || type == VL_T_PONG) && len == VL_PING_SIZE) {
-        if (type == VL_T_PING) { /* PONG: same stamp, same seq */
-            uint8_t pong[VL_FRAME_HDR + VL_PING_SIZE];
-            vl_frame_header(pong, VL_T_PONG, c->session, seq, VL_PING_SIZE);
-            memcpy(pong + VL_FRAME_HDR, payload, VL_PING_SIZE);
+    if ((type == VPCIE_T_PING || type == VPCIE_T_PONG) && len == VPCIE_PING_SIZE) {
+        if (type == VPCIE_T_PING) { /* PONG: same stamp, same seq */
+            uint8_t pong[VPCIE_FRAME_HEADER_SIZE + VPCIE_PING_SIZE];
+            vl_frame_header(pong, VPCIE_T_PONG, c->session, seq, VPCIE_PING_SIZE);
+            memcpy(pong + VPCIE_FRAME_HEADER_SIZE, payload, VPCIE_PING_SIZE);
             return vl_send(L, c, pong, sizeof pong) == 0;
         }
         return 1;
     }
     /* ERROR, malformed PING/PONG: Python decides (TunnelClient._on_control). */
     L->stats.python_frames++;
-    vl_post(L, VL_EV_FRAME, c->ctx_id, f, VL_FRAME_HDR + len);
+    vl_post(L, VL_EV_FRAME, c->ctx_id, f, VPCIE_FRAME_HEADER_SIZE + len);
     return 1;
 }
 
@@ -604,24 +588,25 @@ static int vl_parse(struct vl_lane *L, struct vl_ctx *c)
     uint32_t pos = 0;
     int ok = 1;
     char why[160];
-    while (c->rx_len - pos >= VL_FRAME_HDR) {
+    while (c->rx_len - pos >= VPCIE_FRAME_HEADER_SIZE) {
         const uint8_t *h = c->rx + pos;
-        uint32_t magic, len, type = h[5];
-        memcpy(&magic, h, 4);
-        memcpy(&len, h + 20, 4);
+        uint32_t magic, len, type = h[VPCIE_FRAME_HEADER_OFF_TYPE];
+        memcpy(&magic, h + VPCIE_FRAME_HEADER_OFF_MAGIC, 4);
+        memcpy(&len, h + VPCIE_FRAME_HEADER_OFF_LENGTH, 4);
         why[0] = 0;
-        if (magic != VL_FRAME_MAGIC)
+        if (magic != VPCIE_FRAME_MAGIC)
             snprintf(why, sizeof why, "agent broke the protocol: bad frame magic %#010x", magic);
-        else if (h[4] != VL_PROTOCOL_VERSION)
-            snprintf(why, sizeof why, "agent broke the protocol: frame version %u not supported", h[4]);
-        else if (type == 0 || type > VL_T_MAX)
+        else if (h[VPCIE_FRAME_HEADER_OFF_VERSION] != VPCIE_PROTOCOL_VERSION)
+            snprintf(why, sizeof why, "agent broke the protocol: frame version %u not supported",
+                     h[VPCIE_FRAME_HEADER_OFF_VERSION]);
+        else if (type == 0 || type > VPCIE_T_MAX)
             snprintf(why, sizeof why, "agent broke the protocol: unknown frame type %u", type);
-        else if (type == VL_T_DATA)
+        else if (type == VPCIE_T_DATA)
             snprintf(why, sizeof why, "agent broke the protocol: DATA with no D2H copy in flight");
-        else if (type < VL_T_DATA)
+        else if (type < VPCIE_T_DATA)
             snprintf(why, sizeof why, "agent broke the protocol: unexpected %s frame in state READY",
                      vl_type_name(type));
-        else if (len > (type == VL_T_COMPLETION ? VL_MAX_COMPLETION : VL_MAX_CONTROL))
+        else if (len > (type == VPCIE_T_COMPLETION ? VPCIE_MAX_PAYLOAD_COMPLETION : VPCIE_MAX_CONTROL_PAYLOAD))
             snprintf(why, sizeof why, "agent broke the protocol: frame type %u of %u bytes over cap",
                      type, len);
         if (why[0]) {
@@ -629,13 +614,13 @@ static int vl_parse(struct vl_lane *L, struct vl_ctx *c)
             ok = 0;
             break;
         }
-        if (c->rx_len - pos - VL_FRAME_HDR < len)
+        if (c->rx_len - pos - VPCIE_FRAME_HEADER_SIZE < len)
             break;
         if (!vl_frame(L, c, h, len)) {
             ok = 0;
             break;
         }
-        pos += VL_FRAME_HDR + len;
+        pos += VPCIE_FRAME_HEADER_SIZE + len;
     }
     if (pos) {
         memmove(c->rx, c->rx + pos, c->rx_len - pos);
@@ -712,9 +697,9 @@ static void vl_tick(struct vl_lane *L)
             vl_lost(L, c, why);
             continue;
         }
-        uint8_t ping[VL_FRAME_HDR + VL_PING_SIZE];
-        vl_frame_header(ping, VL_T_PING, c->session, 0, VL_PING_SIZE);
-        vl_put64(ping + VL_FRAME_HDR, (uint64_t)now);
+        uint8_t ping[VPCIE_FRAME_HEADER_SIZE + VPCIE_PING_SIZE];
+        vl_frame_header(ping, VPCIE_T_PING, c->session, 0, VPCIE_PING_SIZE);
+        vl_put64(ping + VPCIE_FRAME_HEADER_SIZE, (uint64_t)now);
         if (vl_send(L, c, ping, sizeof ping) == 0)
             L->stats.pings++;
     }
@@ -786,9 +771,9 @@ static int vl_take(struct vl_lane *L, uint32_t head)
         c->inflight >= VL_MAX_CTX_INFLIGHT || c->tx_len)
         return 0; /* a backlog: Python takes the session (and the backlog) back */
     struct vb_out out;
-    uint32_t max_fwd = c->max_batch && c->max_batch < VL_MAX_COMMAND ? c->max_batch : VL_MAX_COMMAND;
-    if (!vb_check(req + VL_SUBMIT_HDR, size, max_fwd, L->fwd + VL_FRAME_HDR,
-                  L->fwd_cap - VL_FRAME_HDR, &out, L->sigs, VL_MAX_SIGS, L->idx, VL_MAX_RECORDS) ||
+    uint32_t max_fwd = c->max_batch && c->max_batch < VPCIE_MAX_PAYLOAD_COMMAND ? c->max_batch : VPCIE_MAX_PAYLOAD_COMMAND;
+    if (!vb_check(req + VL_SUBMIT_HDR, size, max_fwd, L->fwd + VPCIE_FRAME_HEADER_SIZE,
+                  L->fwd_cap - VPCIE_FRAME_HEADER_SIZE, &out, L->sigs, VL_MAX_SIGS, L->idx, VPCIE_MAX_BATCH_RECORDS) ||
         out.nfwd == 0)
         return 0;
     size_t bytes = sizeof(struct vl_batch) + out.nsigs * sizeof(struct vl_sig) + out.nfwd * 4u;
@@ -817,8 +802,8 @@ static int vl_take(struct vl_lane *L, uint32_t head)
     c->tail = b;
     c->inflight++;
     L->stats.submits++;
-    vl_frame_header(L->fwd, VL_T_COMMAND, c->session, b->seq, out.fwd_len);
-    vl_send(L, c, L->fwd, VL_FRAME_HDR + out.fwd_len); /* lost: Python fails it */
+    vl_frame_header(L->fwd, VPCIE_T_COMMAND, c->session, b->seq, out.fwd_len);
+    vl_send(L, c, L->fwd, VPCIE_FRAME_HEADER_SIZE + out.fwd_len); /* lost: Python fails it */
     /* The answer GpuDevice.handle() gives: OK_NODATA, the fence echoed. */
     uint8_t resp[VL_GPU_HDR];
     memset(resp, 0, sizeof resp);
@@ -947,9 +932,9 @@ struct vl_lane *vl_new(uint32_t max_segs, uint64_t max_bytes, uint32_t max_indir
     L->kick_fd = L->call_fd = -1;
     L->segs = calloc(max_segs ? max_segs : 1, sizeof(struct vq_seg));
     L->req = malloc(max_request ? max_request : 1);
-    L->fwd_cap = VL_FRAME_HDR + VL_MAX_COMMAND;
+    L->fwd_cap = VPCIE_FRAME_HEADER_SIZE + VPCIE_MAX_PAYLOAD_COMMAND;
     L->fwd = malloc(L->fwd_cap);
-    L->idx = calloc(VL_MAX_RECORDS, 4);
+    L->idx = calloc(VPCIE_MAX_BATCH_RECORDS, 4);
     L->ep = epoll_create1(EPOLL_CLOEXEC);
     L->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     L->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -1125,13 +1110,13 @@ int vl_add_ctx(struct vl_lane *L, uint32_t ctx_id, int fd, uint32_t session, uin
             if (L->ctx[i].state == VL_FREE)
                 c = &L->ctx[i];
     if (c) {
-        uint8_t *rx = c->rx ? c->rx : malloc(VL_FRAME_HDR + VL_MAX_COMPLETION);
+        uint8_t *rx = c->rx ? c->rx : malloc(VPCIE_FRAME_HEADER_SIZE + VPCIE_MAX_PAYLOAD_COMPLETION);
         struct epoll_event ev = {.events = EPOLLIN};
         ev.data.u64 = VL_TAG_CTX + (uint64_t)(c - L->ctx);
         if (rx && !epoll_ctl(L->ep, EPOLL_CTL_ADD, fd, &ev)) {
             struct vl_ctx z = {0};
             z.rx = rx;
-            z.rx_cap = c->rx ? c->rx_cap : VL_FRAME_HDR + VL_MAX_COMPLETION;
+            z.rx_cap = c->rx ? c->rx_cap : VPCIE_FRAME_HEADER_SIZE + VPCIE_MAX_PAYLOAD_COMPLETION;
             *c = z;
             c->state = VL_LANE;
             c->ctx_id = ctx_id;

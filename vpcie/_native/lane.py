@@ -78,7 +78,7 @@ class NativeLane:
             raise OSError("cannot start the lane thread")
         self._p: Any = p
         self.event_fd: int = lib.vl_event_fd(p)
-        self._rx_cap = lib.VL_MAX_COMPLETION + 24
+        self._rx_cap = lib.VPCIE_MAX_PAYLOAD_COMPLETION + lib.VPCIE_FRAME_HEADER_SIZE
         self._rx = ffi.new("uint8_t[]", self._rx_cap)
         self._hb = ffi.new("struct vl_handback *")
         self._st = ffi.new("struct vl_stats *")
