@@ -61,7 +61,7 @@ from vpcie.protocol.codes import MAX_BATCH_BYTES, MAX_HANDLE_EPOCH, MAX_STREAMS,
 from vpcie.tunnel.runstate import Runstate
 from vpcie.virtqueue import VirtQueue
 from vpcie.virtqueue.chain import DescChain
-from vpcie.virtqueue.device import Withheld, withheld
+from vpcie.virtqueue.reply import Withheld, withheld
 
 log = logging.getLogger(__name__)
 

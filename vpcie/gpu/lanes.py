@@ -43,6 +43,7 @@ from vpcie.memory import GuestMemory
 from vpcie.protocol.codes import FrameType
 from vpcie.protocol.frames import decode_payload
 from vpcie.tunnel.results import error_code
+from vpcie.virtqueue.device import VirtQueue
 
 if TYPE_CHECKING:
     from vpcie.gpu.device import Context, GpuDevice
@@ -116,8 +117,7 @@ class Lanes:
         ):
             return
         vq = host.queue(CONTROL_QUEUE)
-        ring = getattr(vq, "_ring", None)
-        if vq is None or ring is None or not hasattr(host, "claim_kicks"):
+        if vq is None or vq.native_state() is None or not hasattr(host, "claim_kicks"):
             return  # no native ring to hand over
         lane = self._start(vq)
         if lane is None:
@@ -208,10 +208,10 @@ class Lanes:
         return _UNLOCKED
 
     # -- the ring ------------------------------------------------------------------
-    def _start(self, vq: Any) -> NativeLane | None:
+    def _start(self, vq: VirtQueue) -> NativeLane | None:
         if self.lane is None:
             try:
-                self.lane = NativeLane(vq._walker.max_segments, self.max_request)
+                self.lane = NativeLane(vq.max_segments, self.max_request)
             except (OSError, RuntimeError) as exc:
                 log.warning("lane unavailable, every batch takes the Python path: %s", exc)
                 self.enabled = False
@@ -237,9 +237,9 @@ class Lanes:
             self.refresh_all()
         if host.memory.mem is not self._mem:  # a new table since the lane last served
             self._set_memory(host.memory.acquire())
-        ring = vq._ring
+        ring = vq.native_state()
         assert ring is not None
-        if not lane.attach_ring(ring.r, kick_fd, call_fd):
+        if not lane.attach_ring(ring, kick_fd, call_fd):
             host.unclaim_kicks(CONTROL_QUEUE)
             return
         self._attached = True
