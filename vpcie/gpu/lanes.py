@@ -31,13 +31,18 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vpcie._native import native_available
-from vpcie._native.lane import FRAME, LOST, TURN, LaneEvent, LaneResource, NativeLane
+from vpcie._native.lane import FRAME, LOST, TURN, BatchParts, LaneEvent, LaneResource, NativeLane
+from vpcie.backend.device import DeviceHost
 from vpcie.errors import ErrorCode, GuestError, ProtocolError
+from vpcie.gpu.binding import Binding
+from vpcie.gpu.context import Context, ContextState
+from vpcie.gpu.resources import ResourceTable
 from vpcie.gpu.submit import completion_reply
 from vpcie.memory import GuestMemory
 from vpcie.protocol.codes import FrameType
@@ -45,14 +50,26 @@ from vpcie.protocol.frames import decode_payload
 from vpcie.tunnel.results import error_code
 from vpcie.virtqueue.device import VirtQueue
 
-if TYPE_CHECKING:
-    from vpcie.gpu.device import Context, GpuDevice
-
 log = logging.getLogger(__name__)
 
 CONTROL_QUEUE = 0
 _ERROR = int(FrameType.ERROR)
 _UNLOCKED = nullcontext()  # reusable: enters and exits with no state
+
+
+class LaneOwner(Protocol):
+    """What the lane needs of the device it serves (GpuDevice implements it)."""
+
+    host: DeviceHost | None
+    binding: Binding
+    contexts: dict[int, Context]
+    resources: ResourceTable
+
+    def serve_control(self, request: bytes, read_len: int) -> bytes: ...
+
+    def lane_adopt(
+        self, ctx: Context, batches: list[BatchParts]
+    ) -> list[tuple[int, Callable[[Any], None]]]: ...
 
 
 @dataclass(eq=False)
@@ -66,7 +83,7 @@ class Lease:
 class Lanes:
     """The lane of one GpuDevice and the contexts lent to it."""
 
-    def __init__(self, device: GpuDevice, max_request: int, *, enabled: bool = True) -> None:
+    def __init__(self, device: LaneOwner, max_request: int, *, enabled: bool = True) -> None:
         self.device = device
         self.max_request = max_request  # the device's cap on a control request
         self.enabled = enabled and native_available()
@@ -100,18 +117,13 @@ class Lanes:
         self._scheduled.discard(ctx.ctx_id)
         dev = self.device
         host = dev.host
-        gen = dev.binding.generation
         session: Any = ctx.session  # a TunnelClient (lend / take_back), or another Session
         if (
             host is None
             or dev.contexts.get(ctx.ctx_id) is not ctx
-            or ctx.ctx_id in self.leases
+            or ctx.state is not ContextState.OPEN
             or session is None
-            or ctx.session_gen != gen
-            or ctx.lost_gen == gen
-            or ctx.inflight
-            or ctx.forwarding
-            or (ctx.queue is not None and not ctx.queue.empty())
+            or not ctx.idle()
             or not hasattr(session, "lend")
             or not session.lendable()
         ):
@@ -132,6 +144,7 @@ class Lanes:
             session.take_back(seq)
             return
         self.leases[ctx.ctx_id] = Lease(ctx, session)
+        ctx.lent()
         self.refresh(ctx)
         self._attach()
 
@@ -173,6 +186,7 @@ class Lanes:
         lane = self.lane
         if lease is None or lane is None:
             return False
+        ctx.returned()  # before the session fails below: that may mark it lost
         lane.kill(ctx.ctx_id)
         # Completions the lane read and left to Python come first (fence order).
         lost, protocol = "", False
