@@ -36,6 +36,7 @@ from vpcie.gpu.resources import (
     check_backing,
 )
 from vpcie.gpu.submit import prepare, prepare_checked
+from vpcie.gpu.wire import Fields
 from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import decode_batch
 from vpcie.protocol.codes import MAX_BATCH_BYTES
@@ -91,13 +92,13 @@ class CommandHandlers:
         if entry is None:
             log.info("unsupported virtio-gpu command %#x", ctype)
             return self._error_reply(request, wire.Resp.ERR_UNSPEC)
-        fast, handler = entry
-        try:
-            fields, end = fast.decode(request, 0)
-        except ProtocolError:
+        dec, handler = entry
+        end = dec.size
+        if end > len(request):
             return self._error_reply(request, wire.Resp.ERR_INVALID_PARAMETER)
+        f = _NEW(dec.fields, dec.unpack_from(request, 0))  # named fields, one object
         try:
-            rtype, payload = handler(self, fields, request[end:] if end < len(request) else b"")
+            rtype, payload = handler(self, f, request[end:] if end < len(request) else b"")
         except GuestError as exc:
             stats["errors"] += 1
             log.info("virtio-gpu command %#x refused: %s", ctype, exc)
@@ -105,9 +106,9 @@ class CommandHandlers:
                 if isinstance(exc, cls):
                     return self._error_reply(request, resp)
             return self._error_reply(request, wire.Resp.ERR_UNSPEC)
-        flags = fields[1]
+        flags = f.flags
         if flags & wire.FLAG_FENCE:  # virtio 1.2 §5.7.6.8: echo the fence
-            head = _HDR_PACK(rtype, flags & _ECHO_FLAGS, fields[2], fields[3], fields[4], _PAD3)
+            head = _HDR_PACK(rtype, flags & _ECHO_FLAGS, f.fence_id, f.ctx_id, f.ring_idx, _PAD3)
         else:
             head = _PLAIN_HEAD.get(rtype) or wire.response(rtype, 0, 0, 0, 0)
         out = head + payload if payload else head
@@ -123,27 +124,27 @@ class CommandHandlers:
         return wire.response(rtype, 0, 0, 0, 0)
 
     # -- 2D and display -------------------------------------------------------------
-    def _display_info(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
+    def _display_info(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
         out = [wire.DISPLAY_ONE_ST.pack(0, 0, SCANOUT_W, SCANOUT_H, 1, 0)]
         out += [bytes(wire.DISPLAY_ONE_ST.size)] * (wire.MAX_SCANOUTS - 1)
         return wire.Resp.OK_DISPLAY_INFO, b"".join(out)
 
-    def _edid(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        if f[6] != 0:
-            raise ParameterError(f"scanout {f[6]} does not exist")
+    def _edid(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        if f.scanout != 0:
+            raise ParameterError(f"scanout {f.scanout} does not exist")
         edid = self.edid + bytes(wire.EDID_SIZE - len(self.edid))
         return wire.Resp.OK_EDID, struct.pack("<II", len(self.edid), 0) + edid
 
-    def _create_2d(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        rid, fmt, width, height = f[6:10]
+    def _create_2d(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        rid, fmt, width, height = f.resource_id, f.format, f.width, f.height
         if not (0 < width <= MAX_2D_DIMENSION and 0 < height <= MAX_2D_DIMENSION):
             raise ParameterError(f"2D size {width}x{height} out of range")
         self.resources.create(Resource(rid, width * height * _BPP_2D, False, width, height, fmt))
         return wire.Resp.OK_NODATA, b""
 
-    def _unref(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
+    def _unref(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
         self.lanes.dirty = True
-        res = self.resources.unref(f[6])
+        res = self.resources.unref(f.resource_id)
         for cid in res.contexts:
             ctx = self.contexts.get(cid)
             if ctx is not None:
@@ -154,8 +155,8 @@ class CommandHandlers:
             self.holds.backing_gone(res.resource_id)
         return wire.Resp.OK_NODATA, b""
 
-    def _set_scanout(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        scanout, rid = f[10], f[11]
+    def _set_scanout(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        scanout, rid = f.scanout_id, f.resource_id
         if scanout != 0:
             raise ParameterError(f"scanout {scanout} does not exist")
         if rid:
@@ -163,13 +164,14 @@ class CommandHandlers:
         self.scanout_resource = rid
         return wire.Resp.OK_NODATA, b""
 
-    def _flush(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        self.resources.get(f[10])  # null scanout: nothing to show, but the id must exist
+    def _flush(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        self.resources.get(f.resource_id)  # null scanout: nothing to show, but the id must exist
         self.stats["flushes"] += 1
         return wire.Resp.OK_NODATA, b""
 
-    def _transfer_2d(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        x, y, w, h, offset, rid = f[6:12]
+    def _transfer_2d(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        x, y, w, h = f.r_x, f.r_y, f.r_width, f.r_height
+        offset, rid = f.offset, f.resource_id
         res = self.resources.get(rid)
         if res.backing is None:
             raise ParameterError(f"resource {rid} has no backing")
@@ -177,8 +179,8 @@ class CommandHandlers:
             raise ParameterError("transfer box outside the resource")
         return wire.Resp.OK_NODATA, b""
 
-    def _attach_backing(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        rid, nr = f[6], f[7]
+    def _attach_backing(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        rid, nr = f.resource_id, f.nr_entries
         res = self.resources.get(rid)
         if nr > MAX_BACKING_ENTRIES:
             raise ParameterError(f"{nr} backing entries over cap {MAX_BACKING_ENTRIES}")
@@ -192,8 +194,8 @@ class CommandHandlers:
         self.lanes.dirty = True
         return wire.Resp.OK_NODATA, b""
 
-    def _detach_backing(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        res = self.resources.get(f[6])
+    def _detach_backing(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        res = self.resources.get(f.resource_id)
         if res.backing is None:
             raise ParameterError(f"resource {res.resource_id} has no backing")
         res.backing, res.backing_bytes = None, 0
@@ -203,16 +205,16 @@ class CommandHandlers:
         return wire.Resp.OK_NODATA, b""
 
     # -- capsets ----------------------------------------------------------------
-    def _capset_info(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        if f[6] != 0:
-            raise ParameterError(f"capset index {f[6]} does not exist")
+    def _capset_info(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        if f.capset_index != 0:
+            raise ParameterError(f"capset index {f.capset_index} does not exist")
         return wire.Resp.OK_CAPSET_INFO, struct.pack(
             "<IIII", VGPU_CAPSET_ID, VGPU_CAPSET_VERSION, CAPSET_SIZE, 0
         )
 
-    def _capset(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        if f[6] != VGPU_CAPSET_ID or f[7] > VGPU_CAPSET_VERSION:
-            raise ParameterError(f"capset {f[6]} v{f[7]} not offered")
+    def _capset(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        if f.capset_id != VGPU_CAPSET_ID or f.capset_version > VGPU_CAPSET_VERSION:
+            raise ParameterError(f"capset {f.capset_id} v{f.capset_version} not offered")
         return wire.Resp.OK_CAPSET, capset_payload(self.bound_info)
 
     # -- contexts and 3D resources ---------------------------------------------------
@@ -222,8 +224,8 @@ class CommandHandlers:
             raise ContextError(f"unknown context {ctx_id}")
         return ctx
 
-    def _ctx_create(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        ctx_id, nlen, context_init, raw = f[3], f[6], f[7], f[8]
+    def _ctx_create(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        ctx_id, nlen, context_init, raw = f.ctx_id, f.nlen, f.context_init, f.debug_name
         if ctx_id == 0:
             raise ContextError("context id 0 is reserved")
         if ctx_id in self.contexts:
@@ -237,19 +239,19 @@ class CommandHandlers:
         log.info("context %d created by %r", ctx_id, name)
         return wire.Resp.OK_NODATA, b""
 
-    def _ctx_destroy(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        self._destroy_context(self._ctx(f[3]))
+    def _ctx_destroy(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        self._destroy_context(self._ctx(f.ctx_id))
         return wire.Resp.OK_NODATA, b""
 
-    def _ctx_attach(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        ctx, res = self._ctx(f[3]), self.resources.get(f[6])
+    def _ctx_attach(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        ctx, res = self._ctx(f.ctx_id), self.resources.get(f.resource_id)
         self.lanes.dirty = True
         ctx.resources.add(res.resource_id)
         res.contexts.add(ctx.ctx_id)
         return wire.Resp.OK_NODATA, b""
 
-    def _ctx_detach(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        ctx, res = self._ctx(f[3]), self.resources.get(f[6])
+    def _ctx_detach(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        ctx, res = self._ctx(f.ctx_id), self.resources.get(f.resource_id)
         if res.resource_id not in ctx.resources:
             raise ResourceError(f"resource {res.resource_id} not attached to context {ctx.ctx_id}")
         ctx.resources.discard(res.resource_id)
@@ -257,8 +259,9 @@ class CommandHandlers:
         self.lanes.dirty = True
         return wire.Resp.OK_NODATA, b""
 
-    def _create_3d(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        rid, target, fmt, _bind, width, height, depth, array_size = f[6:14]
+    def _create_3d(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        rid, target, fmt = f.resource_id, f.target, f.format
+        width, height, depth, array_size = f.width, f.height, f.depth, f.array_size
         if target == PIPE_BUFFER:
             size = width
         else:
@@ -266,10 +269,10 @@ class CommandHandlers:
         self.resources.create(Resource(rid, size, True, width, height, fmt))
         return wire.Resp.OK_NODATA, b""
 
-    def _transfer_3d(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
+    def _transfer_3d(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
         # Resources are guest-backed and the remote GPU copies straight into
         # their pages (COPY records), so a transfer moves nothing; it is checked.
-        ctx_id, (x, _y, _z, w, _h, _d), rid = f[3], f[6:12], f[13]
+        ctx_id, x, w, rid = f.ctx_id, f.box_x, f.box_w, f.resource_id
         res = self.resources.get(rid)
         if ctx_id and ctx_id not in res.contexts:
             raise ResourceError(f"resource {rid} not attached to context {ctx_id}")
@@ -279,13 +282,13 @@ class CommandHandlers:
             raise ParameterError("transfer box outside the buffer")
         return wire.Resp.OK_NODATA, b""
 
-    def _cursor(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
+    def _cursor(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
         return wire.Resp.OK_NODATA, b""
 
     # -- SUBMIT_3D ------------------------------------------------------------------
-    def _submit(self, f: tuple[Any, ...], rest: bytes) -> tuple[int, bytes]:
-        ctx = self._ctx(f[3])
-        size = f[6]
+    def _submit(self, f: Fields, rest: bytes) -> tuple[int, bytes]:
+        ctx = self._ctx(f.ctx_id)
+        size = f.size
         if size != len(rest) or size > MAX_BATCH_BYTES:
             raise ParameterError(f"SUBMIT_3D size {size} but {len(rest)} bytes follow")
         self.stats["submits"] += 1
@@ -319,7 +322,7 @@ class CommandHandlers:
         self.forwarding.dispatch(ctx, prepared)
         return wire.Resp.OK_NODATA, b""
 
-    Handler = Callable[["CommandHandlers", tuple[Any, ...], bytes], tuple[int, bytes]]
+    Handler = Callable[["CommandHandlers", Fields, bytes], tuple[int, bytes]]
     _handlers: dict[int, Handler] = {
         wire.Cmd.GET_DISPLAY_INFO: _display_info,
         wire.Cmd.GET_EDID: _edid,
@@ -346,10 +349,12 @@ class CommandHandlers:
 
 
 _U32 = struct.Struct("<I")
+_NEW = tuple.__new__
 _HDR_PACK = wire.HDR.pack
 _PAD3 = b"\0\0\0"
 _ECHO_FLAGS = wire.FLAG_FENCE | wire.FLAG_INFO_RING_IDX
 _PLAIN_HEAD = {int(r): wire.response(r, 0, 0, 0, 0) for r in wire.Resp}
 _DISPATCH: dict[int, tuple[Any, Any]] = {
-    int(cmd): (wire.FAST[int(cmd)], handler) for cmd, handler in CommandHandlers._handlers.items()
+    int(cmd): (wire.DECODERS[int(cmd)], handler)
+    for cmd, handler in CommandHandlers._handlers.items()
 }
