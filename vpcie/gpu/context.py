@@ -111,6 +111,16 @@ class Context:
             not self.inflight and not self.forwarding and (self.queue is None or self.queue.empty())
         )
 
+    def busy_rids(self) -> set[int]:
+        """The resources this context's unfinished batches read or write."""
+        busy: set[int] = set()
+        for p in self.inflight:
+            busy |= p.prepared.rids
+        for d in self.deferred:
+            if d.pending is not None:
+                busy |= d.pending.prepared.rids
+        return busy
+
     # -- transitions ----------------------------------------------------------------
     def _move(self, to: ContextState, allowed: tuple[ContextState, ...]) -> None:
         if self.state not in allowed:

@@ -406,17 +406,6 @@ class Forwarding:
         return out
 
 
-def busy_rids(ctx: Context) -> set[int]:
-    """The resources ``ctx``'s unfinished batches read or write."""
-    busy: set[int] = set()
-    for p in ctx.inflight:
-        busy |= p.prepared.rids
-    for d in ctx.deferred:
-        if d.pending is not None:
-            busy |= d.pending.prepared.rids
-    return busy
-
-
 def _window(session: Session) -> int:
     return max(1, int(getattr(session.info, "max_inflight", 0) or 1))
 

@@ -20,7 +20,6 @@ from typing import Protocol
 from vpcie.backend.device import DeviceHost
 from vpcie.errors import GuestError
 from vpcie.gpu.context import Context
-from vpcie.gpu.forwarding import busy_rids
 from vpcie.gpu.lanes import Lanes
 from vpcie.memory import GuestMemory
 from vpcie.virtqueue.chain import DescChain
@@ -68,7 +67,7 @@ class UnrefHolds:
         for ctx in self.owner.contexts.values():
             if ctx.fence_rid == rid and ctx.fence is not None:
                 ctx.fence, ctx.fence_gpa, ctx.fence_rid = None, 0, 0
-            busy = busy or rid in busy_rids(ctx)
+            busy = busy or rid in ctx.busy_rids()
         if busy:
             self.pending_rids.append(rid)
 
@@ -91,7 +90,7 @@ class UnrefHolds:
             return
         busy: set[int] = set()
         for ctx in self.owner.contexts.values():
-            busy |= busy_rids(ctx)
+            busy |= ctx.busy_rids()
         ready = [h for h in self.held if not h.rids & busy]
         if not ready:
             return
