@@ -72,6 +72,7 @@ class CommandHandlers:
     lanes: Lanes
     forwarding: Forwarding
     holds: UnrefHolds
+    _withhold: list[int]  # holds.pending_rids, the same list (read per command)
     _checker: BatchChecker | None
 
     def mem(self) -> GuestMemory:
@@ -92,11 +93,10 @@ class CommandHandlers:
         if entry is None:
             log.info("unsupported virtio-gpu command %#x", ctype)
             return self._error_reply(request, wire.Resp.ERR_UNSPEC)
-        dec, handler = entry
-        end = dec.size
+        unpack_from, end, named, handler = entry
         if end > len(request):
             return self._error_reply(request, wire.Resp.ERR_INVALID_PARAMETER)
-        f = _NEW(dec.fields, dec.unpack_from(request, 0))  # named fields, one object
+        f = _NEW(named, unpack_from(request, 0))  # named fields, one object
         try:
             rtype, payload = handler(self, f, request[end:] if end < len(request) else b"")
         except GuestError as exc:
@@ -112,7 +112,7 @@ class CommandHandlers:
         else:
             head = _PLAIN_HEAD.get(rtype) or wire.response(rtype, 0, 0, 0, 0)
         out = head + payload if payload else head
-        if self.holds.pending_rids:  # an UNREF of a busy resource: answer later
+        if self._withhold:  # an UNREF of a busy resource: answer later
             return self.holds.hold(out)
         return out
 
@@ -354,7 +354,9 @@ _HDR_PACK = wire.HDR.pack
 _PAD3 = b"\0\0\0"
 _ECHO_FLAGS = wire.FLAG_FENCE | wire.FLAG_INFO_RING_IDX
 _PLAIN_HEAD = {int(r): wire.response(r, 0, 0, 0, 0) for r in wire.Resp}
-_DISPATCH: dict[int, tuple[Any, Any]] = {
-    int(cmd): (wire.DECODERS[int(cmd)], handler)
+# Per command: the decoder's parts (a tuple: the hot path unpacks it at once) and the handler.
+_DISPATCH: dict[int, tuple[Any, int, Any, Any]] = {
+    int(cmd): (dec.unpack_from, dec.size, dec.fields, handler)
     for cmd, handler in CommandHandlers._handlers.items()
+    for dec in (wire.DECODERS[int(cmd)],)
 }

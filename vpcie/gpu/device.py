@@ -104,6 +104,7 @@ class GpuDevice(CommandHandlers, Device):
         self.lanes = Lanes(self, MAX_REQUEST_BYTES, enabled=lane)
         self.forwarding = Forwarding(self)
         self.holds = UnrefHolds(self, CONTROL_QUEUE)
+        self._withhold = self.holds.pending_rids  # one lookup less per command
 
     @property
     def inflight_bytes(self) -> int:

@@ -73,7 +73,8 @@ class UnrefHolds:
 
     def hold(self, response: bytes) -> Withheld:
         """The response of the request just served, to be given later."""
-        rids, self.pending_rids = set(self.pending_rids), []
+        rids = set(self.pending_rids)
+        self.pending_rids.clear()  # in place: the device reads this very list
         log.info("resource(s) %s still in use by batches in flight: answer held", sorted(rids))
         return withheld(response, functools.partial(self._keep, rids, response))
 
