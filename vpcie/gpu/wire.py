@@ -1,7 +1,8 @@
 """virtio-gpu control and cursor queue messages (virtio 1.2 §5.7.6).
 
 construct definitions are the source of truth; the device model decodes with
-FastStructs derived from them (vpcie/protocol/fastcodec.py).
+the structs FastStruct derives from them (vpcie/protocol/fastcodec.py) into
+named tuples named after their fields (``DECODERS``).
 """
 
 from __future__ import annotations
@@ -141,7 +142,6 @@ REQUESTS: dict[Cmd, c.Struct] = {
     Cmd.UPDATE_CURSOR: UPDATE_CURSOR,
     Cmd.MOVE_CURSOR: UPDATE_CURSOR,
 }
-FAST: dict[int, FastStruct] = {int(k): FastStruct(v) for k, v in REQUESTS.items()}
 # A decoded request, its fields by name (``f.resource_id``): a namedtuple per
 # command, named after the fields of its construct definition above. mypy
 # sees ``Any``: the names exist only once, in the definitions.
