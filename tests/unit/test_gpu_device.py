@@ -317,7 +317,7 @@ async def test_batches_in_flight_are_bounded(mem: GuestMemory) -> None:
     QUOTA_EXCEEDED on its fence slot (published once the work before it has
     finished: a SIGNAL never overtakes earlier work); completions free the
     budget again."""
-    from vpcie.gpu.device import MAX_CTX_INFLIGHT, MAX_INFLIGHT_BATCH_BYTES
+    from vpcie.gpu.forwarding import MAX_CTX_INFLIGHT, MAX_INFLIGHT_BATCH_BYTES
 
     dev, held, _gpu, ctx = await held_device(mem)
     code = bytes(200_000)  # a 200 KB MODULE_LOAD: real payload the backend must keep
@@ -390,7 +390,7 @@ async def test_refusals_waiting_for_earlier_work_are_bounded(mem: GuestMemory) -
     """Refused batches wait for the work before them to publish their
     SIGNALs, but a guest that keeps one batch held and floods refusals
     cannot grow that list: past MAX_DEFERRED they publish at once."""
-    from vpcie.gpu.device import MAX_DEFERRED
+    from vpcie.gpu.forwarding import MAX_DEFERRED
 
     dev, held, _gpu, ctx = await held_device(mem)
     await ctx.start([rec(Opcode.NOP, stream=1)], stream=1)

@@ -41,7 +41,7 @@ SESSION = 7
 def test_constants_match_python() -> None:
     from vpcie._native.batchcheck import MAX_FAST_SIGNALS
     from vpcie.backend.device import MAX_CHAINS_PER_KICK
-    from vpcie.gpu.device import MAX_CTX_INFLIGHT
+    from vpcie.gpu.forwarding import MAX_CTX_INFLIGHT
     from vpcie.tunnel.liveness import Verdict
 
     _ffi, lib = native()

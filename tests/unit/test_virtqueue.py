@@ -23,7 +23,6 @@ from vpcie.virtqueue import (
     VirtQueue,
 )
 from vpcie.virtqueue.chain import DescChain
-from vpcie.virtqueue.device import withheld
 from vpcie.virtqueue.layout import (
     REQUEST_PREFIX,
 )
@@ -36,6 +35,7 @@ from vpcie.virtqueue.layout import (
 from vpcie.virtqueue.layout import (
     VIRTQ_DESC_F_WRITE as WRITE,
 )
+from vpcie.virtqueue.reply import withheld
 
 MiB = 1 << 20
 RAM = 4 * MiB

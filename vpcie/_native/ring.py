@@ -13,18 +13,15 @@ the same state in Python otherwise; the tests run both.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vpcie._native import native
 from vpcie._native.walker import NativeWalker
 from vpcie.errors import GuestError
 from vpcie.memory import GuestMemory
 from vpcie.virtqueue.chain import DescChain
-from vpcie.virtqueue.device import Withheld
 from vpcie.virtqueue.layout import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES, REQUEST_PREFIX
-
-if TYPE_CHECKING:
-    from vpcie.virtqueue.device import RequestHandler
+from vpcie.virtqueue.reply import RequestHandler, Withheld
 
 log = logging.getLogger("vpcie.virtqueue")
 

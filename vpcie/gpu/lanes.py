@@ -31,27 +31,45 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vpcie._native import native_available
-from vpcie._native.lane import FRAME, LOST, TURN, LaneEvent, LaneResource, NativeLane
+from vpcie._native.lane import FRAME, LOST, TURN, BatchParts, LaneEvent, LaneResource, NativeLane
+from vpcie.backend.device import DeviceHost
 from vpcie.errors import ErrorCode, GuestError, ProtocolError
+from vpcie.gpu.binding import Binding
+from vpcie.gpu.context import Context, ContextState
+from vpcie.gpu.resources import ResourceTable
 from vpcie.gpu.submit import completion_reply
 from vpcie.memory import GuestMemory
 from vpcie.protocol.codes import FrameType
 from vpcie.protocol.frames import decode_payload
 from vpcie.tunnel.results import error_code
-
-if TYPE_CHECKING:
-    from vpcie.gpu.device import Context, GpuDevice
+from vpcie.virtqueue.device import VirtQueue
 
 log = logging.getLogger(__name__)
 
 CONTROL_QUEUE = 0
 _ERROR = int(FrameType.ERROR)
 _UNLOCKED = nullcontext()  # reusable: enters and exits with no state
+
+
+class LaneOwner(Protocol):
+    """What the lane needs of the device it serves (GpuDevice implements it)."""
+
+    host: DeviceHost | None
+    binding: Binding
+    contexts: dict[int, Context]
+    resources: ResourceTable
+
+    def serve_control(self, request: bytes, read_len: int) -> bytes: ...
+
+    def lane_adopt(
+        self, ctx: Context, batches: list[BatchParts]
+    ) -> list[tuple[int, Callable[[Any], None]]]: ...
 
 
 @dataclass(eq=False)
@@ -65,7 +83,7 @@ class Lease:
 class Lanes:
     """The lane of one GpuDevice and the contexts lent to it."""
 
-    def __init__(self, device: GpuDevice, max_request: int, *, enabled: bool = True) -> None:
+    def __init__(self, device: LaneOwner, max_request: int, *, enabled: bool = True) -> None:
         self.device = device
         self.max_request = max_request  # the device's cap on a control request
         self.enabled = enabled and native_available()
@@ -99,25 +117,19 @@ class Lanes:
         self._scheduled.discard(ctx.ctx_id)
         dev = self.device
         host = dev.host
-        gen = dev.binding.generation
         session: Any = ctx.session  # a TunnelClient (lend / take_back), or another Session
         if (
             host is None
             or dev.contexts.get(ctx.ctx_id) is not ctx
-            or ctx.ctx_id in self.leases
+            or ctx.state is not ContextState.OPEN
             or session is None
-            or ctx.session_gen != gen
-            or ctx.lost_gen == gen
-            or ctx.inflight
-            or ctx.forwarding
-            or (ctx.queue is not None and not ctx.queue.empty())
+            or not ctx.idle()
             or not hasattr(session, "lend")
             or not session.lendable()
         ):
             return
         vq = host.queue(CONTROL_QUEUE)
-        ring = getattr(vq, "_ring", None)
-        if vq is None or ring is None or not hasattr(host, "claim_kicks"):
+        if vq is None or vq.native_state() is None or not hasattr(host, "claim_kicks"):
             return  # no native ring to hand over
         lane = self._start(vq)
         if lane is None:
@@ -132,6 +144,7 @@ class Lanes:
             session.take_back(seq)
             return
         self.leases[ctx.ctx_id] = Lease(ctx, session)
+        ctx.lent()
         self.refresh(ctx)
         self._attach()
 
@@ -173,6 +186,7 @@ class Lanes:
         lane = self.lane
         if lease is None or lane is None:
             return False
+        ctx.returned()  # before the session fails below: that may mark it lost
         lane.kill(ctx.ctx_id)
         # Completions the lane read and left to Python come first (fence order).
         lost, protocol = "", False
@@ -208,10 +222,10 @@ class Lanes:
         return _UNLOCKED
 
     # -- the ring ------------------------------------------------------------------
-    def _start(self, vq: Any) -> NativeLane | None:
+    def _start(self, vq: VirtQueue) -> NativeLane | None:
         if self.lane is None:
             try:
-                self.lane = NativeLane(vq._walker.max_segments, self.max_request)
+                self.lane = NativeLane(vq.max_segments, self.max_request)
             except (OSError, RuntimeError) as exc:
                 log.warning("lane unavailable, every batch takes the Python path: %s", exc)
                 self.enabled = False
@@ -237,9 +251,9 @@ class Lanes:
             self.refresh_all()
         if host.memory.mem is not self._mem:  # a new table since the lane last served
             self._set_memory(host.memory.acquire())
-        ring = vq._ring
+        ring = vq.native_state()
         assert ring is not None
-        if not lane.attach_ring(ring.r, kick_fd, call_fd):
+        if not lane.attach_ring(ring, kick_fd, call_fd):
             host.unclaim_kicks(CONTROL_QUEUE)
             return
         self._attached = True

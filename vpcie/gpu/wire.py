@@ -1,12 +1,16 @@
 """virtio-gpu control and cursor queue messages (virtio 1.2 §5.7.6).
 
 construct definitions are the source of truth; the device model decodes with
-FastStructs derived from them (vpcie/protocol/fastcodec.py).
+the structs FastStruct derives from them (vpcie/protocol/fastcodec.py) into
+named tuples named after their fields (``DECODERS``).
 """
 
 from __future__ import annotations
 
+from collections import namedtuple
+from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
 
 import construct as c
 
@@ -96,10 +100,13 @@ GET_EDID = _with_hdr("scanout" / u32, "padding" / u32)
 RESP_EDID = _with_hdr("size" / u32, "padding" / u32, "edid" / c.Bytes(EDID_SIZE))
 CTX_CREATE = _with_hdr("nlen" / u32, "context_init" / u32, "debug_name" / c.Bytes(64))
 CTX_DESTROY = CTRL_HDR
+# The spec's ``flags`` field is ``create_flags`` here: every name in a
+# definition must be unique (the device reads fields by name, and construct
+# would let it shadow the header's ``flags``). The bytes are the spec's.
 RESOURCE_CREATE_3D = _with_hdr(
     "resource_id" / u32, "target" / u32, "format" / u32, "bind" / u32,
     "width" / u32, "height" / u32, "depth" / u32, "array_size" / u32,
-    "last_level" / u32, "nr_samples" / u32, "flags" / u32, "padding" / u32,
+    "last_level" / u32, "nr_samples" / u32, "create_flags" / u32, "padding" / u32,
 )  # fmt: skip
 TRANSFER_HOST_3D = _with_hdr(
     "box_x" / u32, "box_y" / u32, "box_z" / u32, "box_w" / u32, "box_h" / u32, "box_d" / u32,
@@ -135,7 +142,33 @@ REQUESTS: dict[Cmd, c.Struct] = {
     Cmd.UPDATE_CURSOR: UPDATE_CURSOR,
     Cmd.MOVE_CURSOR: UPDATE_CURSOR,
 }
-FAST: dict[int, FastStruct] = {int(k): FastStruct(v) for k, v in REQUESTS.items()}
+# A decoded request, its fields by name (``f.resource_id``): a namedtuple per
+# command, named after the fields of its construct definition above. mypy
+# sees ``Any``: the names exist only once, in the definitions.
+Fields = Any
+
+
+class RequestDecoder:
+    """How the device decodes one command: the definition's one struct (all
+    requests are fixed-size) unpacked straight into its named tuple."""
+
+    __slots__ = ("fields", "size", "unpack_from")
+
+    def __init__(self, cmd: Cmd, definition: c.Struct) -> None:
+        st = FastStruct(definition).fixed_struct()
+        self.unpack_from: Callable[..., tuple[Any, ...]] = st.unpack_from
+        self.size = st.size
+        name = "".join(w.title() for w in cmd.name.split("_"))
+        self.fields: type[tuple[Any, ...]] = namedtuple(  # type: ignore[misc]
+            name, [sub.name for sub in definition.subcons]
+        )
+
+    def decode(self, buf: bytes) -> Fields:
+        """The request's fields (``buf`` holds at least ``size`` bytes)."""
+        return tuple.__new__(self.fields, self.unpack_from(buf, 0))
+
+
+DECODERS: dict[int, RequestDecoder] = {int(k): RequestDecoder(k, v) for k, v in REQUESTS.items()}
 HDR = FastStruct(CTRL_HDR).fixed_struct()
 HDR_SIZE = HDR.size
 MEM_ENTRY_ST = FastStruct(MEM_ENTRY).fixed_struct()

@@ -209,6 +209,7 @@ class ChainWalker(Protocol):
     """Walks one chain; the Python and the native walker both implement it."""
 
     name: str
+    max_segments: int
 
     def walk(
         self,

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import platform
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vpcie._native import Impl, native, native_available, select_walker
 from vpcie.errors import GuestError, ProtocolError
@@ -41,31 +40,12 @@ from vpcie.virtqueue.layout import (
     used_ring_size,
     vring_need_event,
 )
+from vpcie.virtqueue.reply import RequestHandler, Withheld
 
 if TYPE_CHECKING:
     from vpcie._native.ring import NativeRing
 
 log = logging.getLogger(__name__)
-# What a device answers a request with (VirtQueue.serve): (request bytes, the
-# chain's readable length) -> response bytes (b"": nothing written).
-RequestHandler = Callable[[bytes, int], bytes]
-
-
-class Withheld(bytes):
-    """A response the device gives later: ``serve`` hands the chain to
-    ``keep`` instead of returning it, and the device returns it with
-    ``VirtQueue.answer`` once it can (a split virtqueue's used ring takes
-    chains in any order unless VIRTIO_F_IN_ORDER, which we never offer)."""
-
-    keep: Callable[[DescChain], None]
-
-
-def withheld(response: bytes, keep: Callable[[DescChain], None]) -> Withheld:
-    out = Withheld(response)
-    out.keep = keep
-    return out
-
-
 # x86-64 keeps store->store and load->load order; only weakly ordered hosts need
 # a fence between the used element and used.idx (§2.7.8).
 _WEAK_ORDER = platform.machine() not in ("x86_64", "AMD64", "i686", "i386")
@@ -208,6 +188,16 @@ class VirtQueue:
         self._last_avail = value
         if self._ring is not None:
             self._ring.r.last_avail = value
+
+    @property
+    def max_segments(self) -> int:
+        """The most segments a chain may have (the walker's cap)."""
+        return self._walker.max_segments
+
+    def native_state(self) -> Any | None:
+        """The C ``struct vq_ring *`` this queue's state lives in (for the lane
+        thread, which serves the ring from C), or None on the Python ring."""
+        return self._ring.r if self._ring is not None else None
 
     @property
     def used_idx(self) -> int:
