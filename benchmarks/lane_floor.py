@@ -36,7 +36,6 @@ import vgpu_path as vp
 from cffi import FFI
 
 from vpcie._native import native
-from vpcie._native.walker import NativeWalker
 from vpcie.gpu import wire
 from vpcie.memory import GuestMemory, word_view
 from vpcie.protocol.batch import encode_batch, rec
@@ -44,6 +43,7 @@ from vpcie.protocol.codes import FRAME_MAGIC, PROTOCOL_VERSION, FrameType, Opcod
 from vpcie.testing.guest_driver import hdr
 from vpcie.tunnel import TunnelClient
 from vpcie.virtqueue import DriverQueue, GuestAllocator, VirtQueue
+from vpcie.virtqueue.native_walker import NativeWalker
 
 HERE = Path(__file__).resolve().parent
 NATIVE_DIR = HERE.parent / "vpcie" / "_native"

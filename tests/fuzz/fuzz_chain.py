@@ -21,10 +21,11 @@ from __future__ import annotations
 import struct
 import sys
 
-from vpcie._native import native_available, select_walker
+from vpcie._native import native_available
 from vpcie.errors import GuestError
 from vpcie.memory import GuestMemory
 from vpcie.virtqueue.faults import ChainError
+from vpcie.virtqueue.impl import select_walker
 from vpcie.virtqueue.layout import AVAIL_IDX, AVAIL_RING
 
 RAM = [(0, 0x800), (0x800, 0x800), (0x2000, 0x800)]  # contiguous pair, hole, third

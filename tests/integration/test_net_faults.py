@@ -243,7 +243,7 @@ def lane_pair(lab: NetLab) -> tuple[socket.socket, socket.socket]:
 
 def lane_lost_after(lab: NetLab, live: LivenessConfig, fault: str) -> tuple[float, bytes]:
     from vpcie._native import native_available
-    from vpcie._native.lane import LOST, NativeLane
+    from vpcie.gpu.native_lane import LOST, NativeLane
 
     if not native_available():
         pytest.skip("native module not built")

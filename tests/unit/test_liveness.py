@@ -290,7 +290,7 @@ def random_run(rng: random.Random, n: int) -> tuple[list[int], list[TcpSnapshot]
 @needs_native
 def test_c_rule_equals_python_rule() -> None:
     from vpcie._native import native
-    from vpcie._native.lane import live_cfg
+    from vpcie.gpu.native_lane import live_cfg
 
     ffi, lib = native()
     rng = random.Random(11)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from vpcie import _native
 from vpcie.memory import GuestMemory
 from vpcie.virtqueue import ChainError, ChainFault, PythonWalker
+from vpcie.virtqueue import impl as vq_impl
 from vpcie.virtqueue.chain import DescChain
 
 pytestmark = pytest.mark.skipif(
@@ -49,24 +50,24 @@ def test_fault_numbers_match_c() -> None:
 
 
 def test_select_walker_modes() -> None:
-    assert _native.select_walker("python").name == "python"
-    assert _native.select_walker("native").name == "native"
-    assert _native.select_walker("auto").name == "native"
+    assert vq_impl.select_walker("python").name == "python"
+    assert vq_impl.select_walker("native").name == "native"
+    assert vq_impl.select_walker("auto").name == "native"
     with pytest.raises(ValueError):
-        _native.select_walker("fast")  # type: ignore[arg-type]
+        vq_impl.select_walker("fast")  # type: ignore[arg-type]
 
 
 def test_fallback_warns_when_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_native, "_lib", None)
     monkeypatch.setattr(_native, "_error", "pretend missing")
-    monkeypatch.setattr(_native, "_warned", False)
+    monkeypatch.setattr(vq_impl, "_warned", False)
     with pytest.warns(RuntimeWarning, match="pretend missing"):
-        assert _native.select_walker("auto").name == "python"
+        assert vq_impl.select_walker("auto").name == "python"
     with pytest.raises(RuntimeError, match="_build"):
-        _native.select_walker("native")
+        vq_impl.select_walker("native")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _native.select_walker("auto").name == "python"  # warned once only
+        assert vq_impl.select_walker("auto").name == "python"  # warned once only
 
 
 flags_st = st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7]), st.integers(0, 0xFFFF))
@@ -126,7 +127,7 @@ def test_differential_python_vs_c(
             if mem.contains(gpa + 16 * i, 16):
                 mem.write(gpa + 16 * i, struct.pack("<QIHH", *d))
     py = PythonWalker(max_segs)
-    from vpcie._native.walker import NativeWalker
+    from vpcie.virtqueue.native_walker import NativeWalker
 
     c = NativeWalker(max_segs, gather_max=64)
     for head in range(num + 1):
@@ -169,7 +170,7 @@ def test_indirect_table_across_contiguous_regions(mem: GuestMemory) -> None:
         table_gpa, struct.pack("<QIHH", 0x5000, 4, 1, 1) + struct.pack("<QIHH", 0x6000, 4, 2, 0)
     )
     mem.write(DESC_GPA, struct.pack("<QIHH", table_gpa, 32, 4, 0))
-    from vpcie._native.walker import NativeWalker
+    from vpcie.virtqueue.native_walker import NativeWalker
 
     for walker in (PythonWalker(), NativeWalker()):
         chain = walker.walk(mem, DESC_GPA, 1, 0)
@@ -178,7 +179,7 @@ def test_indirect_table_across_contiguous_regions(mem: GuestMemory) -> None:
 
 def test_chain_too_big_needs_4gib() -> None:
     """Two 2 GiB buffers exceed MAX_CHAIN_BYTES (used.len is a u32). Sparse memfd."""
-    from vpcie._native.walker import NativeWalker
+    from vpcie.virtqueue.native_walker import NativeWalker
 
     size = (1 << 32) + 0x10000
     with GuestMemory.anonymous([(0, size)]) as big:
@@ -270,7 +271,12 @@ def test_serve_differential_python_vs_c(
 
 @pytest.mark.parametrize(
     "module",
-    ["vpcie._native.ring", "vpcie._native.walker", "vpcie.virtqueue.device", "vpcie.gpu.device"],
+    [
+        "vpcie.virtqueue.native_ring",
+        "vpcie.virtqueue.native_walker",
+        "vpcie.virtqueue.device",
+        "vpcie.gpu.device",
+    ],
 )
 def test_modules_import_first(module: str) -> None:
     """No import cycle: each module can be the first one a program imports."""

@@ -1,20 +1,16 @@
 """Loader for the cffi hot path (``_vq_native``, built by ``python -m vpcie._native._build``).
 
-``select_walker("auto")`` gives the native chain walker when the module is
-built and the pure-Python one otherwise (with a warning, once); "native"
-insists, "python" never loads C. Both behave identically (differential tests).
+This package holds the C and its loader only, and imports nothing else of
+ours: the Python faces of the C live beside their Python twins
+(vpcie/virtqueue/native_ring.py, native_walker.py; vpcie/gpu/native_lane.py;
+batchcheck.py here, which needs only vpcie.protocol), so no layer above
+imports back down into a layer that imports it (docs/ARCHITECTURE.md "Layers").
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from vpcie.virtqueue.chain import ChainWalker
-
-Impl = Literal["auto", "native", "python"]
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +23,6 @@ try:
     _lib, _ffi = _vq_native.lib, _vq_native.ffi
 except ImportError as exc:  # not built (or built for another Python)
     _error = str(exc)
-
-_warned = False
 
 BUILD_HINT = "build it with `python -m vpcie._native._build` (needs gcc and python3-dev)"
 
@@ -47,30 +41,3 @@ def native() -> tuple[Any, Any]:
     if _lib is None:
         raise RuntimeError(f"vpcie native module unavailable ({_error}); {BUILD_HINT}")
     return _ffi, _lib
-
-
-def select_walker(impl: Impl = "auto", max_segments: int | None = None) -> ChainWalker:
-    """A chain walker: native when asked for or available, else pure Python."""
-    global _warned
-    from vpcie.virtqueue.chain import PythonWalker
-    from vpcie.virtqueue.layout import MAX_CHAIN_SEGMENTS
-
-    segs = MAX_CHAIN_SEGMENTS if max_segments is None else max_segments
-    if impl not in ("auto", "native", "python"):
-        raise ValueError(f"unknown virtqueue impl {impl!r} (auto, native or python)")
-    if impl == "python":
-        return PythonWalker(segs)
-    if _lib is None:
-        if impl == "native":
-            native()  # raises with the reason
-        if not _warned:
-            _warned = True
-            msg = f"vpcie native virtqueue walker unavailable ({_error}); using pure Python: " + (
-                BUILD_HINT
-            )
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            log.warning("%s", msg)
-        return PythonWalker(segs)
-    from vpcie._native.walker import NativeWalker
-
-    return NativeWalker(segs)

@@ -30,7 +30,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from vpcie._native.batchcheck import batch_checker
-from vpcie._native.lane import BatchParts
 from vpcie.backend.device import (
     BASE_FEATURES,
     GPU_FEATURES,
@@ -57,6 +56,7 @@ from vpcie.gpu.forwarding import (
 )
 from vpcie.gpu.holding import UnrefHolds
 from vpcie.gpu.lanes import Lanes
+from vpcie.gpu.native_lane import BatchParts
 from vpcie.gpu.resources import ParameterError, ResourceTable
 from vpcie.memory import GuestMemory
 from vpcie.virtqueue import VirtQueue

@@ -17,12 +17,12 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from vpcie._native.lane import BatchParts
 from vpcie.backend.device import DeviceHost
 from vpcie.errors import ErrorCode, GuestError, ProtocolError, VgpuError
 from vpcie.gpu.binding import Binding, Session, info_bytes
 from vpcie.gpu.context import Context, ContextState, Deferred, Pending
 from vpcie.gpu.lanes import Lanes
+from vpcie.gpu.native_lane import BatchParts
 from vpcie.gpu.submit import Prepared, Signal, completion_reply
 from vpcie.memory import GuestMemory
 from vpcie.protocol.batch import Record

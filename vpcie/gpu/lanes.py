@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vpcie._native import native_available
-from vpcie._native.lane import FRAME, LOST, TURN, BatchParts, LaneEvent, LaneResource, NativeLane
 from vpcie.backend.device import DeviceHost
 from vpcie.errors import ErrorCode, GuestError, ProtocolError
 from vpcie.gpu.binding import Binding
 from vpcie.gpu.context import Context, ContextState
+from vpcie.gpu.native_lane import FRAME, LOST, TURN, BatchParts, LaneEvent, LaneResource, NativeLane
 from vpcie.gpu.resources import ResourceTable
 from vpcie.gpu.submit import completion_reply
 from vpcie.memory import GuestMemory
@@ -269,7 +269,7 @@ class Lanes:
     def _set_memory(self, mem: GuestMemory | None) -> None:
         """Point the lane at ``mem`` (acquired by the caller) and let go of the
         table it used before."""
-        from vpcie._native.walker import native_regions
+        from vpcie.virtqueue.native_walker import native_regions
 
         lane, host = self.lane, self.device.host
         assert lane is not None

@@ -13,11 +13,12 @@ import platform
 import threading
 from typing import TYPE_CHECKING, Any
 
-from vpcie._native import Impl, native, native_available, select_walker
+from vpcie._native import native, native_available
 from vpcie.errors import GuestError, ProtocolError
 from vpcie.memory import GuestMemory, word_view
 from vpcie.virtqueue.chain import DescChain
 from vpcie.virtqueue.faults import ChainError
+from vpcie.virtqueue.impl import Impl, select_walker
 from vpcie.virtqueue.layout import (
     AVAIL_ALIGN,
     AVAIL_FLAGS,
@@ -43,7 +44,7 @@ from vpcie.virtqueue.layout import (
 from vpcie.virtqueue.reply import RequestHandler, Withheld
 
 if TYPE_CHECKING:
-    from vpcie._native.ring import NativeRing
+    from vpcie.virtqueue.native_ring import NativeRing
 
 log = logging.getLogger(__name__)
 # x86-64 keeps store->store and load->load order; only weakly ordered hosts need
@@ -107,8 +108,8 @@ class VirtQueue:
         # is one C call; Python: the same state and steps here. Same behaviour.
         self._ring: NativeRing | None = None
         if self.impl == "native":
-            from vpcie._native.ring import NativeRing  # here: no import cycle
-            from vpcie._native.walker import NativeWalker
+            from vpcie.virtqueue.native_ring import NativeRing  # the C only when in use
+            from vpcie.virtqueue.native_walker import NativeWalker
 
             assert isinstance(self._walker, NativeWalker)
             self._ring = NativeRing(self._walker, num, desc_gpa, event_idx)

@@ -1,7 +1,7 @@
 """How a device answers a request: the handler type and a deferred answer.
 
 A leaf module (it imports only ``chain``): both ring implementations, the
-Python one in ``device.py`` and the C one behind ``vpcie/_native/ring.py``,
+Python one in ``device.py`` and the C one behind ``vpcie/virtqueue/native_ring.py``,
 use it without importing each other.
 """
 

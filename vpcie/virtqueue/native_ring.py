@@ -16,11 +16,11 @@ import logging
 from typing import Any
 
 from vpcie._native import native
-from vpcie._native.walker import NativeWalker
 from vpcie.errors import GuestError
 from vpcie.memory import GuestMemory
 from vpcie.virtqueue.chain import DescChain
 from vpcie.virtqueue.layout import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES, REQUEST_PREFIX
+from vpcie.virtqueue.native_walker import NativeWalker
 from vpcie.virtqueue.reply import RequestHandler, Withheld
 
 log = logging.getLogger("vpcie.virtqueue")
