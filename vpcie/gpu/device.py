@@ -37,7 +37,7 @@ from vpcie.backend.device import (
     VIRTIO_GPU_CONFIG,
     Device,
 )
-from vpcie.gpu import wire
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.gpu.binding import Binding
 from vpcie.gpu.capset import make_edid, unbound_info
 from vpcie.gpu.commands import (
