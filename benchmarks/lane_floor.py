@@ -36,8 +36,8 @@ import vgpu_path as vp
 from cffi import FFI
 
 from vpcie._native import native
-from vpcie.gpu import wire
 from vpcie.memory import GuestMemory, word_view
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.protocol.batch import encode_batch, rec
 from vpcie.protocol.codes import FRAME_MAGIC, PROTOCOL_VERSION, FrameType, Opcode
 from vpcie.testing.guest_driver import hdr

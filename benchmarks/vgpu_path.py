@@ -63,9 +63,9 @@ import _common as common
 import numpy as np
 
 from vpcie.errors import ErrorCode
-from vpcie.gpu import wire
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
 from vpcie.memory import word_view
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.protocol.batch import Record, encode_batch, rec
 from vpcie.protocol.codes import Opcode
 from vpcie.protocol.frames import FAST

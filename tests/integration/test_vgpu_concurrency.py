@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 from tests.integration.test_vgpu_device import rig
-from vpcie.gpu import wire
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.testing.guest_driver import FrontendTransport, GuestGpu, hdr
 
 

@@ -265,7 +265,7 @@ async def test_hostile_chains_do_not_stop_the_device(tmp_path: Path) -> None:
     next good command is served."""
     import struct as st
 
-    from vpcie.gpu import wire
+    from vpcie.protocol import virtio_gpu as wire
     from vpcie.testing.guest_driver import hdr
 
     async with rig(tmp_path) as r:

@@ -27,8 +27,8 @@ from tests.integration.test_vgpu_device import Rig, alloc, held, rig
 from vpcie._native import native_available
 from vpcie.cli.vgpu import _human
 from vpcie.errors import ErrorCode
-from vpcie.gpu import wire
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.protocol.batch import Record, encode_batch, rec
 from vpcie.protocol.codes import NO_INDEX, DType, Opcode
 from vpcie.protocol.frames import encode_completion

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import pytest
 
 from vpcie.errors import ErrorCode
-from vpcie.gpu import wire
 from vpcie.gpu.capset import CAPSET_SIZE, VGPU_CAPSET_ID, decode_capset
 from vpcie.gpu.device import GpuDevice
 from vpcie.memory import GuestMemory
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.protocol.batch import encode_batch, rec
 from vpcie.protocol.codes import NO_INDEX, ExecutorKind, Opcode
 from vpcie.protocol.frames import decode_payload

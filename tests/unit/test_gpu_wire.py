@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from vpcie.gpu import wire
+from vpcie.protocol import virtio_gpu as wire
 
 CMDS = sorted(wire.REQUESTS, key=int)
 

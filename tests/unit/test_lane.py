@@ -20,9 +20,9 @@ import pytest
 from tests.conftest import wait_for
 from vpcie._native import native, native_available
 from vpcie.errors import ErrorCode
-from vpcie.gpu import wire
 from vpcie.gpu.fencepage import HEADER_ST, SLOT_ST
 from vpcie.gpu.native_lane import FRAME, LOST, TURN, LaneEvent, NativeLane
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.protocol.codes import (
     FRAME_MAGIC,
     MAX_BATCH_RECORDS,

@@ -68,15 +68,17 @@
 
 static const uint8_t vl_ok_payload[] = VPCIE_COMPLETION_OK_BYTES; /* OK, failed_index NO_INDEX */
 
-#define VL_GPU_HDR 24u        /* struct virtio_gpu_ctrl_hdr */
-#define VL_SUBMIT_HDR 32u     /* + size u32, num_in_fences u32 */
-#define VL_CMD_SUBMIT_3D 0x0207u
-#define VL_RESP_OK_NODATA 0x1100u
-#define VL_FLAG_FENCE 1u
-#define VL_ECHO_FLAGS 3u      /* FLAG_FENCE | FLAG_INFO_RING_IDX */
+#define VL_GPU_HDR VPCIE_VIRTIO_GPU_CTRL_HDR_SIZE
+#define VL_SUBMIT_HDR VPCIE_VIRTIO_GPU_SUBMIT_3D_SIZE
+#define VL_CMD_SUBMIT_3D VPCIE_VIRTIO_GPU_CMD_SUBMIT_3D
+#define VL_RESP_OK_NODATA VPCIE_VIRTIO_GPU_RESP_OK_NODATA
+#define VL_FLAG_FENCE VPCIE_VIRTIO_GPU_FLAG_FENCE
+#define VL_ECHO_FLAGS (VPCIE_VIRTIO_GPU_FLAG_FENCE | VPCIE_VIRTIO_GPU_FLAG_INFO_RING_IDX)
 
-#define VL_FENCE_HDR 16u      /* fencepage.HEADER */
-#define VL_FENCE_SLOT 24u     /* fencepage.SLOT */
+#define VL_FENCE_HDR VPCIE_FENCE_HEADER_SIZE
+#define VL_FENCE_SLOT VPCIE_FENCE_SLOT_SIZE
+_Static_assert(VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_CTX_ID == VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_FENCE_ID + 8,
+               "the response copies fence_id and ctx_id as one run");
 
 /* Offsets of the struct tcp_info fields the rule reads, as this kernel's
  * header has them (vpcie/tunnel/tcpinfo.py FIELDS is tested against these). */
@@ -468,11 +470,11 @@ static void vl_fence_complete(struct vl_lane *L, uint64_t fence_gpa, uint32_t st
     if ((uintptr_t)p & 7u)
         return;
     if (code) { /* error fields first, then the sequence (fencepage.FencePage.complete) */
-        __atomic_store_n((uint32_t *)(p + 16), code, __ATOMIC_RELAXED);
-        __atomic_store_n((uint32_t *)(p + 20), failed, __ATOMIC_RELAXED);
-        __atomic_store_n((uint64_t *)(p + 8), seq, __ATOMIC_RELEASE);
+        __atomic_store_n((uint32_t *)(p + VPCIE_FENCE_SLOT_OFF_ERROR_CODE), code, __ATOMIC_RELAXED);
+        __atomic_store_n((uint32_t *)(p + VPCIE_FENCE_SLOT_OFF_FAILED_INDEX), failed, __ATOMIC_RELAXED);
+        __atomic_store_n((uint64_t *)(p + VPCIE_FENCE_SLOT_OFF_ERROR_SEQ), seq, __ATOMIC_RELEASE);
     }
-    __atomic_store_n((uint64_t *)p, seq, __ATOMIC_RELEASE);
+    __atomic_store_n((uint64_t *)(p + VPCIE_FENCE_SLOT_OFF_COMPLETED_SEQ), seq, __ATOMIC_RELEASE);
 }
 
 /* Replies, then fence slots (on the page at `fence_gpa` when `has_fence`);
@@ -760,10 +762,10 @@ static int vl_take(struct vl_lane *L, uint32_t head)
     if (!L->wo.gathered || read_len < VL_SUBMIT_HDR)
         return 0;
     uint32_t type, flags, ctx_id, size;
-    memcpy(&type, req, 4);
-    memcpy(&flags, req + 4, 4);
-    memcpy(&ctx_id, req + 16, 4);
-    memcpy(&size, req + VL_GPU_HDR, 4);
+    memcpy(&type, req + VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_TYPE, 4);
+    memcpy(&flags, req + VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_FLAGS, 4);
+    memcpy(&ctx_id, req + VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_CTX_ID, 4);
+    memcpy(&size, req + VPCIE_VIRTIO_GPU_SUBMIT_3D_OFF_SIZE, 4);
     if (type != VL_CMD_SUBMIT_3D || size != read_len - VL_SUBMIT_HDR)
         return 0;
     struct vl_ctx *c = vl_find(L, ctx_id);
@@ -807,11 +809,11 @@ static int vl_take(struct vl_lane *L, uint32_t head)
     /* The answer GpuDevice.handle() gives: OK_NODATA, the fence echoed. */
     uint8_t resp[VL_GPU_HDR];
     memset(resp, 0, sizeof resp);
-    vl_put32(resp, VL_RESP_OK_NODATA);
+    vl_put32(resp + VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_TYPE, VL_RESP_OK_NODATA);
     if (flags & VL_FLAG_FENCE) {
-        vl_put32(resp + 4, flags & VL_ECHO_FLAGS);
-        memcpy(resp + 8, req + 8, 12); /* fence_id, ctx_id */
-        resp[20] = req[20];            /* ring_idx */
+        vl_put32(resp + VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_FLAGS, flags & VL_ECHO_FLAGS);
+        memcpy(resp + VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_FENCE_ID, req + VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_FENCE_ID, 12); /* fence_id, ctx_id */
+        resp[VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_RING_IDX] = req[VPCIE_VIRTIO_GPU_CTRL_HDR_OFF_RING_IDX];
     }
     vq_ring_reply(L->ring, L->regs, L->nregs, L->segs, L->wo.nsegs, head, (const char *)resp,
                   sizeof resp);

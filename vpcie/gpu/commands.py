@@ -18,7 +18,6 @@ from typing import Any
 
 from vpcie._native.batchcheck import BatchChecker
 from vpcie.errors import ErrorCode, GuestError, ProtocolError, VgpuError
-from vpcie.gpu import wire
 from vpcie.gpu.binding import Binding
 from vpcie.gpu.capset import CAPSET_SIZE, VGPU_CAPSET_ID, VGPU_CAPSET_VERSION, capset_payload
 from vpcie.gpu.context import Context, ContextError
@@ -36,10 +35,11 @@ from vpcie.gpu.resources import (
     check_backing,
 )
 from vpcie.gpu.submit import prepare, prepare_checked
-from vpcie.gpu.wire import Fields
 from vpcie.memory import GuestMemory
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.protocol.batch import decode_batch
 from vpcie.protocol.codes import MAX_BATCH_BYTES
+from vpcie.protocol.virtio_gpu import Fields
 
 # The device's logger: its records are under the guest log budget (logbudget.py).
 log = logging.getLogger("vpcie.gpu.device")

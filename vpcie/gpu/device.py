@@ -37,7 +37,6 @@ from vpcie.backend.device import (
     VIRTIO_GPU_CONFIG,
     Device,
 )
-from vpcie.gpu import wire
 from vpcie.gpu.binding import Binding
 from vpcie.gpu.capset import make_edid, unbound_info
 from vpcie.gpu.commands import (
@@ -59,6 +58,7 @@ from vpcie.gpu.lanes import Lanes
 from vpcie.gpu.native_lane import BatchParts
 from vpcie.gpu.resources import ParameterError, ResourceTable
 from vpcie.memory import GuestMemory
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.virtqueue import VirtQueue
 
 __all__ = [

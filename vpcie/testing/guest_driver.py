@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vpcie.errors import ErrorCode
-from vpcie.gpu import wire
 from vpcie.gpu.capset import CAPSET_SIZE, VGPU_CAPSET_ID
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
 from vpcie.memory import GuestMemory
+from vpcie.protocol import virtio_gpu as wire
 from vpcie.protocol.batch import Record, encode_batch, rec
 from vpcie.protocol.codes import Opcode
 from vpcie.protocol.frames import decode_payload

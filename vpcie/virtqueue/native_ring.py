@@ -38,9 +38,11 @@ class NativeRing:
         self.r.desc_gpa = desc_gpa
         self.r.event_idx = int(event_idx)
         self._head: Any = ffi.new("uint32_t *")
-        self._segs_raw: Any = ffi.cast("char *", walker._segs)
+        wb = walker.buffers
+        self._w_segs, self._w_gather, self._w_gather_max, self._w_out = wb
+        self._segs_raw: Any = ffi.cast("char *", wb.segs)
         self._bufs: list[Any] = []
-        self._big: tuple[Any, int] = (walker._gather, walker._gather_max)
+        self._big: tuple[Any, int] = (wb.gather, wb.gather_max)
 
     def map(self, avail: memoryview, used: memoryview) -> None:
         """Point at the rings (views checked by the caller); the views stay
@@ -59,7 +61,7 @@ class NativeRing:
         regs = w.regions(mem)
         rc = self._lib.vq_ring_pop(
             self.r, regs.table, regs.n, w.max_segments, MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES,
-            w._segs, w._gather, w._gather_max, w._out, self._head,
+            self._w_segs, self._w_gather, self._w_gather_max, self._w_out, self._head,
         )  # fmt: skip
         if rc == 1:
             return w.chain(mem, int(self._head[0]), regs)
@@ -78,7 +80,8 @@ class NativeRing:
         ffi, lib, w = self._ffi, self._lib, self._walker
         regs = w.regions(mem)
         gather, cap = self._gather_buffer(max_request)
-        r, segs, out, headp, table, nregs = self.r, w._segs, w._out, self._head, regs.table, regs.n
+        r, segs, out, headp = self.r, self._w_segs, self._w_out, self._head
+        table, nregs = regs.table, regs.n
         max_segs = w.max_segments
         for n in range(limit):
             rc = lib.vq_ring_pop(
@@ -125,7 +128,7 @@ class NativeRing:
 
     def _fault(self, rc: int) -> GuestError:
         if rc == -2:
-            r, ahead = self.r, int(self._walker._out.value)
+            r, ahead = self.r, int(self._w_out.value)
             return GuestError(
                 f"avail.idx {(r.last_avail + ahead) & 0xFFFF} is {ahead} entries ahead of "
                 f"last_avail_idx {r.last_avail}, more than queue size {r.num}"

@@ -9,7 +9,7 @@ chains refuse to touch memory once it is closed.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 from vpcie._native import native
 from vpcie.errors import GuestError
@@ -144,6 +144,13 @@ class NativeDescChain(DescChain):
 _FFI_LIB: tuple[Any, Any] | None = None  # native(), once a NativeWalker exists
 
 
+class WalkBuffers(NamedTuple):
+    segs: Any  # struct vq_seg[max_segments]
+    gather: Any  # char[gather_max]
+    gather_max: int
+    out: Any  # struct vq_walk_out *
+
+
 class NativeWalker:
     """ChainWalker backed by ``vq_walk`` in C."""
 
@@ -160,6 +167,13 @@ class NativeWalker:
         self._out = ffi.new("struct vq_walk_out *")
         self._gather = ffi.new("char[]", max(1, gather_max))
         self._gather_max = gather_max
+
+    @property
+    def buffers(self) -> WalkBuffers:
+        """The C buffers a walk fills, for NativeRing, whose pop walks the chain
+        in the same C call (vq_ring_pop): the segments, the gather buffer and its
+        size, and the walk's outcome."""
+        return WalkBuffers(self._segs, self._gather, self._gather_max, self._out)
 
     def walk(
         self,
