@@ -140,7 +140,7 @@ def test_four_copiers_and_four_busy_workers_on_two_cpus(
         results = [json.loads(p.communicate(timeout=200)[0]) for p in copiers]
     finally:
         stop_workers(workers)
-    agent_log = "\n".join(l for l in agent.log_tail if "session" in l or "lost" in l)
+    agent_log = "\n".join(ln for ln in agent.log_tail if "session" in ln or "lost" in ln)
     for r in results:
         assert r["lost"] == "" and r["bad"] == 0 and r["rounds"] >= 1, (results, agent_log)
 
