@@ -34,6 +34,7 @@ from host_agent.runner import (
     inline_cost,
     scan,
 )
+from host_agent.tlsstream import TlsStream
 from host_agent.wire import SEQ_LENGTH, Buf, Sender, completion_head
 from vpcie.errors import ErrorCode, ProtocolError, VgpuError
 from vpcie.protocol.batch import decode_batch
@@ -110,7 +111,7 @@ class Lane:
 class Session:
     def __init__(
         self,
-        sock: socket.socket,
+        sock: socket.socket | TlsStream,
         reader: FrameReader,
         executor: Executor,
         config: SessionConfig,

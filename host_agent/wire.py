@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 from vpcie.protocol.codes import FrameType
 from vpcie.protocol.frames import SEQ_LENGTH, header_prefix
@@ -19,6 +20,12 @@ from vpcie.protocol.frames import SEQ_LENGTH, header_prefix
 __all__ = ["MAX_IOV", "SEQ_LENGTH", "Buf", "Sender", "completion_head"]
 
 Buf = bytes | bytearray | memoryview
+
+
+class SendAll(Protocol):
+    """A TLS stream (host_agent.tlsstream.TlsStream): no sendmsg, only sendall."""
+
+    def sendall(self, data: Buf) -> None: ...
 MAX_IOV = 512  # below IOV_MAX (1024 on Linux)
 _JOIN_LIMIT = 64 * 1024  # TLS: parts smaller than this are joined
 
@@ -30,10 +37,10 @@ def completion_head(session: int) -> bytes:
 
 
 class Sender:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket | SendAll) -> None:
+        self.sock: Any = sock
         self.lock = threading.Lock()
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls = not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket)
 
     def send(self, parts: Sequence[Buf]) -> None:
         """Send all parts, in order, as one write where the kernel allows."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from host_agent.config import AgentConfig
 from host_agent.handshake import open_reply_frame
 from host_agent.logs import log, set_process
+from host_agent.tlsstream import TlsStream
 from vpcie.errors import ErrorCode
 
 if TYPE_CHECKING:
@@ -70,25 +71,23 @@ def make_executor(kind: str, device: dict[str, Any], limits: SessionLimits, agen
     return CpuExecutor(limits, DeviceIdentity("", device["id"], agent))
 
 
-def set_idle_timeout(sock: socket.socket, seconds: float) -> None:
-    """Make a recv that waited ``seconds`` for bytes fail (the session ends "idle").
+def session_stream(sock: socket.socket, seconds: float) -> socket.socket | TlsStream:
+    """The connection as the session uses it, where a read that waited
+    ``seconds`` for bytes fails (the session ends "idle").
 
     Plain TCP: SO_RCVTIMEO on a blocking socket, so recv fails with EAGAIN
     after silence without the poll() per recv that a socket timeout costs.
-    TLS: SO_RCVTIMEO does not work there: CPython's SSL read retries SSL_read
+    TLS: SO_RCVTIMEO does not work there (CPython's SSL read retries SSL_read
     on WANT_READ for a blocking socket, so the EAGAIN never surfaces and a
-    silent peer held its worker forever. An SSLSocket timeout does: the fd
-    becomes non-blocking and the ssl module polls (with the timeout) only
-    when SSL_read has nothing buffered, i.e. only where a blocking read
-    would have slept anyway. Sends then also give up after ``seconds`` of a
-    peer that takes nothing, which ends the session as "lost"."""
+    silent peer held its worker forever); and the reader and the senders must
+    not be in OpenSSL at once: a TlsStream (host_agent/tlsstream.py)."""
     if isinstance(sock, ssl.SSLSocket):
-        sock.settimeout(seconds)
-        return
+        return TlsStream(sock, seconds)
     sock.setblocking(True)
     sec = int(seconds)
     usec = int((seconds - sec) * 1e6)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, usec))
+    return sock
 
 
 def serve(conn: socket.socket, ctl: Control, grant: Grant, cfg: AgentConfig) -> str:
@@ -97,7 +96,7 @@ def serve(conn: socket.socket, ctl: Control, grant: Grant, cfg: AgentConfig) -> 
     from host_agent.session import Session, SessionConfig
     from vpcie.protocol.frames import FrameReader
 
-    set_idle_timeout(conn, cfg.idle_timeout)
+    stream = session_stream(conn, cfg.idle_timeout)
     device, sid = grant.device, grant.session
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if device["kind"] == "cpu" else device["id"]
     limits = SessionLimits(grant.mem_quota, grant.max_inflight)
@@ -106,7 +105,7 @@ def serve(conn: socket.socket, ctl: Control, grant: Grant, cfg: AgentConfig) -> 
     except Exception as exc:  # ImportError (no CuPy), CUDA init failure
         log("error", "executor_failed", device=device["id"], error=repr(exc))
         msg = f"executor for {device['id']} failed: {exc}"
-        conn.sendall(open_reply_frame(ErrorCode.NO_DEVICE, 0, msg, b""))
+        stream.sendall(open_reply_frame(ErrorCode.NO_DEVICE, 0, msg, b""))
         return "executor-failed"
     executor.set_handle_epoch(grant.handle_epoch)
     ctl.send(
@@ -118,9 +117,9 @@ def serve(conn: socket.socket, ctl: Control, grant: Grant, cfg: AgentConfig) -> 
             "env": {"CUDA_VISIBLE_DEVICES": os.environ["CUDA_VISIBLE_DEVICES"]},
         }
     )
-    conn.sendall(open_reply_frame(ErrorCode.OK, sid, "", executor.query_info()))
+    stream.sendall(open_reply_frame(ErrorCode.OK, sid, "", executor.query_info()))
     session = Session(
-        conn,
+        stream,
         FrameReader(),
         executor,
         SessionConfig(sid, limits.max_inflight, cfg.event_wait_timeout, cfg.idle_timeout),
