@@ -24,9 +24,9 @@ import sys
 from vpcie._native import native_available
 from vpcie.errors import GuestError
 from vpcie.memory import GuestMemory
+from vpcie.protocol.virtq import AVAIL_IDX, AVAIL_RING
 from vpcie.virtqueue.faults import ChainError
 from vpcie.virtqueue.impl import select_walker
-from vpcie.virtqueue.layout import AVAIL_IDX, AVAIL_RING
 
 RAM = [(0, 0x800), (0x800, 0x800), (0x2000, 0x800)]  # contiguous pair, hole, third
 AVAIL_GPA = 0  # the avail ring first, so short inputs already reach the walker

@@ -372,7 +372,7 @@ async def test_hostile_chains_while_the_lane_owns_the_ring(
     """Bad chains reach the lane first: it hands each to Python, which answers
     as it always did; an avail index run too far ahead is refused once, not
     spun on, and the ring serves again once the driver repairs it."""
-    from vpcie.virtqueue.layout import AVAIL_IDX
+    from vpcie.protocol.virtq import AVAIL_IDX
 
     async with rig(tmp_path) as r:
         ctx = await lent_context(r, agent)

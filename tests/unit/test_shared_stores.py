@@ -24,9 +24,9 @@ from tests.conftest import wait_for
 from vpcie._native import native_available
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST, FencePage
 from vpcie.memory import GuestMemory, word_view
+from vpcie.protocol.virtq import USED_IDX, avail_event_offset
 from vpcie.virtqueue import DriverQueue, GuestAllocator, VirtQueue
 from vpcie.virtqueue.impl import Impl
-from vpcie.virtqueue.layout import USED_IDX, avail_event_offset
 
 RAM = 1 << 20
 NUM = 256

@@ -13,6 +13,18 @@ import pytest
 from vpcie._native import native_available
 from vpcie.errors import GuestError
 from vpcie.memory import GuestMemory
+from vpcie.protocol.virtq import (
+    REQUEST_PREFIX,
+)
+from vpcie.protocol.virtq import (
+    VIRTQ_DESC_F_INDIRECT as INDIRECT,
+)
+from vpcie.protocol.virtq import (
+    VIRTQ_DESC_F_NEXT as NEXT,
+)
+from vpcie.protocol.virtq import (
+    VIRTQ_DESC_F_WRITE as WRITE,
+)
 from vpcie.virtqueue import (
     MAX_CHAIN_SEGMENTS,
     MAX_INDIRECT_ENTRIES,
@@ -23,18 +35,6 @@ from vpcie.virtqueue import (
     VirtQueue,
 )
 from vpcie.virtqueue.chain import DescChain
-from vpcie.virtqueue.layout import (
-    REQUEST_PREFIX,
-)
-from vpcie.virtqueue.layout import (
-    VIRTQ_DESC_F_INDIRECT as INDIRECT,
-)
-from vpcie.virtqueue.layout import (
-    VIRTQ_DESC_F_NEXT as NEXT,
-)
-from vpcie.virtqueue.layout import (
-    VIRTQ_DESC_F_WRITE as WRITE,
-)
 from vpcie.virtqueue.reply import withheld
 
 MiB = 1 << 20

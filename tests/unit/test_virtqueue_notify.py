@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from vpcie.memory import GuestMemory
+from vpcie.protocol.virtq import vring_need_event
 from vpcie.virtqueue import DriverQueue, GuestAllocator, VirtQueue
-from vpcie.virtqueue.layout import vring_need_event
 
 MiB = 1 << 20
 

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vpcie_wire.h" /* every ring offset: generated from vpcie/protocol/virtq.py */
+
 #define VQ_E_HEAD_OUT_OF_RANGE 1
 #define VQ_E_NEXT_OUT_OF_RANGE 2
 #define VQ_E_LOOP 3
@@ -25,9 +27,9 @@
 #define VQ_E_INDIRECT_TOO_LARGE 12
 #define VQ_E_INDIRECT_OUT_OF_RANGE 13
 
-#define VQ_DESC_F_NEXT 1
-#define VQ_DESC_F_WRITE 2
-#define VQ_DESC_F_INDIRECT 4
+#define VQ_DESC_F_NEXT VPCIE_VIRTQ_DESC_F_NEXT
+#define VQ_DESC_F_WRITE VPCIE_VIRTQ_DESC_F_WRITE
+#define VQ_DESC_F_INDIRECT VPCIE_VIRTQ_DESC_F_INDIRECT
 #define VQ_SEG_WRITE 1
 
 struct vq_region { uint64_t gpa; uint64_t size; uint8_t *base; };
@@ -115,7 +117,7 @@ int vq_walk(const struct vq_region *regs, uint32_t nregs, uint64_t desc_gpa, uin
 {
     uint64_t table = desc_gpa, total = 0;
     uint32_t table_len = num, indirect = 0, idx = head, hops = 0, nsegs = 0, seen_write = 0;
-    uint8_t d[16];
+    uint8_t d[VPCIE_VIRTQ_DESC_SIZE];
 
     memset(out, 0, sizeof(*out));
     if (head >= num)
@@ -123,28 +125,29 @@ int vq_walk(const struct vq_region *regs, uint32_t nregs, uint64_t desc_gpa, uin
     for (;;) {
         if (hops >= table_len) /* §2.7.5.2 hop limit = loop detector */
             return vq_fail(out, VQ_E_LOOP, idx, table_len, indirect);
-        uint64_t off = (uint64_t)idx * 16u;
+        uint64_t off = (uint64_t)idx * VPCIE_VIRTQ_DESC_SIZE;
         if (table > UINT64_MAX - off)
             return vq_fail(out, VQ_E_DESC_OUT_OF_RANGE, idx, table + off, indirect);
-        if (vq_copy(regs, nregs, table + off, d, 16, 0))
+        if (vq_copy(regs, nregs, table + off, d, sizeof d, 0))
             return vq_fail(out, VQ_E_DESC_OUT_OF_RANGE, idx, table + off, indirect);
-        uint64_t addr = le64(d);
-        uint32_t len = le32(d + 8);
-        uint16_t flags = le16(d + 12), next = le16(d + 14);
+        uint64_t addr = le64(d + VPCIE_VIRTQ_DESC_OFF_ADDR);
+        uint32_t len = le32(d + VPCIE_VIRTQ_DESC_OFF_LEN);
+        uint16_t flags = le16(d + VPCIE_VIRTQ_DESC_OFF_FLAGS);
+        uint16_t next = le16(d + VPCIE_VIRTQ_DESC_OFF_NEXT);
 
         if (flags & VQ_DESC_F_INDIRECT) { /* §2.7.5.3.1 */
             if (indirect)
                 return vq_fail(out, VQ_E_NESTED_INDIRECT, idx, 0, indirect);
             if (flags & VQ_DESC_F_NEXT)
                 return vq_fail(out, VQ_E_INDIRECT_WITH_NEXT, idx, 0, indirect);
-            if (len == 0 || len % 16u)
+            if (len == 0 || len % VPCIE_VIRTQ_DESC_SIZE)
                 return vq_fail(out, VQ_E_INDIRECT_BAD_LEN, idx, len, indirect);
-            if (len / 16u > max_indirect)
-                return vq_fail(out, VQ_E_INDIRECT_TOO_LARGE, idx, len / 16u, indirect);
+            if (len / VPCIE_VIRTQ_DESC_SIZE > max_indirect)
+                return vq_fail(out, VQ_E_INDIRECT_TOO_LARGE, idx, len / VPCIE_VIRTQ_DESC_SIZE, indirect);
             if (!vq_range_ok(regs, nregs, addr, len))
                 return vq_fail(out, VQ_E_INDIRECT_OUT_OF_RANGE, idx, addr, indirect);
             table = addr;
-            table_len = len / 16u;
+            table_len = len / VPCIE_VIRTQ_DESC_SIZE;
             indirect = 1;
             idx = hops = 0;
             continue;
@@ -247,12 +250,12 @@ void vq_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
  * written before used.idx, which is published with one release store (§2.7.8),
  * and avail_event is one 16-bit store: a reader never sees a torn or zeroed
  * index. Mirrors VirtQueue's Python paths step for step. */
-#define VQ_AVAIL_FLAGS 0
-#define VQ_AVAIL_IDX 2
-#define VQ_AVAIL_RING 4
-#define VQ_USED_IDX 2
-#define VQ_USED_RING 4
-#define VQ_AVAIL_F_NO_INTERRUPT 1
+#define VQ_AVAIL_FLAGS VPCIE_VIRTQ_AVAIL_OFF_FLAGS
+#define VQ_AVAIL_IDX VPCIE_VIRTQ_AVAIL_OFF_IDX
+#define VQ_AVAIL_RING VPCIE_VIRTQ_AVAIL_OFF_RING
+#define VQ_USED_IDX VPCIE_VIRTQ_USED_OFF_IDX
+#define VQ_USED_RING VPCIE_VIRTQ_USED_OFF_RING
+#define VQ_AVAIL_F_NO_INTERRUPT VPCIE_VIRTQ_AVAIL_F_NO_INTERRUPT
 
 struct vq_ring {
     uint8_t *avail; uint8_t *used;
@@ -287,11 +290,11 @@ int vq_ring_pop(struct vq_ring *r, const struct vq_region *regs, uint32_t nregs,
     }
     uint32_t last = r->last_avail;
     uint16_t h = __atomic_load_n(
-        (const uint16_t *)(r->avail + VQ_AVAIL_RING + 2u * (last & (r->num - 1))), __ATOMIC_RELAXED);
+        (const uint16_t *)(r->avail + VQ_AVAIL_RING + VPCIE_VIRTQ_AVAIL_ENTRY_SIZE * (last & (r->num - 1))), __ATOMIC_RELAXED);
     last = (last + 1) & 0xFFFFu;
     r->last_avail = last;
     if (r->event_idx) /* avail_event: kick me when the driver passes last_avail (§2.7.10) */
-        vq_store16(r->used + VQ_USED_RING + 8u * r->num, (uint16_t)last);
+        vq_store16(r->used + VQ_USED_RING + VPCIE_VIRTQ_USED_ELEM_SIZE * r->num, (uint16_t)last);
     *head = h;
     if (vq_walk(regs, nregs, r->desc_gpa, r->num, h, max_segs, max_bytes, max_indirect, segs,
                 gather, gather_cap, out))
@@ -303,9 +306,9 @@ int vq_ring_pop(struct vq_ring *r, const struct vq_region *regs, uint32_t nregs,
 void vq_ring_push(struct vq_ring *r, uint32_t head, uint32_t len)
 {
     uint32_t idx = r->used_idx;
-    uint8_t *elem = r->used + VQ_USED_RING + 8u * (idx & (r->num - 1));
-    __atomic_store_n((uint32_t *)elem, head, __ATOMIC_RELAXED);
-    __atomic_store_n((uint32_t *)(elem + 4), len, __ATOMIC_RELAXED);
+    uint8_t *elem = r->used + VQ_USED_RING + VPCIE_VIRTQ_USED_ELEM_SIZE * (idx & (r->num - 1));
+    __atomic_store_n((uint32_t *)(elem + VPCIE_VIRTQ_USED_ELEM_OFF_ID), head, __ATOMIC_RELAXED);
+    __atomic_store_n((uint32_t *)(elem + VPCIE_VIRTQ_USED_ELEM_OFF_LEN), len, __ATOMIC_RELAXED);
     idx = (idx + 1) & 0xFFFFu;
     r->used_idx = idx;
     vq_store16(r->used + VQ_USED_IDX, (uint16_t)idx);
@@ -337,6 +340,7 @@ int vq_ring_needs_notify(struct vq_ring *r)
     uint32_t valid = r->signalled_valid, old = r->signalled_used, now = r->used_idx;
     r->signalled_valid = 1;
     r->signalled_used = now;
-    uint16_t event = vq_load16(r->avail + VQ_AVAIL_RING + 2u * r->num); /* used_event */
+    uint16_t event = vq_load16(r->avail + VQ_AVAIL_RING + VPCIE_VIRTQ_AVAIL_ENTRY_SIZE * r->num);
+    /* ^ used_event */
     return !valid || (uint16_t)(now - event - 1) < (uint16_t)(now - old);
 }

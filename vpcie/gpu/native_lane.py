@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from vpcie._native import native
+from vpcie.protocol.virtq import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES
 from vpcie.tunnel.liveness import PING_INTERVAL_NS, LivenessConfig
-from vpcie.virtqueue.layout import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES
 
 TURN, FRAME, LOST = 1, 2, 3
 _STATS = (

@@ -15,8 +15,7 @@ from typing import Protocol
 
 from vpcie.errors import GuestError
 from vpcie.memory import GuestMemory
-from vpcie.virtqueue.faults import ChainError, ChainFault
-from vpcie.virtqueue.layout import (
+from vpcie.protocol.virtq import (
     DESC,
     DESC_SIZE,
     MAX_CHAIN_BYTES,
@@ -26,6 +25,7 @@ from vpcie.virtqueue.layout import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
+from vpcie.virtqueue.faults import ChainError, ChainFault
 
 Segment = tuple[int, int]  # (gpa, length)
 _U64_MASK = (1 << 64) - 1

@@ -16,10 +16,7 @@ from typing import TYPE_CHECKING, Any
 from vpcie._native import native, native_available
 from vpcie.errors import GuestError, ProtocolError
 from vpcie.memory import GuestMemory, word_view
-from vpcie.virtqueue.chain import DescChain
-from vpcie.virtqueue.faults import ChainError
-from vpcie.virtqueue.impl import Impl, select_walker
-from vpcie.virtqueue.layout import (
+from vpcie.protocol.virtq import (
     AVAIL_ALIGN,
     AVAIL_FLAGS,
     AVAIL_IDX,
@@ -41,6 +38,9 @@ from vpcie.virtqueue.layout import (
     used_ring_size,
     vring_need_event,
 )
+from vpcie.virtqueue.chain import DescChain
+from vpcie.virtqueue.faults import ChainError
+from vpcie.virtqueue.impl import Impl, select_walker
 from vpcie.virtqueue.reply import RequestHandler, Withheld
 
 if TYPE_CHECKING:

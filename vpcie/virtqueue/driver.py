@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 from vpcie.errors import GuestError, ProtocolError
 from vpcie.memory import GuestMemory, word_view
-from vpcie.virtqueue.device import check_queue_size, full_fence
-from vpcie.virtqueue.layout import (
+from vpcie.protocol.virtq import (
     AVAIL_ALIGN,
     AVAIL_FLAGS,
     AVAIL_IDX,
@@ -40,6 +39,7 @@ from vpcie.virtqueue.layout import (
     used_ring_size,
     vring_need_event,
 )
+from vpcie.virtqueue.device import check_queue_size, full_fence
 
 _U16 = struct.Struct("<H")
 

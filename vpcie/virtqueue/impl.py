@@ -10,8 +10,8 @@ import warnings
 from typing import Literal
 
 from vpcie._native import BUILD_HINT, native, native_available, native_error
+from vpcie.protocol.virtq import MAX_CHAIN_SEGMENTS
 from vpcie.virtqueue.chain import ChainWalker, PythonWalker
-from vpcie.virtqueue.layout import MAX_CHAIN_SEGMENTS
 
 Impl = Literal["auto", "native", "python"]
 

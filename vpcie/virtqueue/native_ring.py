@@ -18,8 +18,8 @@ from typing import Any
 from vpcie._native import native
 from vpcie.errors import GuestError
 from vpcie.memory import GuestMemory
+from vpcie.protocol.virtq import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES, REQUEST_PREFIX
 from vpcie.virtqueue.chain import DescChain
-from vpcie.virtqueue.layout import MAX_CHAIN_BYTES, MAX_INDIRECT_ENTRIES, REQUEST_PREFIX
 from vpcie.virtqueue.native_walker import NativeWalker
 from vpcie.virtqueue.reply import RequestHandler, Withheld
 

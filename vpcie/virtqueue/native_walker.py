@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 from vpcie._native import native
 from vpcie.errors import GuestError
 from vpcie.memory import GuestMemory
+from vpcie.protocol.virtq import MAX_CHAIN_BYTES, MAX_CHAIN_SEGMENTS, MAX_INDIRECT_ENTRIES
 from vpcie.virtqueue.chain import DescChain
 from vpcie.virtqueue.faults import ChainError, ChainFault
-from vpcie.virtqueue.layout import MAX_CHAIN_BYTES, MAX_CHAIN_SEGMENTS, MAX_INDIRECT_ENTRIES
 
 GATHER_INLINE_MAX = 4096  # requests up to this size are gathered in the walk call itself
 _SEG = struct.Struct("<QII")  # struct vq_seg { u64 addr; u32 len; u32 flags; }
