@@ -9,6 +9,7 @@ user, for files that cannot be opened).
 
 from __future__ import annotations
 
+import ssl
 import stat
 from pathlib import Path
 
@@ -64,3 +65,23 @@ def check_pki_files(ca: Path, cert: Path, key: Path) -> None:
     pem = serialization.Encoding.PEM
     if leaf.public_key().public_bytes(pem, fmt) != private.public_key().public_bytes(pem, fmt):
         raise ConfigError(f"{key} is not the key of {cert} (they do not match)")
+
+
+def client_tls_context(tls_dir: str, name: str) -> ssl.SSLContext:
+    """mTLS client context from a PKI folder made by ``vpcie-agent pki``:
+    ca.crt, NAME.crt (a client certificate) and NAME.key. A folder or file
+    that cannot be used is a ConfigError naming it (and the user we run as)."""
+    d = tls_folder(tls_dir)
+    ca, cert, key = d / "ca.crt", d / f"{name}.crt", d / f"{name}.key"
+    check_pki_files(ca, cert, key)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:  # checked above; a race or an OpenSSL-only refusal
+        raise ConfigError(f"cannot use TLS files in {d} ({name}.crt/.key, ca.crt): {exc}") from exc
+    # The agent's certificate must name (SAN) the address the bind uses, so
+    # another agent of the same fleet cannot answer in this one's place.
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
