@@ -1,6 +1,6 @@
 """``vpcie-agent``: serve GPUs, MIG slices or a CPU executor over the tunnel.
 
-    vpcie-agent serve --listen HOST:PORT (--tls-dir DIR | --psk-file FILE) [...]
+    vpcie-agent serve --listen HOST:PORT (--tls-dir DIR | --psk-file FILE) [--pool URL] [...]
     vpcie-agent pki init --dir DIR
     vpcie-agent pki issue --dir DIR --name NAME (--server [--san IP/DNS ...] | --client)
     vpcie-agent inventory [--json]
@@ -34,6 +34,7 @@ from host_agent.config import (
 from host_agent.inventory import Inventory, discover
 from host_agent.logs import log
 from host_agent.nvml import load_nvml
+from host_agent.registrar_child import PoolOptions, RegistrarChild, check_url
 from host_agent.server import Agent
 from vpcie.errors import ConfigError
 from vpcie.oneline_args import OneLineParser, non_negative_int
@@ -130,13 +131,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.max_handshakes = args.max_handshakes
     cfg.auth_timeout = args.auth_timeout
     cfg.max_handshakes_per_source = args.max_handshakes_per_source
+    registrar = pool_registrar(args, host)
     inv = build_inventory(args.executor)
     agent = Agent(cfg, inv, (host, port), Path(args.state_file) if args.state_file else None)
+    if registrar is not None:
+        agent.on_listening = registrar.start
     try:
         asyncio.run(agent.serve())
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from exc
+    finally:
+        if registrar is not None:
+            registrar.stop()
     return 0
+
+
+def pool_registrar(args: argparse.Namespace, listen_host: str) -> RegistrarChild | None:
+    """--pool: the child that keeps this agent registered (docs/POOL.md)."""
+    if not args.pool:
+        for opt in ("pool_address", "pool_tls_dir"):
+            if getattr(args, opt):
+                raise ConfigError(f"--{opt.replace('_', '-')} needs --pool URL")
+        return None
+    check_url(args.pool)
+    if args.pool_ttl < 2:
+        raise ConfigError(f"--pool-ttl {args.pool_ttl:g}: at least 2 seconds")
+    opts = PoolOptions(
+        url=args.pool,
+        ttl=args.pool_ttl,
+        address=args.pool_address or "",
+        name=args.name,
+        psk_file=args.psk_file,
+        tls_dir=None if args.psk_file else (args.pool_tls_dir or args.tls_dir),
+        tls_name=args.pool_tls_name,
+    )
+    return RegistrarChild(opts, listen_host)
 
 
 def cmd_pki(args: argparse.Namespace) -> int:
@@ -218,6 +247,25 @@ def parser() -> argparse.ArgumentParser:
         help="... from one source address",
     )
     s.add_argument("--state-file", help="JSON file with inventory and sessions, kept current")
+    s.add_argument(
+        "--pool",
+        metavar="URL",
+        help="register in this pool and stay registered while serving (a child process)",
+    )
+    s.add_argument(
+        "--pool-ttl", type=float, default=10.0, help="seconds the pool waits before 'down'"
+    )
+    s.add_argument(
+        "--pool-address",
+        metavar="HOST:PORT",
+        help="the address backends use (default: --listen, or this host's name for 0.0.0.0)",
+    )
+    s.add_argument(
+        "--pool-tls-dir",
+        help="TLS: the PKI folder the pool records for backends, with a client certificate "
+        "for the registrar's inventory queries (default --tls-dir)",
+    )
+    s.add_argument("--pool-tls-name", default="backend", help="that client certificate's name")
     s.set_defaults(func=cmd_serve)
     p = sub.add_parser("pki", help="fleet CA and certificates")
     psub = p.add_subparsers(dest="pki_cmd", required=True)

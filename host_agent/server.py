@@ -21,6 +21,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,9 @@ class WorkerInfo:
 
 
 class Agent:
+    # Called with the port once listening (vpcie-agent serve --pool starts its registrar).
+    on_listening: Callable[[int], None] | None = None
+
     def __init__(
         self,
         config: AgentConfig,
@@ -347,6 +351,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         self.write_state()
+        if self.on_listening is not None:
+            self.on_listening(self.port)
         if (threads := native_threads()) != 1:  # fork_worker refuses Python threads itself
             log("warning", "main_process_threads", threads=threads, hint="forks may be unsafe")
         log(

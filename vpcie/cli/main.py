@@ -1,4 +1,9 @@
-"""``vpcie``: the admin command: ``demo``, ``vgpu status|bind|unbind``, ``version``.
+"""``vpcie``: the admin command.
+
+The pool: ``agents``, ``gpus``, ``vgpus``, ``leases``, ``reserve``, ``release``,
+``bind``, ``unbind``, ``migrate``, ``drain``, ``status`` (vpcie/cli/inventory_verbs.py,
+lease_verbs.py; docs/POOL.md). The low-level path, no pool: ``vgpu
+status|bind|unbind``. And ``demo``, ``version``.
 
 Every failure prints one line (``vpcie: error: ...``) and exits non-zero
 (STYLE.md habit 15): 1 for a failed operation, 2 for bad input.
@@ -35,8 +40,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineParser(prog="vpcie", description="network-attached virtual GPUs")
+    from vpcie.cli import inventory_verbs, lease_verbs, pool_session
+
+    ap = OneLineParser(
+        prog="vpcie",
+        description="network-attached virtual GPUs",
+        epilog="examples:\n  vpcie status\n  vpcie agents\n  vpcie bind web1 --memory 8GiB\n"
+        "  vpcie migrate web1 --to gpu9\n  vpcie drain gpu7\n"
+        "  vpcie --pool etcd://10.0.0.5:2379 leases --json\n"
+        "every COMMAND has --help with examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--pool", default=None, metavar="URL", help=pool_session.POOL_HELP)
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    inventory_verbs.add_parsers(sub)
+    lease_verbs.add_parsers(sub)
     d = sub.add_parser(
         "demo",
         help="boot a QEMU guest whose vGPU runs a GEMM on a local agent; verify it",

@@ -1,0 +1,64 @@
+"""A vGPU's backend, reached by its control socket (the pool's Vgpu.socket):
+the bind / unbind / migrate requests the fleet sends it."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from vpcie.control.client import control_request
+from vpcie.errors import VpcieError
+from vpcie.places import DEFAULT_RUN_DIR
+from vpcie.pool.model import Agent, Lease
+
+# A bind opens a session; a migrate copies the vGPU's device memory (its drain
+# alone may take the backend's --migrate-drain-timeout, 30 s by default).
+BIND_TIMEOUT_S = 60.0
+MIGRATE_TIMEOUT_S = 600.0
+
+
+class BackendError(VpcieError):
+    """The backend could not be reached, or refused the request (one line)."""
+
+
+class BackendGone(BackendError):
+    """No backend listens on the control socket (nothing to unbind there)."""
+
+
+def default_socket(vgpu: str) -> str:
+    """Where a managed backend (libvirt started it) keeps its control socket."""
+    return os.path.join(DEFAULT_RUN_DIR, f"{vgpu}.ctl")
+
+
+def target_fields(agent: Agent, lease: Lease) -> dict[str, Any]:
+    """The agent, credential, device, quota and fencing token of ``lease``, as
+    the control socket's bind and migrate take them."""
+    wire: dict[str, Any] = {
+        "agent": agent.address,
+        "psk_file": agent.auth.get("psk_file"),
+        "tls_dir": agent.auth.get("tls_dir"),
+        "tls_name": agent.auth.get("tls_name", "backend"),
+        "device": lease.gpu,
+        "mem_quota": lease.memory,
+        "lease_token": lease.token,
+    }
+    return wire
+
+
+async def call(socket: str, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send ``op`` to the backend at ``socket``; its ``{"ok": true, ...}``
+    answer, or BackendError with one line."""
+    try:
+        reply = await control_request(socket, {"op": op, **fields}, timeout=timeout)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise BackendGone(
+            f"no backend listens on {socket} (is its vpcie-backend running?)"
+        ) from exc
+    except (OSError, TimeoutError, json.JSONDecodeError) as exc:
+        raise BackendError(f"backend at {socket}: {exc or type(exc).__name__}") from exc
+    except VpcieError as exc:  # NotAControlSocket
+        raise BackendError(str(exc)) from exc
+    if not reply.get("ok"):
+        raise BackendError(f"backend {socket} refused {op}: {reply.get('error', 'no reason')}")
+    return reply
