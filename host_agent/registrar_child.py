@@ -37,10 +37,8 @@ class PoolOptions:
 
 def check_url(url: str) -> None:
     """Refuse what no store opens, now, not in a child's log later."""
-    if not (url.startswith(("sqlite://", "etcd://", "/"))):
-        raise ConfigError(
-            f"--pool {url!r}: expected sqlite:///PATH, an absolute path, or etcd://HOST:PORT"
-        )
+    if not url or ("://" in url and not url.startswith(("sqlite:///", "etcd://"))):
+        raise ConfigError(f"--pool {url!r}: expected sqlite:///PATH, a path, or etcd://HOST:PORT")
 
 
 def advertised(opts: PoolOptions, listen_host: str, port: int) -> str:

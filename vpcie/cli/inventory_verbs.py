@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,7 @@ from vpcie.cli.output import emit, fmt_age, fmt_labels, fmt_size, table
 from vpcie.errors import ConfigError
 
 if TYPE_CHECKING:
-    from vpcie.pool.model import Agent, Gpu, Lease
+    from vpcie.pool.model import Agent, Gpu, Lease, Usage
     from vpcie.pool.pool import Pool
 
 LIVE = ("reserved", "bound", "migrating")
@@ -136,19 +135,6 @@ def add_parsers(sub: Any) -> None:
     st.set_defaults(func=cmd_status)
 
 
-def health(agent: Agent) -> str:
-    """ "up" | "stale" | "down", as the pool derives it."""
-    return str(agent.health())
-
-
-def _booked(leases: list[Lease]) -> Counter[tuple[str, str]]:
-    booked: Counter[tuple[str, str]] = Counter()
-    for lease in leases:
-        if lease.state in LIVE:
-            booked[(lease.agent, lease.gpu)] += lease.memory
-    return booked
-
-
 # ---- agents
 
 
@@ -199,17 +185,22 @@ def _agents_add(args: argparse.Namespace) -> int:
 
 
 def _agents_list(args: argparse.Namespace) -> int:
-    async def body(pool: Pool) -> tuple[list[Agent], list[Gpu], list[Lease]]:
-        return await pool.agents(), await pool.gpus(), await pool.leases()
+    async def body(pool: Pool) -> tuple[list[Agent], dict[str, str], list[Gpu], list[Lease]]:
+        return (
+            await pool.agents(),
+            await pool.agent_health(),
+            await pool.gpus(),
+            await pool.leases(),
+        )
 
-    agents_, gpus, leases = ps.run(args, body)
+    agents_, healths, gpus, leases = ps.run(args, body)
     per_agent = Counter(g.agent for g in gpus if g.servable)
     per_agent_leases = Counter(lease.agent for lease in leases if lease.state in LIVE)
     rows = [
         (
             a.name,
             a.address,
-            health(a),
+            healths.get(a.name, "down"),
             "cordoned" if a.cordoned else "-",
             per_agent[a.name],
             per_agent_leases[a.name],
@@ -218,7 +209,7 @@ def _agents_list(args: argparse.Namespace) -> int:
         )
         for a in sorted(agents_, key=lambda a: a.name)
     ]
-    out = [dict(a.to_json(), health=health(a)) for a in agents_]
+    out = [dict(a.to_json(), health=healths.get(a.name, "down")) for a in agents_]
     emit(
         args.json,
         {"agents": out},
@@ -246,11 +237,11 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         emit(args.json, {"gpu": args.gpu, "done": args.action}, f"{args.gpu} {args.action}ed")
         return 0
 
-    async def body(pool: Pool) -> tuple[list[Gpu], list[Lease]]:
-        return await pool.gpus(agent=args.agent), await pool.leases()
+    async def body(pool: Pool) -> tuple[list[Gpu], dict[str, Usage]]:
+        return await pool.gpus(agent=args.agent), await pool.usage()
 
-    gpus, leases = ps.run(args, body)
-    booked = _booked(leases)
+    gpus, usage = ps.run(args, body)
+    booked = {g.key: usage[g.key].memory if g.key in usage else 0 for g in gpus}
     rows = []
     for g in sorted(gpus, key=lambda g: (g.agent, g.parent or g.id, g.kind != "gpu", g.id)):
         state = "cordoned" if g.cordoned else ("-" if g.servable else "MIG mode")
@@ -262,12 +253,12 @@ def cmd_gpus(args: argparse.Namespace) -> int:
                 g.model,
                 g.profile or "-",
                 fmt_size(g.memory_total),
-                fmt_size(booked[(g.agent, g.id)]),
+                fmt_size(booked[g.key]),
                 "ok" if g.healthy else "BAD",
                 state,
             )
         )
-    out = [dict(g.to_json(), booked=booked[(g.agent, g.id)]) for g in gpus]
+    out = [dict(g.to_json(), booked=booked[g.key]) for g in gpus]
     emit(
         args.json,
         {"gpus": out},
@@ -370,67 +361,29 @@ def cmd_leases(args: argparse.Namespace) -> int:
 # ---- status
 
 
-def summarize(
-    agents_: list[Agent], gpus: list[Gpu], leases: list[Lease], vgpus: int
-) -> dict[str, Any]:
-    """The pool in numbers (pure: the CLI's status screen and --json)."""
-    healths = {a.name: health(a) for a in agents_}
-    cordoned = {a.name for a in agents_ if a.cordoned}
-    served = [g for g in gpus if g.servable]
-    usable = [
-        g for g in served
-        if g.healthy and not g.cordoned and healths.get(g.agent) == "up" and g.agent not in cordoned
-    ]  # fmt: skip
-    booked = sum(lease.memory for lease in leases if lease.state in LIVE)
-    states = Counter(lease.state for lease in leases if lease.state in LIVE)
-    return {
-        "agents": {h: sum(1 for x in healths.values() if x == h) for h in ("up", "stale", "down")}
-        | {"cordoned": len(cordoned), "total": len(agents_)},
-        "devices": {
-            "total": len(served),
-            "usable": len(usable),
-            "gpu": sum(1 for g in served if g.kind == "gpu"),
-            "mig": sum(1 for g in served if g.kind == "mig"),
-            "cpu": sum(1 for g in served if g.kind == "cpu"),
-            "unhealthy": sum(1 for g in served if not g.healthy),
-            "cordoned": sum(1 for g in served if g.cordoned),
-        },
-        "memory": {
-            "total": sum(g.memory_total for g in served),
-            "usable": sum(g.memory_total for g in usable),
-            "booked": booked,
-        },
-        "leases": {s: states.get(s, 0) for s in LIVE} | {"total": sum(states.values())},
-        "vgpus": vgpus,
-    }
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from vpcie.fleet import config
 
     cfg = config.load(getattr(args, "pool", None))
 
     async def body(pool: Pool) -> dict[str, Any]:
-        agents_, gpus, leases, vgpus = await asyncio.gather(
-            pool.agents(), pool.gpus(), pool.leases(), pool.vgpus()
-        )
-        return summarize(agents_, gpus, leases, len(vgpus))
+        return await pool.status()
 
     s = ps.run(args, body)
-    a, d, m, le = s["agents"], s["devices"], s["memory"], s["leases"]
-    used = 100.0 * m["booked"] / m["usable"] if m["usable"] else 0.0
+    a, d, m, le = s["agents"], s["gpus"], s["memory"], s["leases"]
+    used = 100.0 * m["booked"] / m["total"] if m["total"] else 0.0
     human = "\n".join(
         [
             f"pool    : {cfg.pool} (from {cfg.pool_from})",
             f"agents  : {a['total']} ({a['up']} up, {a['stale']} stale, {a['down']} down; "
             f"{a['cordoned']} cordoned)",
             f"devices : {d['total']} servable ({d['gpu']} GPUs, {d['mig']} MIG slices, "
-            f"{d['cpu']} CPU); {d['usable']} usable, {d['unhealthy']} unhealthy, "
+            f"{d['cpu']} CPU); {d['leased']} leased, {d['unhealthy']} unhealthy, "
             f"{d['cordoned']} cordoned",
-            f"memory  : {fmt_size(m['booked'])} booked of {fmt_size(m['usable'])} usable "
-            f"({used:.0f}%), {fmt_size(m['total'])} in all",
-            f"leases  : {le['total']} ({le['bound']} bound, {le['reserved']} reserved, "
-            f"{le['migrating']} migrating); {s['vgpus']} vGPUs",
+            f"memory  : {fmt_size(m['booked'])} booked of {fmt_size(m['total'])} ({used:.0f}%)",
+            f"leases  : {sum(le.values())} ("
+            + ", ".join(f"{le.get(k, 0)} {k}" for k in ("bound", "reserved", "migrating"))
+            + f"); {s['vgpus']} vGPUs",
         ]
     )
     emit(args.json, {"pool": cfg.pool, **s}, human)

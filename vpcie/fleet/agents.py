@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from vpcie.control.messages import parse_hostport
-from vpcie.errors import ConfigError, VpcieError
+from vpcie.errors import ConfigError, ErrorCode, VgpuError, VpcieError
+from vpcie.pool.errors import NotFound
 from vpcie.pool.model import Agent, Gpu
 from vpcie.pool.pool import Pool
 from vpcie.tls_files import client_tls_context
@@ -77,6 +78,13 @@ async def fetch_inventory(
     except (OSError, TimeoutError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise AgentUnreachable(f"agent at {address}: {why or 'no answer in time'}") from exc
+    except VgpuError as exc:
+        if exc.code == ErrorCode.DEVICE_LOST:  # unreachable, closed, no answer in time
+            raise AgentUnreachable(f"agent at {address}: {exc.message}") from exc
+        if exc.code == ErrorCode.PERMISSION_DENIED:
+            why = f"agent at {address} refused our credentials: {exc.message}"
+            raise VgpuError(exc.code, why) from None
+        raise
 
 
 def gpus_from_inventory(agent: str, reply: dict[str, Any]) -> list[Gpu]:
@@ -116,6 +124,9 @@ def agent_record(
     labels: dict[str, str] | None = None,
     registered: bool = False,
 ) -> Agent:
+    """An agent added by hand has no heartbeat to wait for (ttl 0: the
+    operator vouches for it, "up" until removed); a registered one is "up"
+    while its registrar keeps its alive key."""
     return Agent(
         name=name,
         address=address,
@@ -125,6 +136,7 @@ def agent_record(
         registered=registered,
         heartbeat=time.time(),
         version=int(reply.get("version", 0)),
+        ttl=10.0 if registered else 0.0,
     )
 
 
@@ -155,9 +167,7 @@ async def refresh(pool: Pool, name: str) -> list[Gpu]:
 
 
 async def find_agent(pool: Pool, name: str) -> Agent:
-    from vpcie.pool.errors import NotFound
-
     for a in await pool.agents():
         if a.name == name:
             return a
-    raise NotFound(f"no agent {name!r} in the pool (vpcie agents list)")
+    raise NotFound(f"no agent named {name} in the pool (vpcie agents list)")

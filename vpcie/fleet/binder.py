@@ -9,7 +9,6 @@ booked for a backend that is not using it because we failed half way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from vpcie.fleet import backends
 from vpcie.fleet.agents import find_agent
@@ -103,8 +102,7 @@ async def bind(
         if reserved_here:
             await pool.release(lease.id)
         raise
-    await pool.set_lease_state(lease.id, "bound")
-    lease = await _lease(pool, lease.id)
+    lease = await pool.set_lease_state(lease.id, "bound")
     return BindResult(await get_vgpu(pool, name), lease, str(reply.get("bound", "")))
 
 
@@ -122,17 +120,4 @@ async def unbind(pool: Pool, name: str) -> UnbindResult:
         was = reply.get("was") or ""
     except backends.BackendGone:
         was = None
-    await pool.release(lease.id)
-    return UnbindResult(vgpu, await _lease(pool, lease.id), was)
-
-
-async def _lease(pool: Pool, lease_id: str) -> Lease:
-    for lease in await pool.leases():
-        if lease.id == lease_id:
-            return lease
-    raise NotFound(f"lease {lease_id} vanished from the pool")
-
-
-def lease_json(lease: Lease) -> dict[str, Any]:
-    out: dict[str, Any] = lease.to_json()
-    return out
+    return UnbindResult(vgpu, await pool.release(lease.id), was)

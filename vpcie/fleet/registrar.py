@@ -96,7 +96,7 @@ class Registrar:
         finally:
             if self.alive_id is not None:
                 with contextlib.suppress(Exception):  # the TTL ends it anyway
-                    await asyncio.wait_for(pool.revoke_alive(self.alive_id), 2.0)
+                    await asyncio.wait_for(pool.kv.revoke(self.alive_id), 2.0)
                 log("info", "unregistered", agent=self.args.agent_name)
             await pool.close()
 
