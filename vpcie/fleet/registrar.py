@@ -135,14 +135,7 @@ class Registrar:
         name = self.args.agent_name
         gpus = agents.gpus_from_inventory(name, reply)
         if self.alive_id is None:
-            known = {a.name for a in await pool.agents()}
-            if name in known:
-                await pool.update_inventory(name, gpus)
-            else:
-                agent = agents.agent_record(
-                    name, self.args.address, self.auth, reply, registered=True
-                )
-                await pool.add_agent(agent, gpus)
+            await self._enroll(pool, reply, gpus)
             self.alive_id = await pool.register_alive(name, self.ttl)
             self.seen = _fingerprint(gpus)
             log("info", "registered", agent=name, devices=len(gpus), ttl=self.ttl)
@@ -154,6 +147,27 @@ class Registrar:
             self.seen = _fingerprint(gpus)
             log("info", "inventory_changed", agent=name, devices=len(gpus))
         await pool.heartbeat(name)
+
+    async def _enroll(self, pool: Any, reply: dict[str, Any], gpus: list[Any]) -> None:
+        """Add the agent, or take over its record: an agent restarted with
+        the same name keeps its cordon and labels; a new address or
+        credential is written when it holds no leases (a record in use is
+        not pulled from under its backends)."""
+        name = self.args.agent_name
+        new = agents.agent_record(name, self.args.address, self.auth, reply, registered=True)
+        old = next((a for a in await pool.agents() if a.name == name), None)
+        if old is not None and (old.address, old.auth) != (new.address, new.auth):
+            if [ls for ls in await pool.leases(agent=name) if ls.state != "released"]:
+                log("warning", "address_kept", agent=name, recorded=old.address,
+                    ours=self.args.address, why="it holds leases")  # fmt: skip
+            else:
+                new.cordoned, new.labels = old.cordoned, old.labels
+                await pool.remove_agent(name)
+                old = None
+        if old is None:
+            await pool.add_agent(new, gpus)
+        else:
+            await pool.update_inventory(name, gpus)
 
 
 def parser() -> argparse.ArgumentParser:
