@@ -173,3 +173,27 @@ def agent_factory(tmp_path: Path) -> Iterator[object]:
     yield make
     for a in started:
         a.stop()
+
+
+# The pool's stores (vpcie/pool/): one real etcd for the session, and a
+# ``pool_url`` that runs a test once per store with a store of its own.
+
+
+@pytest.fixture(scope="session")
+def etcd_url() -> Iterator[str]:
+    from vpcie.testing.etcd import EtcdServer
+
+    with EtcdServer() as etcd:
+        yield etcd.url
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def pool_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """``sqlite:///TMP/pool.db`` (a fresh file) or ``etcd://127.0.0.1:PORT/PREFIX``
+    (the session's etcd, a key prefix no other test uses)."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/pool.db"
+    import uuid
+
+    url: str = request.getfixturevalue("etcd_url")
+    return f"{url}/t-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,178 @@
+"""What the pool stores: agents, their GPUs and MIG slices, vGPUs, leases.
+
+Each record is a dataclass with ``to_json`` / ``from_json`` (the stored
+value is that JSON). ``from_json`` ignores fields it does not know and fills
+the ones it lacks with their defaults, so a newer writer and an older reader
+(or the other way round) can share a store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Self
+
+Health = Literal["up", "stale", "down"]
+LeaseState = Literal["reserved", "bound", "migrating", "released"]
+LEASE_STATES: tuple[str, ...] = ("reserved", "bound", "migrating", "released")
+KINDS: tuple[str, ...] = ("gpu", "mig", "cpu")
+POLICIES: tuple[str, ...] = ("pack", "spread")
+STALE_AFTER_TTLS = 3  # an unregistered agent is "down" after this many TTLs without a heartbeat
+
+
+class _Record:
+    _tuples: ClassVar[tuple[str, ...]] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        for name in self._tuples:
+            out[name] = list(out[name])
+        return out  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Self:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        kw = {k: v for k, v in data.items() if k in known}
+        for name in cls._tuples:
+            if name in kw:
+                kw[name] = tuple(kw[name])
+        return cls(**kw)
+
+    def dumps(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def loads(cls, raw: bytes) -> Self:
+        return cls.from_json(json.loads(raw))
+
+
+@dataclass
+class Agent(_Record):
+    """A host agent. ``address`` is HOST:PORT; ``auth`` is ``{"psk_file": P}``
+    or ``{"tls_dir": D, "tls_name": N}``. ``registered``: a registrar keeps a
+    TTL key alive for it (its health is that key); otherwise its health is the
+    age of ``heartbeat`` against ``ttl`` (``ttl`` 0: no heartbeat expected,
+    always up: an agent the operator vouches for)."""
+
+    name: str
+    address: str
+    auth: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    cordoned: bool = False
+    registered: bool = False
+    heartbeat: float = 0.0
+    version: int = 0  # the agent's protocol version, from its inventory
+    ttl: float = 10.0
+
+    def health(self, now: float, alive: bool) -> Health:
+        """``alive``: its ``/vpcie/alive/`` TTL key exists."""
+        if self.registered:
+            return "up" if alive else "down"
+        if alive or self.ttl <= 0:
+            return "up"
+        age = now - self.heartbeat
+        if age <= self.ttl:
+            return "up"
+        return "stale" if age <= STALE_AFTER_TTLS * self.ttl else "down"
+
+
+@dataclass
+class Gpu(_Record):
+    """A device an agent lists: a whole GPU, a MIG slice, or its CPU executor.
+
+    ``id`` is the agent's device id (GPU or MIG UUID, or ``cpu0``): unique on
+    its agent, not across agents (every CPU agent has a ``cpu0``), so the pool
+    names a device ``AGENT/ID`` (``key``). A GPU in MIG mode is listed but not
+    ``servable``; its slices are."""
+
+    id: str
+    agent: str
+    kind: str = "gpu"
+    parent: str = ""
+    model: str = ""
+    memory_total: int = 0
+    profile: str = ""
+    cc_major: int = 0
+    cc_minor: int = 0
+    healthy: bool = True
+    servable: bool = True
+    cordoned: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.agent}/{self.id}"
+
+
+@dataclass
+class Vgpu(_Record):
+    """A vGPU: its backend's control ``socket``, the ``domain`` it serves, and
+    ``lease``, the id of its newest lease ("" when it holds none). While it
+    migrates it holds two leases; ``lease`` names the target's."""
+
+    name: str
+    socket: str = ""
+    domain: str = ""
+    lease: str = ""
+
+
+@dataclass
+class Lease(_Record):
+    """A vGPU's claim on a device. ``token`` is the store revision of the
+    transaction that created it (the key's create_revision: never stored, filled
+    in on every read): the fencing token the backend presents to the agent.
+    ``gpu`` is the agent's device id; ``memory`` the quota in bytes."""
+
+    id: str
+    vgpu: str
+    agent: str
+    gpu: str
+    memory: int = 0
+    exclusive: bool = False
+    state: str = "reserved"
+    owner: str = ""
+    token: int = 0
+    created: float = 0.0
+    updated: float = 0.0
+
+    @property
+    def device(self) -> str:
+        return f"{self.agent}/{self.gpu}"
+
+
+@dataclass
+class Usage(_Record):
+    """What is booked on one device: the ``/vpcie/usage/AGENT/GPU`` record every
+    reserve and release compares. ``leases`` maps lease id -> bytes booked."""
+
+    memory: int = 0
+    exclusive: bool = False
+    leases: dict[str, int] = field(default_factory=dict)
+
+    def free(self, total: int) -> int:
+        return -1 if self.exclusive else total - self.memory
+
+
+@dataclass
+class Request(_Record):
+    """What a vGPU asks for. ``whole``: a whole device, exclusively; ``profile``:
+    a MIG slice of that profile, exclusively; otherwise ``memory`` bytes on any
+    device, shared. ``model`` matches a substring of the device's model (any
+    case); ``labels`` must all be on the device or its agent."""
+
+    _tuples: ClassVar[tuple[str, ...]] = ("exclude_agents",)
+
+    memory: int = 0
+    profile: str = ""
+    whole: bool = False
+    model: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    agent: str = ""
+    gpu: str = ""
+    policy: str = "pack"
+    exclude_agents: tuple[str, ...] = ()
+
+    @property
+    def exclusive(self) -> bool:
+        return self.whole or bool(self.profile)
