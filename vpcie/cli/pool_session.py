@@ -45,23 +45,24 @@ def run(args: argparse.Namespace, body: Callable[[Pool], Awaitable[T]]) -> T:
 
     cfg = config.load(getattr(args, "pool", None))
 
+    from vpcie.pool.errors import PoolError
+
     async def go() -> T:
         from vpcie.pool.pool import Pool
 
-        pool = await Pool.open(cfg.pool)
+        try:
+            pool = await Pool.open(cfg.pool)  # connects on first use: only the URL is checked
+        except PoolError as exc:
+            raise ConfigError(f"{exc} (pool URL from {cfg.pool_from})") from None
         try:
             return await body(pool)
         finally:
             await pool.close()
 
-    from vpcie.pool.errors import PoolError
-
     try:
         return asyncio.run(go())
     except PoolError as exc:
         raise FleetFailed(str(exc) or type(exc).__name__) from None
-    except ValueError as exc:  # a bad URL, a bad --to
-        raise ConfigError(str(exc)) from None
 
 
 def pki_dir(args: argparse.Namespace) -> str:
