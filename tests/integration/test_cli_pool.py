@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from host_agent.nvml import FAKE_NVML_ENV
-from tests.conftest import ROOT, AgentProc, start_agent
+from tests.conftest import ROOT, AgentProc, start_agent, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -298,3 +298,264 @@ def test_help_of_every_verb_has_examples() -> None:
     top = subprocess.run([*VPCIE, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     for verb in {v[0] for v in VERBS}:
         assert f"    {verb}" in top.stdout
+
+
+# ---- bind, unbind, migrate, drain: real CPU agents, real backends
+
+
+def cpu_agent(tmp: Path, name: str) -> AgentProc:
+    return start_agent(tmp / name, "--name", name, "--state-file", str(tmp / f"{name}.json"))
+
+
+async def aok(url: str, *args: str) -> str:
+    rc, out, err = await acli(url, *args)
+    assert rc == 0, f"vpcie {' '.join(args)}: {err or out}"
+    return out
+
+
+async def ajs(url: str, *args: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(await aok(url, *args, "--json"))
+    return doc
+
+
+async def add_cpu_agents(url: str, *agents: tuple[str, AgentProc]) -> None:
+    for name, a in agents:
+        await aok(url, "agents", "add", name, "--address", a.address, "--psk-file", str(a.psk_file))
+
+
+def sessions(state_file: Path) -> list[dict[str, Any]]:
+    try:
+        got: list[dict[str, Any]] = json.loads(state_file.read_text())["sessions"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return got
+
+
+async def test_bind_unbind_through_the_pool(pool_url: str, tmp_path: Path) -> None:
+    from tests.conftest import until
+    from tests.integration.test_vgpu_device import alloc, rig
+    from vpcie.control.client import control_request
+    from vpcie.errors import ErrorCode
+    from vpcie.protocol.batch import rec
+    from vpcie.protocol.codes import Opcode
+
+    a1 = cpu_agent(tmp_path, "a1")
+    try:
+        async with rig(tmp_path) as r:
+            await add_cpu_agents(pool_url, ("a1", a1))
+            doc = await ajs(pool_url, "bind", "vm1", "--backend", r.control, "--memory", "64MiB")
+            lease = doc["lease"]
+            assert (lease["state"], lease["agent"], lease["gpu"]) == ("bound", "a1", "cpu0")
+            assert doc["bound"].startswith(a1.address) and doc["vgpu"]["socket"] == r.control
+            st = await control_request(r.control, {"op": "status"})
+            assert st["binding"] == "bound" and a1.address in st["target"]
+            # A guest context opens its session with the lease's token and quota.
+            ctx = await r.gpu.open("prog")
+            await alloc(ctx, 4096)
+            state = tmp_path / "a1.json"
+            got = await until(lambda: sessions(state), 10, "a session in the agent's state file")
+            assert [s["lease_token"] for s in got] == [lease["token"]]
+            over = await ctx.run([rec(Opcode.MEM_ALLOC, 128 << 20, 0)])
+            assert over.status == ErrorCode.QUOTA_EXCEEDED  # the lease's 64 MiB
+            rc, out, err = await acli(pool_url, "bind", "vm1", "--memory", "1MiB")
+            assert rc == 1 and "already bound" in err and err.count("\n") == 1
+
+            out = await aok(pool_url, "unbind", "vm1")
+            assert out.startswith("unbound vm1: backend unbound") and lease["id"] in out
+            assert (await control_request(r.control, {"op": "status"}))["binding"] == "unbound"
+            assert (await ajs(pool_url, "leases"))["leases"] == []
+            # Fencing: the device was leased through the pool, so the pool-less
+            # path (token 0) is refused by the agent from now on.
+            manual = ("--agent", a1.address, "--psk-file", str(a1.psk_file))
+            rc, out, err = await acli(pool_url, "vgpu", "bind", "--backend", r.control, *manual)
+            assert rc == 1 and "STALE_LEASE" in err, err
+            # bound again through the pool: a new lease, a larger token, accepted
+            again = (await ajs(pool_url, "bind", "vm1", "--memory", "64MiB"))["lease"]
+            assert again["token"] > lease["token"]
+            await aok(pool_url, "unbind", "vm1")
+    finally:
+        a1.stop()
+
+
+async def test_migrate_keeps_the_data(pool_url: str, tmp_path: Path) -> None:
+    from tests.integration.test_vgpu_device import alloc, rig
+    from vpcie.control.client import control_request
+    from vpcie.errors import ErrorCode
+    from vpcie.protocol.batch import rec
+    from vpcie.protocol.codes import Opcode
+
+    a1, a2 = cpu_agent(tmp_path, "a1"), cpu_agent(tmp_path, "a2")
+    try:
+        async with rig(tmp_path) as r:
+            await add_cpu_agents(pool_url, ("a1", a1), ("a2", a2))
+            await aok(pool_url, "bind", "vm1", "--backend", r.control, "--memory", "64MiB",
+                      "--agent", "a1")  # fmt: skip
+            old = (await ajs(pool_url, "leases"))["leases"][0]
+            ctx = await r.gpu.open("prog")
+            blob = os.urandom(1 << 20)
+            src = await ctx.create_bo(len(blob), scatter=True)
+            src.write(blob)
+            (h,) = await alloc(ctx, len(blob))
+            reply = await ctx.run([rec(Opcode.COPY_H2D, h, src.resource_id, 0, 0, len(blob))])
+            assert reply.status == ErrorCode.OK
+
+            rc, out, err = await acli(pool_url, "migrate", "vm1", "--json")
+            assert rc == 0, err
+            doc = json.loads(out)
+            assert (doc["from"], doc["to"]) == ("a1/cpu0", "a2/cpu0")
+            assert doc["released"] == old["id"] and doc["token"] > old["token"]
+            assert doc["backend"]["contexts"] == 1 and not doc["backend"]["state_lost"]
+            assert doc["backend"]["state_bytes"] >= len(blob)
+            assert "vm1: moving from a1/cpu0 to a2/cpu0" in err  # progress on stderr
+            assert "vm1: now on a2/cpu0" in err
+
+            # The guest's handle reads its data back, from the new agent.
+            dst = await ctx.create_bo(len(blob))
+            reply = await ctx.run([rec(Opcode.COPY_D2H, h, dst.resource_id, 0, 0, len(blob))])
+            assert reply.status == ErrorCode.OK and dst.read() == blob
+            st = await control_request(r.control, {"op": "status"})
+            assert a2.address in st["target"]
+            (now,) = (await ajs(pool_url, "leases"))["leases"]
+            assert (now["agent"], now["state"], now["id"]) == ("a2", "bound", doc["lease"])
+
+            # migrating onto an agent that is not in the pool: refused, nothing changes
+            rc, out, err = await acli(pool_url, "migrate", "vm1", "--to", "a9")
+            assert rc == 1 and "no agent named a9" in err
+            assert (await ajs(pool_url, "leases"))["leases"] == [now]
+            await aok(pool_url, "unbind", "vm1")
+    finally:
+        a1.stop()
+        a2.stop()
+
+
+async def test_drain_moves_what_it_can_and_reports_the_rest(pool_url: str, tmp_path: Path) -> None:
+    from tests.integration.test_vgpu_device import rig
+
+    a1, a2 = cpu_agent(tmp_path, "a1"), cpu_agent(tmp_path, "a2")
+    sock2 = tmp_path / "vm2.sock"
+    be2 = subprocess.Popen(
+        [sys.executable, "-m", "vpcie.backend_main", "--socket-path", str(sock2)],
+        cwd=ROOT, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with rig(tmp_path) as r:
+            await add_cpu_agents(pool_url, ("a1", a1), ("a2", a2))
+            ctl2 = f"{sock2}.ctl"
+            wait_for(lambda: Path(ctl2).exists(), 20, "vm2's control socket")
+            for vm, ctl in (("vm1", r.control), ("vm2", ctl2)):
+                await aok(pool_url, "bind", vm, "--backend", ctl, "--memory", "16MiB",
+                          "--agent", "a1")  # fmt: skip
+            # vm2's backend goes away: its vGPU cannot be moved (nothing to tell)
+            be2.terminate()
+            be2.wait(10)
+
+            rc, out, err = await acli(pool_url, "drain", "a1")
+            assert rc == 1, (out, err)
+            assert "drain a1: cordoned; 2 vGPU(s) to move" in err
+            assert "vm1: now on a2/cpu0" in err and "drain a1: vm2 cannot move:" in err
+            assert out.startswith("drained a1: 1 moved, 1 could not move")
+            assert "  moved vm1 -> a2/cpu0" in out and "  STAYED vm2: " in out
+            where = {x["vgpu"]: (x["agent"], x["state"]) for x in
+                     (await ajs(pool_url, "leases"))["leases"]}  # fmt: skip
+            assert where == {"vm1": ("a2", "bound"), "vm2": ("a1", "bound")}
+            agents = {a["name"]: a for a in (await ajs(pool_url, "agents"))["agents"]}
+            assert agents["a1"]["cordoned"] and not agents["a2"]["cordoned"]
+
+            # with vm2 released, a drain has nothing left to refuse
+            vm2 = [x for x in (await ajs(pool_url, "leases"))["leases"] if x["vgpu"] == "vm2"]
+            await aok(pool_url, "release", vm2[0]["id"])
+            rc, out, err = await acli(pool_url, "drain", "a1", "--json")
+            assert rc == 0 and json.loads(out) == {"ok": True, "agent": "a1", "moved": [],
+                                                   "failed": []}  # fmt: skip
+            await aok(pool_url, "unbind", "vm1")
+    finally:
+        be2.kill()
+        be2.wait(10)
+        a1.stop()
+        a2.stop()
+
+
+# ---- vpcie-agent serve --pool: the registrar
+
+
+def health(url: str, name: str) -> str:
+    r = cli(url, "agents", "--json")
+    if r.returncode != 0:
+        return f"error: {r.stderr.strip()}"
+    for a in json.loads(r.stdout)["agents"]:
+        if a["name"] == name:
+            return str(a["health"])
+    return "absent"
+
+
+def registrar_pids(agent_pid: int) -> list[int]:
+    from tests.integration.agent_helpers import children
+
+    out = []
+    for pid in children(agent_pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"vpcie.fleet.registrar" in cmd:
+            out.append(pid)
+    return out
+
+
+def test_registered_agent_goes_down_when_killed(pool_url: str, tmp_path: Path) -> None:
+    import time
+
+    ttl = 2
+    a = start_agent(tmp_path / "reg", "--name", "reg1", "--pool", pool_url,
+                    "--pool-ttl", str(ttl))  # fmt: skip
+    try:
+        wait_for(lambda: health(pool_url, "reg1") == "up", 30, "reg1 registered and up")
+        (rec,) = js(pool_url, "agents")["agents"]
+        assert rec["registered"] and rec["address"] == a.address
+        assert rec["auth"] == {"psk_file": str(a.psk_file)}
+        assert [g["id"] for g in js(pool_url, "gpus", "--agent", "reg1")["gpus"]] == ["cpu0"]
+        lease = js(pool_url, "reserve", "v1", "--memory", "1MiB", "--agent", "reg1")["lease"]
+        ok(pool_url, "release", lease["id"])
+        # The agent and its registrar die together (SIGKILL to the group): no
+        # one revokes the alive key; it expires.
+        t0 = time.monotonic()
+        a.kill()
+        wait_for(lambda: health(pool_url, "reg1") == "down", ttl + 5, "reg1 down after its TTL")
+        assert time.monotonic() - t0 >= ttl - 0.5  # expiry, not a revoke
+        r = cli(pool_url, "reserve", "v2", "--memory", "1MiB", "--agent", "reg1")
+        one_line_error(r, 1, "no capacity", "down")
+    finally:
+        a.stop()
+
+
+def test_registrar_dies_with_its_agent_and_revokes(pool_url: str, tmp_path: Path) -> None:
+    import signal
+
+    a = start_agent(tmp_path / "reg", "--name", "reg2", "--pool", pool_url, "--pool-ttl", "60")
+    try:
+        wait_for(lambda: health(pool_url, "reg2") == "up", 30, "reg2 registered and up")
+        (child,) = registrar_pids(a.proc.pid)
+        os.kill(a.proc.pid, signal.SIGKILL)  # the agent's main process only
+        # PR_SET_PDEATHSIG stops the registrar, which revokes the key: "down"
+        # long before the 60 s TTL.
+        wait_for(lambda: health(pool_url, "reg2") == "down", 10, "reg2 down at once")
+        from tests.integration.agent_helpers import alive
+
+        wait_for(lambda: not alive(child), 10, "the registrar gone with its agent")
+    finally:
+        a.kill()
+
+
+def test_agent_pool_options_are_checked(tmp_path: Path) -> None:
+    psk = tmp_path / "psk"
+    psk.write_text("lab-secret-0123456789")
+    psk.chmod(0o600)
+    base = [sys.executable, "-m", "host_agent.main", "serve", "--listen", "127.0.0.1:0",
+            "--psk-file", str(psk), "--executor", "cpu"]  # fmt: skip
+    for extra, word in (
+        (["--pool", "ftp://x"], "ftp://x"),
+        (["--pool", "/tmp/p.db", "--pool-ttl", "0.5"], "--pool-ttl"),
+        (["--pool-address", "h:1"], "needs --pool"),
+    ):
+        r = subprocess.run([*base, *extra], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 2 and word in r.stderr and r.stderr.count("\n") == 1, r.stderr
