@@ -131,7 +131,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.auth_timeout = args.auth_timeout
     cfg.max_handshakes_per_source = args.max_handshakes_per_source
     inv = build_inventory(args.executor)
+    from host_agent import fencing
+
+    fence_file = Path(args.fence_file) if args.fence_file else None
+    try:
+        fences = fencing.load(fence_file) if fence_file else fencing.Fences()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     agent = Agent(cfg, inv, (host, port), Path(args.state_file) if args.state_file else None)
+    agent.fences, agent.fence_file = fences, fence_file
     try:
         asyncio.run(agent.serve())
     except OSError as exc:
@@ -218,6 +226,10 @@ def parser() -> argparse.ArgumentParser:
         help="... from one source address",
     )
     s.add_argument("--state-file", help="JSON file with inventory and sessions, kept current")
+    s.add_argument(
+        "--fence-file",
+        help="JSON file keeping each device's newest pool lease token across restarts",
+    )
     s.set_defaults(func=cmd_serve)
     p = sub.add_parser("pki", help="fleet CA and certificates")
     psub = p.add_subparsers(dest="pki_cmd", required=True)
