@@ -89,10 +89,11 @@ class PendingTable:
 
 @dataclass
 class Admitted:
-    """A connection that authenticated and sent OPEN."""
+    """A connection that authenticated and sent OPEN (or INVENTORY: ``open``
+    is None)."""
 
     sock: socket.socket  # an ssl.SSLSocket in TLS mode; non-blocking
-    open: OpenRequest
+    open: OpenRequest | None
     client_name: str  # from HELLO
     peer_cn: str  # the client certificate's common name (TLS), else ""
 
@@ -179,7 +180,7 @@ async def admit(
     hs: ServerHandshake,
     on_tls: Callable[[socket.socket], None],
 ) -> Admitted:
-    """TLS (if ``ssl_ctx``), HELLO, AUTH, OPEN on a non-blocking socket.
+    """TLS (if ``ssl_ctx``), HELLO, AUTH, OPEN (or INVENTORY) on a non-blocking socket.
 
     Raises AuthError / ProtocolError / ssl.SSLError / OSError; the caller
     bounds the time. ``on_tls`` gets the SSLSocket as soon as it exists (so
@@ -193,7 +194,7 @@ async def admit(
         await _io(Waiter(tls), tls.do_handshake, False)
         sock, peer_cn = tls, peer_name(tls)
     waiter = Waiter(sock)
-    while hs.open is None:
+    while hs.open is None and not hs.inventory:
         reply = hs.receive(await read_control_frame(sock, waiter))
         if reply:
             await send_all(sock, reply)

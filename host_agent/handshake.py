@@ -1,5 +1,7 @@
 """Connection setup after TLS: HELLO, AUTH, then OPEN (docs/PROTOCOL.md
-"Connection = one session", steps 2-4), as a sans-IO state machine.
+"Connection = one session", steps 2-4), as a sans-IO state machine. Instead
+of OPEN an authenticated client may send INVENTORY: the agent answers it
+itself and closes (no session, no worker).
 
 The agent's main process runs this for every connection before it has
 authenticated (host_agent/admission.py does the I/O), so it is written for a
@@ -33,7 +35,7 @@ class HandshakeState(enum.Enum):
     HELLO = "hello"  # waiting for the client's HELLO
     AUTH = "auth"  # HELLO_REPLY sent, waiting for AUTH
     OPEN = "open"  # authenticated, waiting for OPEN
-    DONE = "done"  # OPEN received: ``open`` is set
+    DONE = "done"  # OPEN received (``open`` is set) or INVENTORY (``inventory``)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class OpenRequest:
     max_inflight: int
     client: str
     handle_epoch: int = 0  # the top byte of every handle this session issues
+    lease_token: int = 0  # the pool lease's fencing token (0: no pool lease)
 
 
 class ServerHandshake:
@@ -57,6 +60,7 @@ class ServerHandshake:
         self.state = HandshakeState.HELLO
         self.client_name = ""
         self.open: OpenRequest | None = None
+        self.inventory = False  # the client asked for INVENTORY instead of OPEN
         self._cnonce = b""
         self._snonce = b""
 
@@ -72,10 +76,16 @@ class ServerHandshake:
         if st == HandshakeState.AUTH:
             return self._auth(_expect(f, FrameType.AUTH))
         if st == HandshakeState.OPEN:
-            device, mem_quota, max_inflight, client, epoch = decode_payload(
+            if f.type == FrameType.INVENTORY:
+                if _expect(f, FrameType.INVENTORY).payload:
+                    raise ProtocolError("INVENTORY request with a payload")
+                self.inventory = True
+                self.state = HandshakeState.DONE
+                return b""
+            device, mem_quota, max_inflight, client, epoch, token = decode_payload(
                 "OPEN", _expect(f, FrameType.OPEN).payload
             )
-            self.open = OpenRequest(device, mem_quota, max_inflight, client, epoch)
+            self.open = OpenRequest(device, mem_quota, max_inflight, client, epoch, token)
             self.state = HandshakeState.DONE
             return b""
         raise ProtocolError(f"{_name(f.type)} frame after OPEN, before OPEN_REPLY")
@@ -126,6 +136,13 @@ def _expect(f: Frame, ftype: FrameType) -> Frame:
 def error_frame(code: int, message: str) -> bytes:
     """The ERROR frame (fatal) that tells a refused peer why."""
     return encode_frame(FrameType.ERROR, encode_payload("ERROR", int(code), 1, message[:500]))
+
+
+def inventory_reply_frame(document: bytes) -> bytes:
+    """INVENTORY|REPLY carrying ``document`` (JSON bytes)."""
+    return encode_frame(
+        FrameType.INVENTORY, encode_payload("INVENTORY_REPLY", document), flags=FrameFlag.REPLY
+    )
 
 
 def open_reply_frame(status: int, session: int, message: str, info: bytes) -> bytes:

@@ -133,7 +133,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.max_handshakes_per_source = args.max_handshakes_per_source
     registrar = pool_registrar(args, host)
     inv = build_inventory(args.executor)
+    from host_agent import fencing
+
+    fence_file = Path(args.fence_file) if args.fence_file else None
+    try:
+        fences = fencing.load(fence_file) if fence_file else fencing.Fences()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     agent = Agent(cfg, inv, (host, port), Path(args.state_file) if args.state_file else None)
+    agent.fences, agent.fence_file = fences, fence_file
     if registrar is not None:
         agent.on_listening = registrar.start
     try:
@@ -247,6 +255,10 @@ def parser() -> argparse.ArgumentParser:
         help="... from one source address",
     )
     s.add_argument("--state-file", help="JSON file with inventory and sessions, kept current")
+    s.add_argument(
+        "--fence-file",
+        help="JSON file keeping each device's newest pool lease token across restarts",
+    )
     s.add_argument(
         "--pool",
         metavar="URL",

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from host_agent import state_ops
 from host_agent.executors.base import Executor, Landing, Region
 from vpcie.errors import ErrorCode, VgpuError
 from vpcie.protocol.batch import Record
@@ -71,6 +72,11 @@ class EventGates:
 
     def set(self, event: int) -> None:
         self._gate(event).set()
+
+    def recorded(self) -> list[int]:
+        """The events some EVENT_RECORD (or SESSION_RESTORE) has reached."""
+        with self._lock:
+            return sorted(e for e, gate in self._gates.items() if gate.is_set())
 
     def is_set(self, event: int) -> bool:
         return self._gate(event).is_set()
@@ -145,10 +151,14 @@ _AXPY = int(Opcode.AXPY)
 _REDUCE_SUM = int(Opcode.REDUCE_SUM)
 _EVENT_WAIT = int(Opcode.EVENT_WAIT)
 _SYNC = int(Opcode.SYNC)
+_MODULE_LOAD_AT = int(Opcode.MODULE_LOAD_AT)
 # The opcodes inline_cost looks at; every other one costs nothing.
 _COSTED = frozenset(
-    {_H2D, _D2D, _MEMSET, _D2H, _GEMM, _AXPY, _REDUCE_SUM, _EVENT_WAIT, _SYNC, _MODULE_LOAD}
-)
+    {
+        _H2D, _D2D, _MEMSET, _D2H, _GEMM, _AXPY, _REDUCE_SUM, _EVENT_WAIT, _SYNC,
+        _MODULE_LOAD, _MODULE_LOAD_AT,
+    }
+)  # fmt: skip
 
 
 def scan(records: list[Record]) -> tuple[int, int, int]:
@@ -200,7 +210,7 @@ def inline_cost(records: list[Record], executor_synchronous: bool, gates: EventG
         elif op == _EVENT_WAIT:
             if not gates.is_set(body[0]):
                 return block
-        elif not executor_synchronous:  # SYNC, MODULE_LOAD
+        elif not executor_synchronous:  # SYNC, MODULE_LOAD(_AT): may compile or wait
             return block
         if cost > INLINE_COST:
             return block
@@ -294,10 +304,34 @@ class BatchRun:
         kind, name, code = body
         if kind not in tuple(ModuleKind):
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown module kind {kind}")
-        return self.ex.module_load(kind, name, code)
+        return self.ex.load_module(kind, name, code)
 
     def _module_free(self, body: Body, s: int) -> None:
         self.ex.module_free(body[0])
+
+    # -- session state (live migration; docs/PROTOCOL.md "Session state") --------
+    def _state_export(self, body: Body, s: int) -> bytes:
+        return state_ops.summary(self.ex, self.gates.recorded())
+
+    def _module_export(self, body: Body, s: int) -> bytes:
+        return self.ex.module_code(body[0])
+
+    def _alloc_at(self, body: Body, s: int) -> int:
+        handle, size, flags = body
+        return self.ex.mem_alloc_at(handle, size, flags)
+
+    def _module_load_at(self, body: Body, s: int) -> int:
+        handle, kind, name, code = body
+        if kind not in tuple(ModuleKind):
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown module kind {kind}")
+        return self.ex.load_module(kind, name, code, handle)
+
+    def _session_restore(self, body: Body, s: int) -> None:
+        next_index, bits = body
+        events = state_ops.bitmap_events(bits)  # checked before anything changes
+        self.ex.restore_next_index(next_index)
+        for e in events:  # recorded-and-complete: a wait on it passes at once
+            self.gates.set(e)
 
     def _axpy(self, body: Body, s: int) -> None:
         ex = self.ex
@@ -433,6 +467,12 @@ OPCODES: dict[Opcode, OpEntry] = {
     Opcode.EVENT_RECORD: OpEntry(BatchRun._event_record, "event_record"),
     Opcode.EVENT_WAIT: OpEntry(BatchRun._event_wait, "event_wait"),
     Opcode.SYNC: OpEntry(BatchRun._sync, "sync"),
+    Opcode.STATE_EXPORT: OpEntry(BatchRun._state_export, None),  # bookkeeping only
+    Opcode.ALLOC_AT: OpEntry(BatchRun._alloc_at, "mem_alloc_at"),
+    # MODULE_LOAD_AT compiles on this device: the executor's own module_load.
+    Opcode.MODULE_LOAD_AT: OpEntry(BatchRun._module_load_at, "module_load"),
+    Opcode.SESSION_RESTORE: OpEntry(BatchRun._session_restore, "restore_next_index"),
+    Opcode.MODULE_EXPORT: OpEntry(BatchRun._module_export, "module_code"),
 }
 # Plain int keys for the per-record lookup (an IntEnum hashes and compares slower).
 _DISPATCH: dict[int, Callable[[BatchRun, Body, int], int | bytes | None]] = {

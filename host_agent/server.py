@@ -35,18 +35,29 @@ from host_agent.admission import (
     send_all,
 )
 from host_agent.config import AgentConfig
-from host_agent.handshake import OpenRequest, ServerHandshake, error_frame, open_reply_frame
+from host_agent.fencing import Fences, Verdict
+from host_agent.fencing import save as save_fences
+from host_agent.handshake import (
+    OpenRequest,
+    ServerHandshake,
+    error_frame,
+    inventory_reply_frame,
+    open_reply_frame,
+)
 from host_agent.inventory import Device, Inventory
 from host_agent.logs import log
 from host_agent.spawn import ForkRefused, fork_worker, native_threads
 from host_agent.worker import Grant
 from host_agent.worker import run as run_worker
 from vpcie.errors import AuthError, ErrorCode, ProtocolError
+from vpcie.protocol.codes import PROTOCOL_VERSION
 
 SESSION_ID_MAX = 0xFFFFFFFF
 LISTEN_BACKLOG = 1024  # a burst of connects waits in the kernel, not refused
 MIN_USER_TIMEOUT_S = 5.0  # TCP_USER_TIMEOUT floor: a lossy link retransmits for a while
 REFUSE_SEND_S = 1.0  # how long a refusal (ERROR / OPEN_REPLY) may take to leave
+INVENTORY_SEND_S = 5.0  # how long an INVENTORY reply may take to leave
+FENCE_KILL_S = 1.0  # a fenced-out worker gets SIGTERM, then SIGKILL after this
 
 
 @dataclass
@@ -68,6 +79,8 @@ class WorkerInfo:
     client: str = ""
     env: dict[str, str] = field(default_factory=dict)
     executor: str = ""
+    lease_token: int = 0  # OPEN's: the pool lease this session was opened under
+    fenced: bool = False  # a newer lease token for its device ended it
 
 
 class Agent:
@@ -88,6 +101,8 @@ class Agent:
         self.workers: dict[int, WorkerInfo] = {}
         self.sessions_per_device: dict[str, int] = {d.id: 0 for d in inventory.servable}
         self._next_session = 1
+        self.fences = Fences()  # main.py loads --fence-file into it
+        self.fence_file: Path | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self.port = 0
@@ -106,14 +121,14 @@ class Agent:
 
     # -- device grants ------------------------------------------------------------
     def _pick(self, wanted: str) -> tuple[Device | None, int, str]:
-        """(device, status, message) for an OPEN naming ``wanted`` ("" = any)."""
+        """(device, status, message) for an OPEN naming ``wanted`` ("" = any).
+        A named device's session limit is checked by ``grant``, after fencing
+        (a newer lease frees the slots of the sessions it fences out)."""
         limit = self.config.max_sessions
         if wanted:
             dev = self.inventory.find(wanted)
             if dev is None:
                 return None, ErrorCode.NO_DEVICE, f"no device {wanted!r} on this agent"
-            if self.sessions_per_device[dev.id] >= limit:
-                return None, ErrorCode.QUOTA_EXCEEDED, f"{wanted} has {limit} sessions (the max)"
             return dev, ErrorCode.OK, ""
         healthy = [d for d in self.inventory.servable if d.healthy]
         if not healthy:
@@ -128,6 +143,14 @@ class Agent:
         dev, status, message = self._pick(req.device)
         if dev is None:
             return int(status), message
+        decision = self.fences.admit(dev.id, req.lease_token)
+        if decision.verdict is Verdict.STALE:
+            return int(ErrorCode.STALE_LEASE), decision.message
+        if decision.verdict is Verdict.RAISED:
+            self._fence_out(dev.id, req.lease_token)
+        limit = self.config.max_sessions
+        if self.sessions_per_device[dev.id] >= limit:
+            return int(ErrorCode.QUOTA_EXCEEDED), f"{dev.id} has {limit} sessions (the max)"
         cap = min(self.config.mem_quota or dev.memory_total, dev.memory_total)
         quota = min(req.mem_quota, cap) if req.mem_quota else cap
         inflight_cap = self.config.max_inflight
@@ -136,6 +159,35 @@ class Agent:
         self._next_session = sid + 1 if sid < SESSION_ID_MAX else 1
         self.sessions_per_device[dev.id] += 1
         return Grant(sid, dev.to_json(), quota, inflight, req.client, req.handle_epoch)
+
+    def _fence_out(self, device: str, token: int) -> None:
+        """The fence of ``device`` rose to ``token``: persist it, and end every
+        session there opened under an older token (SIGTERM, SIGKILL after
+        FENCE_KILL_S). Their device slots are free at once."""
+        if self.fence_file is not None:
+            try:
+                save_fences(self.fences, self.fence_file)
+            except OSError as exc:  # the fence holds in memory; say that it may not survive
+                log("error", "fence_file_write_failed", path=str(self.fence_file), error=str(exc))
+        for w in list(self.workers.values()):
+            if w.device != device or w.lease_token >= token or w.fenced:
+                continue
+            w.fenced = True
+            log("warning", "fenced_out", pid=w.pid, session=w.session, device=device,
+                lease_token=w.lease_token, newer=token)  # fmt: skip
+            self.release(w)
+            self._kill(w.pid, signal.SIGTERM)
+            loop = asyncio.get_running_loop()
+            loop.call_later(FENCE_KILL_S, self._kill_if_alive, w)
+
+    @staticmethod
+    def _kill(pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    def _kill_if_alive(self, w: WorkerInfo) -> None:
+        if self.workers.get(w.pid) is w:  # not yet reaped (a reaped pid may be reused)
+            self._kill(w.pid, signal.SIGKILL)
 
     def release(self, w: WorkerInfo) -> None:
         """Free ``w``'s device slot (once)."""
@@ -152,6 +204,7 @@ class Agent:
             "listen": f"{self.listen[0]}:{self.port}",
             "pid": os.getpid(),
             "inventory": self.inventory.to_json(),
+            "fences": self.fences.to_json(),
             "sessions": [
                 {
                     "session": w.session,
@@ -162,6 +215,8 @@ class Agent:
                     "env": w.env,
                     "executor": w.executor,
                     "started": w.started,
+                    "lease_token": w.lease_token,
+                    "fenced": w.fenced,
                 }
                 for w in self.workers.values()
             ],
@@ -247,6 +302,12 @@ class Agent:
             log("error", "admission_crashed", error=repr(exc), peer=peer)
         finally:
             self.pending.remove(key)
+        if admitted is not None and admitted.open is None:  # INVENTORY: answer, close
+            try:
+                await self._inventory(admitted, peer)
+            finally:
+                admitted.sock.close()
+            return
         if admitted is None:
             if refused and self._lingering < cfg.max_handshakes:
                 self._lingering += 1
@@ -264,8 +325,35 @@ class Agent:
             # SSLSocket's close() sends nothing), so its TLS stream goes on.
             admitted.sock.close()
 
+    # -- inventory ---------------------------------------------------------------------
+    def inventory_document(self) -> dict[str, object]:
+        """INVENTORY's JSON (docs/PROTOCOL.md "Inventory")."""
+        return {
+            "agent": self.config.agent_name,
+            "version": PROTOCOL_VERSION,
+            "inventory": self.inventory.to_json(),
+            "sessions": dict(self.sessions_per_device),
+            "fences": self.fences.to_json(),
+            "max_sessions": self.config.max_sessions,
+        }
+
+    async def _inventory(self, adm: Admitted, peer: str) -> None:
+        """Answered here, in the main process: no worker, no device slot."""
+        doc = json.dumps(self.inventory_document()).encode()
+        try:
+            frame = inventory_reply_frame(doc)
+        except ProtocolError:  # over MAX_INVENTORY_PAYLOAD: say so rather than cut it
+            frame = error_frame(ErrorCode.INTERNAL, f"inventory of {len(doc)} bytes is too big")
+        log("info", "inventory_sent", peer=adm.peer_cn or adm.client_name or peer, bytes=len(doc))
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            async with asyncio.timeout(INVENTORY_SEND_S):
+                await send_all(adm.sock, frame)
+        # A FIN after the reply (unread bytes from the client would make it a RST).
+        close_refused(adm.sock)
+
     # -- workers ---------------------------------------------------------------------
     async def _open(self, adm: Admitted, peer: str) -> None:
+        assert adm.open is not None
         grant = self.grant(adm.open)
         if not isinstance(grant, Grant):
             status, message = grant
@@ -287,6 +375,7 @@ class Agent:
             child_ctl.close()
         w = WorkerInfo(pid, adm.peer_cn or adm.client_name or peer)
         w.session, w.device, w.client = grant.session, grant.device["id"], grant.client
+        w.lease_token = adm.open.lease_token
         self.workers[pid] = w
         log("info", "worker_started", pid=pid, peer=peer, session=w.session, device=w.device)
         self.write_state()

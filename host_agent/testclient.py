@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from host_agent.tls import client_context
 from vpcie.protocol.batch import Record, encode_batch
-from vpcie.protocol.codes import MAX_DATA_CHUNK, AuthMode, FrameType
+from vpcie.protocol.codes import MAX_DATA_CHUNK, PROTOCOL_VERSION, AuthMode, FrameFlag, FrameType
 from vpcie.protocol.frames import (
     MAC_SIZE,
     NONCE_SIZE,
@@ -99,7 +99,12 @@ class RawClient:
     def hello(self, auth: AuthMode | None = None) -> tuple[Any, ...]:
         mode = auth if auth is not None else (AuthMode.PSK if self.psk else AuthMode.TLS)
         self.cnonce = os.urandom(NONCE_SIZE)
-        self.send(FrameType.HELLO, encode_payload("HELLO", 1, 1, int(mode), self.cnonce, "test"))
+        self.send(
+            FrameType.HELLO,
+            encode_payload(
+                "HELLO", PROTOCOL_VERSION, PROTOCOL_VERSION, int(mode), self.cnonce, "test"
+            ),
+        )
         f = self.recv_frame()
         if f.type != FrameType.HELLO:
             raise ConnectionError(f"HELLO answered with frame type {f.type}: {f.payload!r}")
@@ -114,11 +119,18 @@ class RawClient:
         return self.recv_frame()
 
     def open(
-        self, device: str = "", mem_quota: int = 0, max_inflight: int = 0
+        self,
+        device: str = "",
+        mem_quota: int = 0,
+        max_inflight: int = 0,
+        *,
+        handle_epoch: int = 0,
+        lease_token: int = 0,
     ) -> tuple[int, int, str, dict[str, Any]]:
-        self.send(
-            FrameType.OPEN, encode_payload("OPEN", device, mem_quota, max_inflight, "test", 0)
+        opened = encode_payload(
+            "OPEN", device, mem_quota, max_inflight, "test", handle_epoch, lease_token
         )
+        self.send(FrameType.OPEN, opened)
         f = self.recv_frame()
         assert f.type == FrameType.OPEN, f
         status, session, message, info = decode_payload("OPEN_REPLY", f.payload)
@@ -127,14 +139,35 @@ class RawClient:
         return status, session, message, query_info(info) if info else {}
 
     def connect(
-        self, device: str = "", mem_quota: int = 0, max_inflight: int = 0
+        self,
+        device: str = "",
+        mem_quota: int = 0,
+        max_inflight: int = 0,
+        *,
+        handle_epoch: int = 0,
+        lease_token: int = 0,
     ) -> dict[str, Any]:
         self.hello()
         f = self.auth()
         assert f.type == FrameType.AUTH and decode_payload("AUTH_REPLY", f.payload) == (0,), f
-        status, _sid, message, info = self.open(device, mem_quota, max_inflight)
+        status, _sid, message, info = self.open(
+            device, mem_quota, max_inflight, handle_epoch=handle_epoch, lease_token=lease_token
+        )
         assert status == 0, message
         return info
+
+    def inventory(self) -> dict[str, Any]:
+        """HELLO, AUTH, INVENTORY: the agent's JSON answer (it then closes)."""
+        self.hello()
+        f = self.auth()
+        assert f.type == FrameType.AUTH and decode_payload("AUTH_REPLY", f.payload) == (0,), f
+        self.send(FrameType.INVENTORY)
+        f = self.recv_frame()
+        if f.type != FrameType.INVENTORY or not f.flags & FrameFlag.REPLY:
+            raise ConnectionError(f"INVENTORY answered with frame type {f.type}")
+        (doc,) = decode_payload("INVENTORY_REPLY", f.payload)
+        result: dict[str, Any] = json.loads(doc)
+        return result
 
     # -- commands ----------------------------------------------------------------
     def submit(self, records: Sequence[Record | bytes], data: bytes | memoryview = b"") -> int:

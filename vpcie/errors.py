@@ -52,6 +52,7 @@ class ErrorCode(IntEnum):
     OUT_OF_RANGE = 13
     PERMISSION_DENIED = 14
     STALE_HANDLE = 15  # a device handle issued under an earlier binding of the vGPU
+    STALE_LEASE = 16  # a lease token older than the newest this agent has seen for the device
 
 
 class VgpuError(VpcieError):

@@ -55,6 +55,15 @@ class Region(NamedTuple):
     size: int
 
 
+class ModuleSource(NamedTuple):
+    """A loaded module as the client sent it: MODULE_EXPORT gives ``code``
+    back, and a migration target compiles it again for its own device."""
+
+    kind: int
+    name: str
+    code: bytes
+
+
 @dataclass(frozen=True)
 class SessionLimits:
     mem_quota: int
@@ -134,9 +143,13 @@ class Executor(ABC):
         self.identity = identity
         self.buffers: dict[int, Buffer] = {}
         self.modules: dict[int, Any] = {}
+        # (kind, name, code) of every live module (load_module keeps them): the
+        # code stays in memory while the module is loaded, so that it can migrate.
+        self.module_sources: dict[int, ModuleSource] = {}
         self.mem_used = 0
         self.handle_epoch = 0
         self._next_index = 1  # handle number within the epoch; 0 is never a handle
+        self._forced_handle = 0  # ALLOC_AT / MODULE_LOAD_AT: the next handle, checked
 
     # -- identity ------------------------------------------------------------
     @abstractmethod
@@ -181,6 +194,8 @@ class Executor(ABC):
     def _new_handle(self) -> int:
         if len(self.buffers) + len(self.modules) >= MAX_HANDLES:
             raise VgpuError(ErrorCode.QUOTA_EXCEEDED, f"more than {MAX_HANDLES} live handles")
+        if self._forced_handle:  # checked by _claim
+            return self._forced_handle
         # Numbers run 1..HANDLE_INDEX_MASK, then start over skipping live ones
         # (fewer than MAX_HANDLES): they never leave this session's epoch.
         base = self.handle_epoch << HANDLE_EPOCH_SHIFT
@@ -190,6 +205,34 @@ class Executor(ABC):
             h = base | n
             if h not in self.buffers and h not in self.modules:
                 return h
+
+    @property
+    def next_index(self) -> int:
+        """The handle number the next allocation or module tries first."""
+        return self._next_index
+
+    def restore_next_index(self, index: int) -> None:
+        """SESSION_RESTORE: go on numbering where the migrated session was."""
+        if not 1 <= index <= HANDLE_INDEX_MASK:
+            raise VgpuError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"next handle index {index} not in 1..{HANDLE_INDEX_MASK}",
+            )
+        self._next_index = index
+
+    def _claim(self, handle: int, op: str) -> None:
+        """``handle`` may be created by ALLOC_AT / MODULE_LOAD_AT: of this
+        session's epoch, index nonzero, not live (INVALID_HANDLE otherwise)."""
+        epoch, index = handle >> HANDLE_EPOCH_SHIFT, handle & HANDLE_INDEX_MASK
+        why = ""
+        if epoch != self.handle_epoch:
+            why = f"its epoch {epoch} is not this session's ({self.handle_epoch})"
+        elif index == 0:
+            why = "index 0 is never a handle"
+        elif handle in self.buffers or handle in self.modules:
+            why = "it is live"
+        if why:
+            raise VgpuError(ErrorCode.INVALID_HANDLE, f"{op} handle {handle}: {why}")
 
     def unknown_handle(self, handle: int, what: str) -> VgpuError:
         """The error for a handle this session does not hold: STALE_HANDLE
@@ -246,6 +289,15 @@ class Executor(ABC):
         self.buffers[handle] = Buffer(handle, size, mem)
         self.mem_used += size
         return handle
+
+    def mem_alloc_at(self, handle: int, size: int, flags: int = 0) -> int:
+        """ALLOC_AT: MEM_ALLOC that creates exactly ``handle`` (a migration target)."""
+        self._claim(handle, "ALLOC_AT")
+        self._forced_handle = handle
+        try:
+            return self.mem_alloc(size, flags)
+        finally:
+            self._forced_handle = 0
 
     def mem_free(self, handle: int) -> None:
         buf = self.buffer(handle)
@@ -304,9 +356,30 @@ class Executor(ABC):
     def module_load(self, kind: int, name: str, code: bytes) -> int:
         raise VgpuError(ErrorCode.NOT_SUPPORTED, f"{self.name} runs no kernels (MODULE_LOAD)")
 
+    def load_module(self, kind: int, name: str, code: bytes, handle: int = 0) -> int:
+        """MODULE_LOAD (``handle`` 0) or MODULE_LOAD_AT: compile with this
+        device's ``module_load`` and keep the source for MODULE_EXPORT."""
+        if handle:
+            self._claim(handle, "MODULE_LOAD_AT")
+        self._forced_handle = handle
+        try:
+            h = self.module_load(kind, name, code)
+        finally:
+            self._forced_handle = 0
+        self.module_sources[h] = ModuleSource(kind, name, bytes(code))
+        return h
+
+    def module_code(self, handle: int) -> bytes:
+        """MODULE_EXPORT: the module's code as it was loaded."""
+        src = self.module_sources.get(handle)
+        if src is None:
+            raise self.unknown_handle(handle, "module")
+        return src.code
+
     def module_free(self, handle: int) -> None:
         if self.modules.pop(handle, None) is None:
             raise self.unknown_handle(handle, "module")
+        self.module_sources.pop(handle, None)
 
     def launch(
         self,
@@ -336,6 +409,7 @@ class Executor(ABC):
         for h in list(self.buffers):
             self.mem_free(h)
         self.modules.clear()
+        self.module_sources.clear()
 
 
 class NullExecutor(Executor):

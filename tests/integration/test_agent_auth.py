@@ -17,7 +17,7 @@ import pytest
 from host_agent.testclient import AgentProcess, RawClient
 from vpcie.errors import ErrorCode
 from vpcie.protocol.batch import rec
-from vpcie.protocol.codes import AuthMode, FrameType, Opcode
+from vpcie.protocol.codes import PROTOCOL_VERSION, AuthMode, FrameType, Opcode
 from vpcie.protocol.frames import decode_payload, encode_payload
 
 
@@ -157,7 +157,12 @@ def test_psk_wrong_key_refused(psk_agent: tuple[AgentProcess, bytes]) -> None:
 def test_psk_auth_mode_mismatch_refused(psk_agent: tuple[AgentProcess, bytes]) -> None:
     a, psk = psk_agent
     c = RawClient(a.port, psk=psk)
-    c.send(FrameType.HELLO, encode_payload("HELLO", 1, 1, int(AuthMode.TLS), b"\0" * 32, "x"))
+    c.send(
+        FrameType.HELLO,
+        encode_payload(
+            "HELLO", PROTOCOL_VERSION, PROTOCOL_VERSION, int(AuthMode.TLS), b"\0" * 32, "x"
+        ),
+    )
     assert _error_then_close(c) == ErrorCode.PERMISSION_DENIED
 
 
@@ -166,7 +171,7 @@ def test_frames_before_auth_refused(psk_agent: tuple[AgentProcess, bytes], first
     a, psk = psk_agent
     c = RawClient(a.port, psk=psk)
     if first == "open":
-        c.send(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0))
+        c.send(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0, 0))
     elif first == "command":
         c.send(FrameType.COMMAND, b"", seq=1)
     else:

@@ -22,6 +22,7 @@ from vpcie.errors import ErrorCode, ProtocolError
 from vpcie.protocol import batch, frames
 from vpcie.protocol.codes import (
     NO_INDEX,
+    PROTOCOL_VERSION,
     ArgKind,
     AuthMode,
     DType,
@@ -41,7 +42,7 @@ _PSK = b"lab-psk-0123456789abcdef"
 _CN, _SN = _CLIENT_NONCE, _AGENT_NONCE
 
 QUERY_INFO_VALUES: tuple[Any, ...] = (
-    1,  # proto_version
+    PROTOCOL_VERSION,  # proto_version
     int(ExecutorKind.CPU),
     0,  # flags
     16 << 30,  # mem_total
@@ -63,9 +64,9 @@ QUERY_INFO_BYTES = frames.QUERY_INFO.build(
 )
 
 PAYLOAD_SAMPLES: dict[str, tuple[Any, ...]] = {
-    "HELLO": (1, 1, int(AuthMode.PSK), _CLIENT_NONCE, "vpcie-backend vm42"),
+    "HELLO": (1, PROTOCOL_VERSION, int(AuthMode.PSK), _CLIENT_NONCE, "vpcie-backend vm42"),
     "HELLO_REPLY": (
-        1,
+        PROTOCOL_VERSION,
         int(AuthMode.PSK),
         _AGENT_NONCE,
         frames.psk_mac(_PSK, b"agent", _CN, _SN),
@@ -73,7 +74,14 @@ PAYLOAD_SAMPLES: dict[str, tuple[Any, ...]] = {
     ),
     "AUTH": (frames.psk_mac(_PSK, b"client", _CN, _SN),),
     "AUTH_REPLY": (0,),
-    "OPEN": ("GPU-5f3c1d2e-0a9b-4c8d-9e7f-123456789abc", 4 << 30, 16, "vm42/vgpu0", 2),
+    "OPEN": (
+        "GPU-5f3c1d2e-0a9b-4c8d-9e7f-123456789abc",
+        4 << 30,
+        16,
+        "vm42/vgpu0",
+        2,
+        1_000_042,  # lease_token: the pool revision that created the lease
+    ),
     "OPEN_REPLY": (0, 7, "granted 4 GiB, 16 in flight", QUERY_INFO_BYTES),
     "CLOSE": (0,),
     "ERROR": (int(ErrorCode.PROTOCOL), 1, "bad frame magic 0x4e4f5045 — closing"),
@@ -88,6 +96,20 @@ PAYLOAD_SAMPLES: dict[str, tuple[Any, ...]] = {
         b"",
     ),
     "QUERY_INFO": QUERY_INFO_VALUES,
+    "INVENTORY_REPLY": (
+        b'{"agent": "agent-gpu01.lab", "version": 2, "inventory": {"devices": []}, '
+        b'"sessions": {"cpu0": 1}, "fences": {"cpu0": 1000042}, "max_sessions": 64}',
+    ),
+    "STATE_SUMMARY": (
+        2,  # handle_epoch
+        0x0A,  # next_index
+        3 << 20,  # mem_used
+        b"\x09",  # events 0 and 3 recorded
+        2,
+        [(0x02000001, 1 << 20), (0x02000003, 2 << 20)],
+        1,
+        [(0x02000002, int(ModuleKind.CUDA_C), "saxpy.cu", 160)],
+    ),
 }
 
 _F32_2 = struct.unpack("<I", struct.pack("<f", 2.0))[0]
@@ -131,6 +153,11 @@ BODY_SAMPLES: dict[Opcode, tuple[Any, ...]] = {
     Opcode.EVENT_RECORD: (3,),
     Opcode.EVENT_WAIT: (3,),
     Opcode.SYNC: (),
+    Opcode.STATE_EXPORT: (),
+    Opcode.ALLOC_AT: (0x02000001, 1 << 20, 0),
+    Opcode.MODULE_LOAD_AT: (0x02000002, int(ModuleKind.CUDA_C), "saxpy.cu", _SAXPY),
+    Opcode.SESSION_RESTORE: (0x0A, b"\x09"),
+    Opcode.MODULE_EXPORT: (0x02000002,),
     Opcode.FENCE_PAGE_SET: (0x30, 256),
     Opcode.SIGNAL: (41, 0x31, 512, 256),
 }
@@ -207,10 +234,22 @@ def frame_samples() -> dict[str, FrameSample]:
         "frame_error": FrameSample(FrameType.ERROR, _build_payload("ERROR")),
         "frame_ping": FrameSample(FrameType.PING, _build_payload("PING")),
         "frame_pong": FrameSample(FrameType.PONG, _build_payload("PING")),
+        "frame_inventory": FrameSample(FrameType.INVENTORY, b"", session=0),
+        "frame_inventory_reply": FrameSample(
+            FrameType.INVENTORY, _build_payload("INVENTORY_REPLY"), flags=reply, session=0
+        ),
     }
 
 
-HEADER_SAMPLE: tuple[int, ...] = (0x49435056, 1, int(FrameType.COMMAND), 0, 7, 41, 324)
+HEADER_SAMPLE: tuple[int, ...] = (
+    0x49435056,
+    PROTOCOL_VERSION,
+    int(FrameType.COMMAND),
+    0,
+    7,
+    41,
+    324,
+)
 
 
 def golden_files() -> dict[str, bytes]:
@@ -221,7 +260,7 @@ def golden_files() -> dict[str, bytes]:
     for name, (flags, recs) in batch_samples().items():
         out[name] = build_batch_construct(flags, recs)
     for name, fs in frame_samples().items():
-        hdr = (0x49435056, 1, fs.type, fs.flags, fs.session, fs.seq, len(fs.payload))
+        hdr = (0x49435056, PROTOCOL_VERSION, fs.type, fs.flags, fs.session, fs.seq, len(fs.payload))
         out[name] = build_construct(frames.HEADER, hdr) + fs.payload
     return out
 

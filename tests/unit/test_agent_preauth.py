@@ -17,7 +17,13 @@ from host_agent.handshake import HandshakeState, ServerHandshake
 from host_agent.spawn import ForkRefused, fork_worker
 from tests.conftest import ROOT
 from vpcie.errors import AuthError, ProtocolError
-from vpcie.protocol.codes import MAX_CONTROL_PAYLOAD, AuthMode, FrameFlag, FrameType
+from vpcie.protocol.codes import (
+    MAX_CONTROL_PAYLOAD,
+    PROTOCOL_VERSION,
+    AuthMode,
+    FrameFlag,
+    FrameType,
+)
 from vpcie.protocol.frames import (
     MAC_SIZE,
     Frame,
@@ -30,6 +36,7 @@ from vpcie.protocol.frames import (
 )
 
 PSK = b"k" * 32
+V = PROTOCOL_VERSION
 
 
 # -- PendingTable -------------------------------------------------------------------
@@ -71,7 +78,7 @@ def _frame(ftype: FrameType, payload: bytes, flags: int = 0) -> Frame:
 
 
 def _hello(mode: AuthMode, cnonce: bytes = b"c" * 32) -> Frame:
-    return _frame(FrameType.HELLO, encode_payload("HELLO", 1, 1, int(mode), cnonce, "me"))
+    return _frame(FrameType.HELLO, encode_payload("HELLO", V, V, int(mode), cnonce, "me"))
 
 
 def _reply(data: bytes, name: str) -> tuple[object, ...]:
@@ -90,9 +97,11 @@ def test_psk_handshake_to_open() -> None:
     mac = psk_mac(PSK, b"client", b"c" * 32, snonce)
     assert _reply(hs.receive(_frame(FrameType.AUTH, encode_payload("AUTH", mac))), "AUTH_REPLY")
     assert hs.authenticated and hs.state is HandshakeState.OPEN
-    assert hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "cpu0", 5, 6, "vm", 3))) == b""
+    opened = encode_payload("OPEN", "cpu0", 5, 6, "vm", 3, 77)
+    assert hs.receive(_frame(FrameType.OPEN, opened)) == b""
     assert hs.open is not None and hs.open.device == "cpu0" and hs.open.client == "vm"
-    assert hs.open.handle_epoch == 3
+    assert hs.open.handle_epoch == 3 and hs.open.lease_token == 77
+    assert not hs.inventory
     with pytest.raises(ProtocolError):  # nothing before OPEN_REPLY
         hs.receive(_frame(FrameType.PING, encode_payload("PING", 1)))
 
@@ -110,13 +119,13 @@ def test_psk_wrong_key_and_wrong_mode() -> None:
 def test_tls_mode_needs_zero_mac_and_order() -> None:
     hs = ServerHandshake(AuthMode.TLS, "a")
     with pytest.raises(ProtocolError, match="expected HELLO, got OPEN"):
-        hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0)))
+        hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0, 0)))
     hs = ServerHandshake(AuthMode.TLS, "a")
     with pytest.raises(ProtocolError, match="REPLY flag"):
         hs.receive(
             _frame(
                 FrameType.HELLO,
-                encode_payload("HELLO", 1, 1, 0, b"c" * 32, "me"),
+                encode_payload("HELLO", V, V, 0, b"c" * 32, "me"),
                 flags=FrameFlag.REPLY,
             )
         )
@@ -124,6 +133,27 @@ def test_tls_mode_needs_zero_mac_and_order() -> None:
     hs.receive(_hello(AuthMode.TLS))
     hs.receive(_frame(FrameType.AUTH, encode_payload("AUTH", bytes(MAC_SIZE))))
     assert hs.authenticated
+
+
+def test_inventory_instead_of_open_only_after_auth() -> None:
+    hs = ServerHandshake(AuthMode.TLS, "a")
+    with pytest.raises(ProtocolError, match="expected HELLO, got INVENTORY"):
+        hs.receive(_frame(FrameType.INVENTORY, b""))
+    hs = ServerHandshake(AuthMode.PSK, "a", PSK)
+    hs.receive(_hello(AuthMode.PSK))
+    with pytest.raises(ProtocolError, match="expected AUTH, got INVENTORY"):
+        hs.receive(_frame(FrameType.INVENTORY, b""))
+    for payload in (b"x", b""):
+        hs = ServerHandshake(AuthMode.TLS, "a")
+        hs.receive(_hello(AuthMode.TLS))
+        hs.receive(_frame(FrameType.AUTH, encode_payload("AUTH", bytes(MAC_SIZE))))
+        if payload:
+            with pytest.raises(ProtocolError, match="with a payload"):
+                hs.receive(_frame(FrameType.INVENTORY, payload))
+    assert hs.receive(_frame(FrameType.INVENTORY, b"")) == b""
+    assert hs.inventory and hs.open is None and hs.state is HandshakeState.DONE
+    with pytest.raises(ProtocolError):  # nothing after it
+        hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0, 0)))
 
 
 # -- header-first read ---------------------------------------------------------------
@@ -144,7 +174,7 @@ async def test_control_frame_read_exactly() -> None:
     a, b = socket.socketpair()
     try:
         a.setblocking(False)
-        hello = encode_frame(FrameType.HELLO, encode_payload("HELLO", 1, 1, 1, b"c" * 32, "x"))
+        hello = encode_frame(FrameType.HELLO, encode_payload("HELLO", V, V, 1, b"c" * 32, "x"))
         b.sendall(hello + b"NEXT")  # bytes after the frame stay in the socket
         f = await read_control_frame(a, Waiter(a))
         assert f.type == FrameType.HELLO and len(f.payload) <= MAX_CONTROL_PAYLOAD

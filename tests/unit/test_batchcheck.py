@@ -33,7 +33,7 @@ from vpcie._native.batchcheck import (
     SignalTuple,
     batch_checker,
 )
-from vpcie.errors import ProtocolError, VgpuError
+from vpcie.errors import ErrorCode, ProtocolError, VgpuError
 from vpcie.gpu.resources import ResourceTable
 from vpcie.gpu.submit import prepare
 from vpcie.memory import GuestMemory
@@ -55,6 +55,7 @@ from vpcie.protocol.codes import (
     MAX_BATCH_BYTES,
     MAX_BATCH_RECORDS,
     MAX_STREAMS,
+    MIGRATION_OPCODES,
     Opcode,
 )
 
@@ -482,6 +483,34 @@ def test_exact_body_sizes(checker: BatchChecker, mem: GuestMemory, op: Opcode) -
         raw = _raw_batch(NOP, _raw_record(int(op), bad))
         assert python_path(raw, mem) is None
         assert agree(checker, mem, raw) is None
+
+
+# Valid bodies of the backend's own migration records (docs/PROTOCOL.md "Session state").
+MIGRATION_BODIES: dict[Opcode, tuple[object, ...]] = {
+    Opcode.STATE_EXPORT: (),
+    Opcode.ALLOC_AT: ((1 << 24) | 1, 4096, 0),
+    Opcode.MODULE_LOAD_AT: ((1 << 24) | 2, 1, "k", b"code"),
+    Opcode.SESSION_RESTORE: (5, b"\x01"),
+    Opcode.MODULE_EXPORT: ((1 << 24) | 2,),
+}
+
+
+@pytest.mark.parametrize("op", sorted(MIGRATION_OPCODES), ids=lambda o: o.name)
+def test_migration_opcodes_refused_for_guests(
+    checker: BatchChecker, mem: GuestMemory, op: Opcode
+) -> None:
+    """A guest batch naming a migration record is declined by C and refused
+    by the Python path with INVALID_ARGUMENT at that record: only the backend
+    sends these to an agent, never on a guest's behalf."""
+    raw = encode_batch([rec(Opcode.NOP), rec(op, *MIGRATION_BODIES[op], stream=1)])
+    assert checker.check(raw) is None
+    spans: list[tuple[int, int]] = []
+    records = decode_batch(raw, spans)
+    with pytest.raises(VgpuError) as err:
+        prepare(records, ResourceTable(), set(), mem, raw, spans)
+    assert err.value.code is ErrorCode.INVALID_ARGUMENT and err.value.index == 1
+    assert op.name in err.value.message
+    assert set(MIGRATION_BODIES) == set(MIGRATION_OPCODES)
 
 
 # -- each decline, next to the batch it spoils ---------------------------------------

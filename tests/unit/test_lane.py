@@ -149,12 +149,15 @@ def test_pings_are_answered_and_sent(lent: tuple[NativeLane, socket.socket]) -> 
         (encode_frame(FrameType.COMPLETION, encode_completion(0), session=3, seq=42),
          "COMPLETION for session 3, this is 7"),
         (b"\0" * HEADER_SIZE, "bad frame magic"),
-        (struct.pack("<IBBHIQI", FRAME_MAGIC, 2, FrameType.PING, 0, SESSION, 0, 8),
-         "frame version 2 not supported"),
-        (struct.pack("<IBBHIQI", FRAME_MAGIC, 1, 77, 0, SESSION, 0, 0), "unknown frame type 77"),
+        (struct.pack("<IBBHIQI", FRAME_MAGIC, PROTOCOL_VERSION + 1, FrameType.PING, 0, SESSION,
+                     0, 8),
+         f"frame version {PROTOCOL_VERSION + 1} not supported"),
+        (struct.pack("<IBBHIQI", FRAME_MAGIC, PROTOCOL_VERSION, 77, 0, SESSION, 0, 0),
+         "unknown frame type 77"),
         (encode_frame(FrameType.DATA, bytes(16), session=SESSION, seq=1), "DATA with no D2H"),
         (encode_frame(FrameType.HELLO, b"x", session=SESSION), "unexpected HELLO frame"),
-        (struct.pack("<IBBHIQI", FRAME_MAGIC, 1, FrameType.PONG, 0, SESSION, 0, 5000),
+        (struct.pack("<IBBHIQI", FRAME_MAGIC, PROTOCOL_VERSION, FrameType.PONG, 0, SESSION, 0,
+                     5000),
          "frame type 10 of 5000 bytes over cap"),
     ],
 )  # fmt: skip
@@ -314,7 +317,7 @@ def test_frames_left_to_python(lent: tuple[NativeLane, socket.socket]) -> None:
     agent.sendall(err[:10])
     wait_for(lambda: unread(agent) == 0, 3, "the lane never read the first 10 bytes")
     agent.sendall(err[10:])
-    bad_ping = struct.pack("<IBBHIQI", FRAME_MAGIC, 1, FrameType.PING, 0, SESSION, 0, 4) + b"abcd"
+    bad_ping = struct.pack("<IBBHIQI", FRAME_MAGIC, PROTOCOL_VERSION, FrameType.PING, 0, SESSION, 0, 4) + b"abcd"
     agent.sendall(bad_ping)
     assert wait_event(lane) == (FRAME, 1, err)
     assert wait_event(lane) == (FRAME, 1, bad_ping)

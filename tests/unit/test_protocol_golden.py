@@ -54,7 +54,7 @@ def test_golden_anchors_written_by_hand() -> None:
     """A few bytes checked without any definition, so a layout change in
     frames.py/batch.py together with a regenerated file is still noticed."""
     hdr = read_golden("frame_header")
-    assert hdr[:4] == b"VPCI" and hdr[4] == 1 and len(hdr) == 24
+    assert hdr[:4] == b"VPCI" and hdr[4] == 2 and len(hdr) == 24  # protocol v2
     assert struct.unpack("<IBBHIQI", hdr) == HEADER_SAMPLE
     assert read_golden("payload_ping") == struct.pack("<Q", PAYLOAD_SAMPLES["PING"][0])
     b = read_golden("batch_mem_alloc")

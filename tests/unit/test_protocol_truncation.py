@@ -18,7 +18,7 @@ from tests.unit._protocol_samples import (
 )
 from vpcie.errors import ProtocolError
 from vpcie.protocol import batch, frames
-from vpcie.protocol.codes import MAX_PAYLOAD, FrameType
+from vpcie.protocol.codes import MAX_PAYLOAD, PROTOCOL_VERSION, FrameType
 from vpcie.protocol.fastcodec import construct_decode
 
 PAYLOAD_NAMES = sorted(frames.PAYLOADS)
@@ -118,8 +118,8 @@ def test_truncated_frame_then_eof_gives_no_frame(
 
 
 def _header(**kw: int) -> bytes:
-    fields = dict(magic=0x49435056, version=1, type=int(FrameType.PING), flags=0, session=0,
-                  seq=0, length=8)  # fmt: skip
+    fields = dict(magic=0x49435056, version=PROTOCOL_VERSION, type=int(FrameType.PING),
+                  flags=0, session=0, seq=0, length=8)  # fmt: skip
     fields.update(kw)
     data: bytes = frames.HEADER.build(fields)
     return data
@@ -131,9 +131,10 @@ def _header(**kw: int) -> bytes:
         {"magic": 0x49435057},
         {"magic": 0},
         {"version": 0},
-        {"version": 2},
+        {"version": PROTOCOL_VERSION - 1},
+        {"version": PROTOCOL_VERSION + 1},
         {"type": 0},
-        {"type": 11},
+        {"type": max(FrameType) + 1},
         {"type": 255},
         {"type": int(FrameType.DATA), "length": 7},
     ]

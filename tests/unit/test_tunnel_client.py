@@ -24,7 +24,14 @@ from tests.conftest import until
 from vpcie.errors import AuthError, ErrorCode, VgpuError
 from vpcie.protocol import guest_abi
 from vpcie.protocol.batch import Record, decode_batch, encode_batch, fields
-from vpcie.protocol.codes import NO_INDEX, ExecutorKind, FrameFlag, FrameType, Opcode
+from vpcie.protocol.codes import (
+    NO_INDEX,
+    PROTOCOL_VERSION,
+    ExecutorKind,
+    FrameFlag,
+    FrameType,
+    Opcode,
+)
 from vpcie.protocol.frames import (
     FAST,
     Frame,
@@ -48,7 +55,7 @@ _COPY = fields(Opcode.COPY_H2D)
 
 def query_info(max_inflight: int) -> bytes:
     return encode_payload(
-        "QUERY_INFO", 1, int(ExecutorKind.CPU), 0, 1 << 30, 1 << 30, 1 << 28, 0,
+        "QUERY_INFO", PROTOCOL_VERSION, int(ExecutorKind.CPU), 0, 1 << 30, 1 << 30, 1 << 28, 0,
         max_inflight, 1 << 20, 16, 0, 0, 0, "cpu-numpy (not a GPU)", "fake-uuid", "fake",
     )  # fmt: skip
 
@@ -64,6 +71,7 @@ class FakeAgent:
     writers: list[asyncio.Transport] = field(default_factory=list)
     held: list[tuple[asyncio.Transport, bytes]] = field(default_factory=list)
     pings: int = 0
+    opens: list[tuple[object, ...]] = field(default_factory=list)  # decoded OPEN payloads
 
     async def start(self) -> tuple[asyncio.Server, int]:
         loop = asyncio.get_running_loop()
@@ -110,7 +118,7 @@ class _FakeConn(asyncio.Protocol):
         if f.type == FrameType.HELLO:
             _mn, _mx, _auth, self.cnonce, _name = decode_payload("HELLO", f.payload)
             proof = psk_mac(self.agent.key, b"agent", self.cnonce, self.snonce)
-            body = encode_payload("HELLO_REPLY", 1, 1, self.snonce, proof, "fake")
+            body = encode_payload("HELLO_REPLY", PROTOCOL_VERSION, 1, self.snonce, proof, "fake")
             self.send(FrameType.HELLO, body, flags=reply)
         elif f.type == FrameType.AUTH:
             (mac,) = decode_payload("AUTH", f.payload)
@@ -121,6 +129,7 @@ class _FakeConn(asyncio.Protocol):
                 return
             self.send(FrameType.AUTH, encode_payload("AUTH_REPLY", 0), flags=reply)
         elif f.type == FrameType.OPEN:
+            self.agent.opens.append(decode_payload("OPEN", f.payload))
             body = encode_payload("OPEN_REPLY", 0, SESSION, "", query_info(self.agent.max_inflight))
             self.send(FrameType.OPEN, body, flags=reply)
         elif f.type == FrameType.PING:
@@ -222,6 +231,16 @@ async def test_connect_nop_query(agent: tuple[FakeAgent, int]) -> None:
         q = await c.query()
         assert q.name == "cpu-numpy (not a GPU)"
     assert c.state.name == "CLOSED"
+
+
+async def test_open_carries_epoch_and_lease_token(agent: tuple[FakeAgent, int]) -> None:
+    fake, port = agent
+    kw: dict[str, int] = {"handle_epoch": 3, "lease_token": (1 << 64) - 2}
+    async with await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t", **kw):
+        pass
+    async with await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t"):
+        pass
+    assert [o[4:] for o in fake.opens] == [(3, (1 << 64) - 2), (0, 0)]
 
 
 async def test_scatter_copies_round_trip(agent: tuple[FakeAgent, int]) -> None:

@@ -89,7 +89,7 @@ def _parse_error(data: bytes) -> str:
     return str(err.value)
 
 
-@pytest.mark.parametrize("ftype", [0, 11, 31, 255])
+@pytest.mark.parametrize("ftype", [0, max(FrameType) + 1, 31, 255])
 def test_reader_unknown_type(ftype: int) -> None:
     assert _parse_error(_raw_header(ftype, 0)) == f"unknown frame type {ftype}"
 

@@ -34,9 +34,13 @@
 /* What vb_check does with a record of `opcode`: VB_DECLINE, VB_VARIABLE or its
  * body size (vpcie_body_size, from batch.BODIES). Declined: COPY_H2D/COPY_D2H
  * (rewritten, guest DMA), MODULE_LOAD (UTF-8 name, code), FENCE_PAGE_SET
- * (needs the resource table), any other variable body, unknown opcodes. */
+ * (needs the resource table), any other variable body, unknown opcodes, and
+ * the migration opcodes (backend -> agent only: the Python path refuses the
+ * guest's batch with INVALID_ARGUMENT; never forwarded from here). */
 static inline int32_t vb_want(uint32_t opcode)
 {
+    if (vpcie_migration_opcode(opcode))
+        return VB_DECLINE;
     switch (opcode) {
     case VPCIE_OP_COPY_H2D:
     case VPCIE_OP_COPY_D2H:

@@ -17,16 +17,17 @@
 #define VPCIE_HANDLE_INDEX_MASK 0xffffffu
 #define VPCIE_MAX_BATCH_BYTES 0x100000u
 #define VPCIE_MAX_BATCH_RECORDS 4096u
-#define VPCIE_MAX_COMPLETION_PAYLOAD 0x10000u
+#define VPCIE_MAX_COMPLETION_PAYLOAD 0x110000u
 #define VPCIE_MAX_CONTROL_PAYLOAD 4096u
 #define VPCIE_MAX_DATA_CHUNK 0x400000u
 #define VPCIE_MAX_EVENTS 4096u
 #define VPCIE_MAX_HANDLE_EPOCH 255u
+#define VPCIE_MAX_INVENTORY_PAYLOAD 0x100000u
 #define VPCIE_MAX_LAUNCH_ARGS 64u
 #define VPCIE_MAX_MODULE_BYTES 0xfffc0u
 #define VPCIE_MAX_STREAMS 64u
 #define VPCIE_NO_INDEX 0xffffffffu
-#define VPCIE_PROTOCOL_VERSION 1u
+#define VPCIE_PROTOCOL_VERSION 2u
 
 /* FrameType */
 #define VPCIE_T_HELLO 1u
@@ -39,6 +40,7 @@
 #define VPCIE_T_ERROR 8u
 #define VPCIE_T_PING 9u
 #define VPCIE_T_PONG 10u
+#define VPCIE_T_INVENTORY 11u
 
 /* FrameFlag */
 #define VPCIE_FRAME_FLAG_REPLY 1u
@@ -62,6 +64,11 @@
 #define VPCIE_OP_EVENT_RECORD 14u
 #define VPCIE_OP_EVENT_WAIT 15u
 #define VPCIE_OP_SYNC 16u
+#define VPCIE_OP_STATE_EXPORT 20u
+#define VPCIE_OP_ALLOC_AT 21u
+#define VPCIE_OP_MODULE_LOAD_AT 22u
+#define VPCIE_OP_SESSION_RESTORE 23u
+#define VPCIE_OP_MODULE_EXPORT 24u
 #define VPCIE_OP_FENCE_PAGE_SET 32u
 #define VPCIE_OP_SIGNAL 33u
 
@@ -82,6 +89,7 @@
 #define VPCIE_E_OUT_OF_RANGE 13u
 #define VPCIE_E_PERMISSION_DENIED 14u
 #define VPCIE_E_STALE_HANDLE 15u
+#define VPCIE_E_STALE_LEASE 16u
 
 /* AuthMode */
 #define VPCIE_AUTH_TLS 0u
@@ -110,7 +118,7 @@
 #define VPCIE_ARG_U64 5u
 #define VPCIE_ARG_F32 6u
 #define VPCIE_ARG_F64 7u
-#define VPCIE_T_MAX 10u
+#define VPCIE_T_MAX 11u
 #define VPCIE_OPCODES 34u /* opcodes are < this */
 
 /* codes.MAX_PAYLOAD: payload cap per frame type */
@@ -120,10 +128,11 @@
 #define VPCIE_MAX_PAYLOAD_CLOSE 4096u
 #define VPCIE_MAX_PAYLOAD_COMMAND 0x100000u
 #define VPCIE_MAX_PAYLOAD_DATA 0x400008u
-#define VPCIE_MAX_PAYLOAD_COMPLETION 0x10000u
+#define VPCIE_MAX_PAYLOAD_COMPLETION 0x110000u
 #define VPCIE_MAX_PAYLOAD_ERROR 4096u
 #define VPCIE_MAX_PAYLOAD_PING 4096u
 #define VPCIE_MAX_PAYLOAD_PONG 4096u
+#define VPCIE_MAX_PAYLOAD_INVENTORY 0x100000u
 
 /* frames.py: the frame header and payloads */
 #define VPCIE_FRAME_HEADER_SIZE 24u
@@ -185,6 +194,13 @@
 #define VPCIE_QUERY_INFO_OFF_CC_MAJOR 52u
 #define VPCIE_QUERY_INFO_OFF_CC_MINOR 53u
 #define VPCIE_QUERY_INFO_OFF_NAME 54u
+#define VPCIE_INVENTORY_REPLY_FIXED_SIZE 0u
+#define VPCIE_INVENTORY_REPLY_OFF_JSON 0u
+#define VPCIE_STATE_SUMMARY_FIXED_SIZE 13u
+#define VPCIE_STATE_SUMMARY_OFF_HANDLE_EPOCH 0u
+#define VPCIE_STATE_SUMMARY_OFF_NEXT_INDEX 1u
+#define VPCIE_STATE_SUMMARY_OFF_MEM_USED 5u
+#define VPCIE_STATE_SUMMARY_OFF_EVENTS_SET 13u
 #define VPCIE_RESULT_SIZE 12u
 #define VPCIE_RESULT_OFF_INDEX 0u
 #define VPCIE_RESULT_OFF_VALUE 4u
@@ -366,9 +382,29 @@ static inline int32_t vpcie_body_size(uint32_t opcode)
     case VPCIE_OP_EVENT_RECORD: return 4;
     case VPCIE_OP_EVENT_WAIT: return 4;
     case VPCIE_OP_SYNC: return 0;
+    case VPCIE_OP_STATE_EXPORT: return 0;
+    case VPCIE_OP_ALLOC_AT: return 16;
+    case VPCIE_OP_MODULE_LOAD_AT: return -1;
+    case VPCIE_OP_SESSION_RESTORE: return -1;
+    case VPCIE_OP_MODULE_EXPORT: return 4;
     case VPCIE_OP_FENCE_PAGE_SET: return 12;
     case VPCIE_OP_SIGNAL: return 24;
     default: return VPCIE_BODY_UNKNOWN;
+    }
+}
+
+/* codes.MIGRATION_OPCODES: backend -> agent only; a guest batch naming one is refused */
+static inline int vpcie_migration_opcode(uint32_t opcode)
+{
+    switch (opcode) {
+    case VPCIE_OP_STATE_EXPORT:
+    case VPCIE_OP_ALLOC_AT:
+    case VPCIE_OP_MODULE_LOAD_AT:
+    case VPCIE_OP_SESSION_RESTORE:
+    case VPCIE_OP_MODULE_EXPORT:
+        return 1;
+    default:
+        return 0;
     }
 }
 

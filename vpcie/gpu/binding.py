@@ -29,6 +29,7 @@ class AgentTarget:
     mem_quota: int = 0
     max_inflight: int = 0
     liveness: LivenessConfig | None = None  # when the agent counts as lost (None: defaults)
+    lease_token: int = 0  # the pool lease's fencing token, sent in OPEN (0: no pool lease)
 
     def describe(self) -> str:
         dev = self.device or "any"
@@ -99,6 +100,7 @@ async def tunnel_session(target: AgentTarget, name: str, handle_epoch: int = 0) 
         name=name,
         handle_epoch=handle_epoch,
         liveness=target.liveness,
+        lease_token=target.lease_token,
     )
     return client
 

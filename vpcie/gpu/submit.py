@@ -19,7 +19,7 @@ from vpcie.gpu.fencepage import FENCE_PAGE_SIZE
 from vpcie.gpu.resources import ResourceTable
 from vpcie.memory import GuestMemory, word_view
 from vpcie.protocol.batch import Record, encode_batch
-from vpcie.protocol.codes import ALL_STREAMS, MAX_STREAMS, NO_INDEX, Opcode
+from vpcie.protocol.codes import ALL_STREAMS, MAX_STREAMS, MIGRATION_OPCODES, NO_INDEX, Opcode
 from vpcie.protocol.frames import encode_completion
 
 _COPY_HOST = (int(Opcode.COPY_H2D), int(Opcode.COPY_D2H))
@@ -148,6 +148,9 @@ def prepare(
         op = r.opcode
         if r.stream >= MAX_STREAMS and not (op == Opcode.SYNC and r.stream == ALL_STREAMS):
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"stream {r.stream} out of range", i)
+        if op in MIGRATION_OPCODES:  # the backend's own migration records, never the guest's
+            name = Opcode(op).name
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"opcode {name} is not for guests", i)
         body = r.body
         try:
             if op == Opcode.FENCE_PAGE_SET:

@@ -89,6 +89,15 @@ FENCE_PAGE_SET = c.Struct("resource" / u32, "offset" / u64)
 # of the record's stream.
 SIGNAL = c.Struct("seq" / u64, "resource" / u32, "offset" / u64, "size" / u32)
 
+# Live migration (codes.MIGRATION_OPCODES; backend -> agent only).
+# ALLOC_AT / MODULE_LOAD_AT create exactly ``handle`` (this session's epoch,
+# index nonzero, not live); SESSION_RESTORE sets the next handle index and
+# marks the events of the bitmap (frames.STATE_SUMMARY's) recorded.
+HANDLE = c.Struct("handle" / u32)
+ALLOC_AT = c.Struct("handle" / u32, "size" / u64, "flags" / u32)
+MODULE_LOAD_AT = c.Struct("handle" / u32, *MODULE_LOAD.subcons)
+SESSION_RESTORE = c.Struct("next_index" / u32, "events_set" / c.Prefixed(u16, c.GreedyBytes))
+
 BODIES: dict[Opcode, c.Struct] = {
     Opcode.NOP: EMPTY,
     Opcode.QUERY: EMPTY,
@@ -107,6 +116,11 @@ BODIES: dict[Opcode, c.Struct] = {
     Opcode.EVENT_RECORD: EVENT,
     Opcode.EVENT_WAIT: EVENT,
     Opcode.SYNC: EMPTY,
+    Opcode.STATE_EXPORT: EMPTY,
+    Opcode.ALLOC_AT: ALLOC_AT,
+    Opcode.MODULE_LOAD_AT: MODULE_LOAD_AT,
+    Opcode.SESSION_RESTORE: SESSION_RESTORE,
+    Opcode.MODULE_EXPORT: HANDLE,
     Opcode.FENCE_PAGE_SET: FENCE_PAGE_SET,
     Opcode.SIGNAL: SIGNAL,
 }

@@ -212,6 +212,19 @@ def render() -> str:
         "    }",
         "}",
         "",
+        "/* codes.MIGRATION_OPCODES: backend -> agent only; a guest batch naming one is refused */",
+        "static inline int vpcie_migration_opcode(uint32_t opcode)",
+        "{",
+        "    switch (opcode) {",
+    ]
+    lines += [f"    case {PREFIX}OP_{op.name}:" for op in sorted(codes.MIGRATION_OPCODES, key=int)]
+    lines += [
+        "        return 1;",
+        "    default:",
+        "        return 0;",
+        "    }",
+        "}",
+        "",
         "#endif /* VPCIE_WIRE_H */",
         "",
     ]

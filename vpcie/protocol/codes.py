@@ -26,6 +26,7 @@ __all__ = [
     "MAX_LAUNCH_ARGS",
     "MAX_MODULE_BYTES",
     "MAX_STREAMS",
+    "MIGRATION_OPCODES",
     "NO_INDEX",
     "PROTOCOL_VERSION",
     "ArgKind",
@@ -40,13 +41,17 @@ __all__ = [
 ]
 
 FRAME_MAGIC = 0x49435056  # b"VPCI" little-endian
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: OPEN.lease_token, INVENTORY, the state opcodes
 BATCH_MAGIC = 0x31424756  # b"VGB1" little-endian
 BATCH_VERSION = 1
 
 MAX_CONTROL_PAYLOAD = 4096  # HELLO, AUTH, OPEN, CLOSE, ERROR, PING, PONG
-MAX_COMPLETION_PAYLOAD = 64 * 1024
+MAX_INVENTORY_PAYLOAD = 1 << 20  # an INVENTORY reply: JSON of every device and fence
 MAX_BATCH_BYTES = 1 << 20  # one COMMAND frame / one SUBMIT_3D payload
+# A COMPLETION carries at most a batch's worth of blob (MODULE_EXPORT gives a
+# module's code back, which came in one batch; STATE_EXPORT's summary of up
+# to MAX_HANDLES allocations fits too) plus its fixed fields and results.
+MAX_COMPLETION_PAYLOAD = MAX_BATCH_BYTES + 64 * 1024
 MAX_BATCH_RECORDS = 4096
 MAX_DATA_CHUNK = 4 << 20  # bytes of copy payload in one DATA frame
 MAX_MODULE_BYTES = MAX_BATCH_BYTES - 64
@@ -76,6 +81,8 @@ class FrameType(IntEnum):
     ERROR = 8
     PING = 9
     PONG = 10
+    # Instead of OPEN: the agent answers one INVENTORY|REPLY (JSON) and closes.
+    INVENTORY = 11
 
 
 class FrameFlag(IntEnum):
@@ -94,6 +101,7 @@ MAX_PAYLOAD: dict[int, int] = {
     FrameType.ERROR: MAX_CONTROL_PAYLOAD,
     FrameType.PING: MAX_CONTROL_PAYLOAD,
     FrameType.PONG: MAX_CONTROL_PAYLOAD,
+    FrameType.INVENTORY: MAX_INVENTORY_PAYLOAD,
 }
 
 
@@ -126,6 +134,13 @@ class Opcode(IntEnum):
     EVENT_RECORD = 14
     EVENT_WAIT = 15
     SYNC = 16
+    # Live migration (backend -> agent only; a guest batch naming one is
+    # refused with INVALID_ARGUMENT): docs/PROTOCOL.md "Session state".
+    STATE_EXPORT = 20  # completion blob: frames.STATE_SUMMARY of the session
+    ALLOC_AT = 21  # MEM_ALLOC with exactly the given handle
+    MODULE_LOAD_AT = 22  # MODULE_LOAD with exactly the given handle
+    SESSION_RESTORE = 23  # the handle counter and the recorded events
+    MODULE_EXPORT = 24  # completion blob: the module's code as loaded
     # Backend-local records: the vpcie-backend acts on them itself and never
     # forwards them to an agent (an agent answers them with NOT_SUPPORTED).
     FENCE_PAGE_SET = 32  # this context's fence page: resource + byte offset
@@ -133,6 +148,15 @@ class Opcode(IntEnum):
 
 
 BACKEND_LOCAL_OPCODES = frozenset({Opcode.FENCE_PAGE_SET, Opcode.SIGNAL})
+MIGRATION_OPCODES = frozenset(
+    {
+        Opcode.STATE_EXPORT,
+        Opcode.ALLOC_AT,
+        Opcode.MODULE_LOAD_AT,
+        Opcode.SESSION_RESTORE,
+        Opcode.MODULE_EXPORT,
+    }
+)
 
 
 class DType(IntEnum):

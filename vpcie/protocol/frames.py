@@ -73,6 +73,7 @@ OPEN = c.Struct(
     "max_inflight" / u32,  # 0: the agent's default
     "client" / c.PascalString(u8, "utf8"),  # who asks (vGPU / domain name)
     "handle_epoch" / u8,  # the top byte of every handle of this session (codes.py)
+    "lease_token" / u64,  # the pool lease's fencing token; 0: no pool lease
 )
 OPEN_REPLY = c.Struct(
     "status" / u32,
@@ -112,6 +113,28 @@ QUERY_INFO = c.Struct(
     "agent" / c.PascalString(u8, "utf8"),
 )
 
+# INVENTORY|REPLY: the agent's devices, sessions and fences as one JSON
+# document (docs/PROTOCOL.md "Inventory").
+INVENTORY_REPLY = c.Struct("json" / c.Prefixed(u32, c.GreedyBytes))
+# STATE_EXPORT's completion blob: what a session holds, without the contents
+# (those move with COPY_D2H). Events: bit i (LSB first) set = event i recorded.
+STATE_BUFFER = c.Struct("handle" / u32, "size" / u64)
+STATE_MODULE = c.Struct(
+    "handle" / u32, "kind" / u8, "name" / c.PascalString(u16, "utf8"), "code_size" / u32
+)
+# (The counts are spelled as fields, like COMPLETION's nresults: the same
+# bytes as PrefixedArray(u32, ...), in a form FastStruct derives.)
+STATE_SUMMARY = c.Struct(
+    "handle_epoch" / u8,
+    "next_index" / u32,
+    "mem_used" / u64,
+    "events_set" / c.Prefixed(u16, c.GreedyBytes),
+    "nbuffers" / u32,
+    "buffers" / c.Array(c.this.nbuffers, STATE_BUFFER),
+    "nmodules" / u32,
+    "modules" / c.Array(c.this.nmodules, STATE_MODULE),
+)
+
 PAYLOADS: dict[str, c.Struct] = {
     "HELLO": HELLO,
     "HELLO_REPLY": HELLO_REPLY,
@@ -125,6 +148,8 @@ PAYLOADS: dict[str, c.Struct] = {
     "DATA_HEADER": DATA_HEADER,
     "COMPLETION": COMPLETION,
     "QUERY_INFO": QUERY_INFO,
+    "INVENTORY_REPLY": INVENTORY_REPLY,
+    "STATE_SUMMARY": STATE_SUMMARY,
 }
 FAST: dict[str, FastStruct] = {name: FastStruct(st) for name, st in PAYLOADS.items()}
 

@@ -33,7 +33,7 @@ import ssl as ssl_mod
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -217,9 +217,12 @@ class TunnelClient(asyncio.BufferedProtocol):
         timeout: float = CONNECT_TIMEOUT,
         handle_epoch: int = 0,
         liveness: LivenessConfig | None = None,
+        lease_token: int = 0,
     ) -> TunnelClient:
         """Connect, authenticate (PSK or mutual TLS) and OPEN a session
-        whose handles carry ``handle_epoch`` (codes.HANDLE_EPOCH_SHIFT).
+        whose handles carry ``handle_epoch`` (codes.HANDLE_EPOCH_SHIFT),
+        under the pool lease ``lease_token`` (0: none; the agent refuses a
+        stale one with STALE_LEASE, docs/SECURITY.md "Lease fencing").
 
         Raises AuthError (refused or failed authentication), VgpuError
         (NO_DEVICE / QUOTA_EXCEEDED from OPEN, DEVICE_LOST when the agent
@@ -227,6 +230,68 @@ class TunnelClient(asyncio.BufferedProtocol):
         when the agent counts as lost (docs/PROTOCOL.md "Liveness"; default 1 s
         hung, 4 s unreachable).
         """
+        self = await cls._handshaken(
+            host,
+            port,
+            psk=psk,
+            ssl=ssl,
+            server_hostname=server_hostname,
+            name=name,
+            timeout=timeout,
+            liveness=liveness,
+            step=lambda c: c._do_handshake(
+                device, mem_quota, max_inflight, handle_epoch, lease_token
+            ),
+        )
+        loop = asyncio.get_running_loop()
+        self._set_state(Runstate.READY)
+        self._live = Liveness(self.liveness, time.monotonic_ns(), self._snapshot())
+        self._timer = loop.call_later(PING_INTERVAL, self._tick)
+        return self
+
+    @classmethod
+    async def fetch_inventory(
+        cls,
+        host: str,
+        port: int,
+        *,
+        psk: bytes | None = None,
+        ssl: ssl_mod.SSLContext | None = None,
+        server_hostname: str | None = None,
+        name: str = "",
+        timeout: float = CONNECT_TIMEOUT,
+    ) -> bytes:
+        """Connect, authenticate, ask INVENTORY instead of OPEN: the agent's
+        JSON answer (bytes). No session is opened; errors as ``connect``."""
+        got: list[bytes] = []
+
+        async def ask(c: TunnelClient) -> bytes:
+            got.append(await c._do_handshake("", 0, 0, 0, inventory=True))
+            return got[-1]
+
+        self = await cls._handshaken(
+            host, port, psk=psk, ssl=ssl, server_hostname=server_hostname, name=name,
+            timeout=timeout, liveness=None, step=ask,
+        )  # fmt: skip
+        self._finish(Runstate.CLOSED, "inventory received")
+        return got[0]
+
+    @classmethod
+    async def _handshaken(
+        cls,
+        host: str,
+        port: int,
+        *,
+        psk: bytes | None,
+        ssl: ssl_mod.SSLContext | None,
+        server_hostname: str | None,
+        name: str,
+        timeout: float,
+        liveness: LivenessConfig | None,
+        step: Callable[[TunnelClient], Awaitable[bytes]],
+    ) -> TunnelClient:
+        """A client whose transport is up and whose handshake ``step`` (HELLO,
+        AUTH, then OPEN or INVENTORY) ran within ``timeout``."""
         if (psk is None) == (ssl is None):
             raise ConfigError("give exactly one of psk= (loopback labs) or ssl= (mutual TLS)")
         if psk is not None and not psk:
@@ -249,7 +314,7 @@ class TunnelClient(asyncio.BufferedProtocol):
                     raise VgpuError(
                         ErrorCode.DEVICE_LOST, f"cannot reach agent {self.endpoint}: {exc}"
                     ) from exc
-                await self._do_handshake(device, mem_quota, max_inflight, handle_epoch)
+                await step(self)
         except TimeoutError:
             self._finish(Runstate.LOST, "handshake timed out")
             raise VgpuError(
@@ -258,9 +323,6 @@ class TunnelClient(asyncio.BufferedProtocol):
         except BaseException as exc:
             self._finish(Runstate.LOST, f"handshake failed: {exc!r}")
             raise
-        self._set_state(Runstate.READY)
-        self._live = Liveness(self.liveness, time.monotonic_ns(), self._snapshot())
-        self._timer = loop.call_later(PING_INTERVAL, self._tick)
         return self
 
     @property
@@ -742,8 +804,17 @@ class TunnelClient(asyncio.BufferedProtocol):
         return "SSL" in self.lost_reason or "certificate" in self.lost_reason.lower()
 
     async def _do_handshake(
-        self, device: str, mem_quota: int, max_inflight: int, handle_epoch: int
-    ) -> None:
+        self,
+        device: str,
+        mem_quota: int,
+        max_inflight: int,
+        handle_epoch: int,
+        lease_token: int = 0,
+        *,
+        inventory: bool = False,
+    ) -> bytes:
+        """HELLO, AUTH, then OPEN (returns b"") or, with ``inventory``,
+        INVENTORY (returns the reply's JSON bytes; the agent then closes)."""
         psk = self._psk
         auth = AuthMode.PSK if psk is not None else AuthMode.TLS
         cnonce = os.urandom(NONCE_SIZE)
@@ -754,7 +825,9 @@ class TunnelClient(asyncio.BufferedProtocol):
         f = await self._expect(FrameType.HELLO)
         version, agent_auth, snonce, proof, agent = decode_payload("HELLO_REPLY", f.payload)
         if version != PROTOCOL_VERSION:
-            raise ProtocolError(f"agent chose protocol version {version}, we speak 1")
+            raise ProtocolError(
+                f"agent chose protocol version {version}, we speak {PROTOCOL_VERSION}"
+            )
         if agent_auth != auth:
             raise AuthError(f"agent {agent!r} wants auth mode {agent_auth}, we use {auth.name}")
         if psk is not None:
@@ -768,7 +841,14 @@ class TunnelClient(asyncio.BufferedProtocol):
         (status,) = decode_payload("AUTH_REPLY", f.payload)
         if status != 0:
             raise AuthError(f"agent {agent!r} refused authentication (status {status})")
-        opened = encode_payload("OPEN", device, mem_quota, max_inflight, self._name, handle_epoch)
+        if inventory:
+            self._queue(encode_frame(FrameType.INVENTORY))
+            f = await self._expect(FrameType.INVENTORY)
+            (doc,) = decode_payload("INVENTORY_REPLY", f.payload)
+            return bytes(doc)
+        opened = encode_payload(
+            "OPEN", device, mem_quota, max_inflight, self._name, handle_epoch, lease_token
+        )
         self._queue(encode_frame(FrameType.OPEN, opened))
         f = await self._expect(FrameType.OPEN)
         status, session, message, info = decode_payload("OPEN_REPLY", f.payload)
@@ -778,6 +858,7 @@ class TunnelClient(asyncio.BufferedProtocol):
         self._head = _command_head(session)
         self._info = QueryInfo.decode(info)
         self.max_inflight = self._info.max_inflight
+        return b""
 
     # -- liveness and failure ----------------------------------------------------
     def _tick(self) -> None:
