@@ -139,9 +139,10 @@ def test_agents_gpus_status(pool_url: str, gpu_fleet: list[AgentProc]) -> None:
     assert agents["g2"]["health"] == "up" and agents["g2"]["version"] >= 2
     assert agents["g1"]["auth"] == {"psk_file": str(g1.psk_file)}
 
-    rows = {line.split()[1]: line.split() for line in ok(pool_url, "gpus").splitlines()[1:]}
-    assert rows["GPU-g1a"][-1] == "MIG" and rows["MIG-g1a-3"][4] == "3g.40gb"
-    assert rows["GPU-g2b"][:3] == ["g2", "GPU-g2b", "gpu"]
+    rows = {line.split()[1]: line for line in ok(pool_url, "gpus").splitlines()[1:]}
+    assert rows["GPU-g1a"].split()[-1] == "MIG-mode"  # listed, its slices are what is leased
+    assert " 3g.40gb " in rows["MIG-g1a-3"] and " 40.0GiB " in rows["MIG-g1a-3"]
+    assert rows["GPU-g2b"].split()[:3] == ["g2", "GPU-g2b", "gpu"]
     gpus = {g["id"]: g for g in js(pool_url, "gpus", "--agent", "g1")["gpus"]}
     assert set(gpus) == {"GPU-g1a", "MIG-g1a-1", "MIG-g1a-2", "MIG-g1a-3"}
     assert gpus["MIG-g1a-1"]["model"] == "NVIDIA H100 80GB HBM3"

@@ -244,7 +244,7 @@ def cmd_gpus(args: argparse.Namespace) -> int:
     booked = {g.key: usage[g.key].memory if g.key in usage else 0 for g in gpus}
     rows = []
     for g in sorted(gpus, key=lambda g: (g.agent, g.parent or g.id, g.kind != "gpu", g.id)):
-        state = "cordoned" if g.cordoned else ("-" if g.servable else "MIG mode")
+        state = "cordoned" if g.cordoned else ("-" if g.servable else "MIG-mode")
         rows.append(
             (
                 g.agent,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -44,6 +45,9 @@ def run(args: argparse.Namespace, body: Callable[[Pool], Awaitable[T]]) -> T:
     from vpcie.fleet import config
 
     cfg = config.load(getattr(args, "pool", None))
+    # The tunnel logs what it sees (a lost handshake...) for long-running
+    # processes; here the failure is our one line, so its records go nowhere.
+    logging.getLogger("vpcie").addHandler(logging.NullHandler())
 
     from vpcie.pool.errors import PoolError
 

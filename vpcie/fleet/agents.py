@@ -80,7 +80,10 @@ async def fetch_inventory(
         raise AgentUnreachable(f"agent at {address}: {why or 'no answer in time'}") from exc
     except VgpuError as exc:
         if exc.code == ErrorCode.DEVICE_LOST:  # unreachable, closed, no answer in time
-            raise AgentUnreachable(f"agent at {address}: {exc.message}") from exc
+            refused = isinstance(exc.__cause__, ConnectionRefusedError)
+            if refused:
+                raise AgentUnreachable(f"agent at {address}: nothing listens there", True) from exc
+            raise AgentUnreachable(exc.message or f"agent at {address}: no answer") from exc
         if exc.code == ErrorCode.PERMISSION_DENIED:
             why = f"agent at {address} refused our credentials: {exc.message}"
             raise VgpuError(exc.code, why) from None
