@@ -344,6 +344,15 @@ async def test_bind_unbind_through_the_pool(pool_url: str, tmp_path: Path) -> No
     try:
         async with rig(tmp_path) as r:
             await add_cpu_agents(pool_url, ("a1", a1))
+            # Bound by hand already: the backend refuses the pool's bind, and
+            # the lease reserved for it is released again.
+            manual = ("--agent", a1.address, "--psk-file", str(a1.psk_file))
+            await aok(pool_url, "vgpu", "bind", "--backend", r.control, *manual)
+            rc, out, err = await acli(pool_url, "bind", "vm1", "--backend", r.control)
+            assert rc == 1 and "refused bind" in err and err.count("\n") == 1, err
+            assert (await ajs(pool_url, "leases"))["leases"] == []
+            await aok(pool_url, "vgpu", "unbind", "--backend", r.control)
+
             doc = await ajs(pool_url, "bind", "vm1", "--backend", r.control, "--memory", "64MiB")
             lease = doc["lease"]
             assert (lease["state"], lease["agent"], lease["gpu"]) == ("bound", "a1", "cpu0")
@@ -367,7 +376,6 @@ async def test_bind_unbind_through_the_pool(pool_url: str, tmp_path: Path) -> No
             assert (await ajs(pool_url, "leases"))["leases"] == []
             # Fencing: the device was leased through the pool, so the pool-less
             # path (token 0) is refused by the agent from now on.
-            manual = ("--agent", a1.address, "--psk-file", str(a1.psk_file))
             rc, out, err = await acli(pool_url, "vgpu", "bind", "--backend", r.control, *manual)
             assert rc == 1 and "STALE_LEASE" in err, err
             # bound again through the pool: a new lease, a larger token, accepted
@@ -560,3 +568,47 @@ def test_agent_pool_options_are_checked(tmp_path: Path) -> None:
     ):
         r = subprocess.run([*base, *extra], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert r.returncode == 2 and word in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_tls_agents_with_the_fleet_pki(tmp_path: Path) -> None:
+    """Mutual TLS: ``agents add`` takes the PKI folder of vpcie.toml, and a
+    TLS agent started with --pool registers itself with a client certificate."""
+    from tests.conftest import free_port, tls_agent_proc, wait_port
+    from tests.integration.agent_helpers import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    url = f"sqlite://{tmp_path}/pool.db"
+    conf = tmp_path / "vpcie.toml"
+    conf.write_text(f'pool = "{url}"\npki = "{pki}"\n')
+    env = {**os.environ, "VPCIE_CONFIG": str(conf)}
+    env.pop("VPCIE_POOL", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*VPCIE, *args], capture_output=True, text=True, env=env,
+                              cwd=ROOT, timeout=60)  # fmt: skip
+
+    with tls_agent_proc(pki) as port:
+        r = run("agents", "add", "t1", "--address", f"127.0.0.1:{port}", "--tls-name", "backend1")
+        assert r.returncode == 0 and "added agent t1" in r.stdout, r.stderr
+        r = run("agents", "add", "t2", "--address", f"127.0.0.1:{port}", "--tls-name", "nobody")
+        assert r.returncode == 2 and "nobody.crt" in r.stderr and r.stderr.count("\n") == 1
+    (t1,) = json.loads(run("agents", "--json").stdout)["agents"]
+    assert t1["auth"] == {"tls_dir": str(pki), "tls_name": "backend1"}
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "host_agent.main", "serve", "--listen", f"127.0.0.1:{port}",
+         "--tls-dir", str(pki), "--cert-name", "agent1", "--executor", "cpu", "--name", "t3",
+         "--pool", url, "--pool-tls-name", "backend1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_port("127.0.0.1", port, proc)
+        wait_for(lambda: health(url, "t3") == "up", 30, "the TLS agent t3 registered")
+        t3 = [a for a in json.loads(run("agents", "--json").stdout)["agents"] if a["name"] == "t3"]
+        assert t3[0]["auth"] == {"tls_dir": str(pki), "tls_name": "backend1"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    # a stopped agent's registrar revokes its key on the way out
+    wait_for(lambda: health(url, "t3") == "down", 10, "t3 down once stopped")
