@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vpcie.errors import VpcieError
 from vpcie.fleet import backends
 from vpcie.fleet.agents import find_agent
 from vpcie.fleet.binder import LIVE, get_vgpu, live_lease
@@ -131,7 +132,7 @@ async def drain(
         say(f"drain {agent}: [{i}/{len(leases)}] {lease.vgpu}")
         try:
             report.moved.append(await migrate(pool, lease.vgpu, owner, progress=say))
-        except (PoolError, backends.BackendError) as exc:
+        except VpcieError as exc:  # this vGPU stays; the next may still move
             say(f"drain {agent}: {lease.vgpu} cannot move: {exc}")
             report.failed.append((lease.vgpu, str(exc)))
     left = len(report.failed)
