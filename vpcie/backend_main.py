@@ -122,6 +122,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="busy-poll this long after each guest kick (0: off; costs a CPU while polling)",
     )
     p.add_argument(
+        "--migrate-drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a live migration waits this long for the work in flight on the old agent, "
+        "then gives up and stays there (default %(default)s s)",
+    )
+    p.add_argument(
         "--no-lane",
         action="store_true",
         help="serve every batch in Python (no lane thread; for comparison and diagnosis)",
@@ -161,6 +169,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--bind needs --psk-file or --tls-dir")
     if not 0 <= args.poll_us <= 10_000:
         p.error("--poll-us must be between 0 and 10000")
+    if not 0 < args.migrate_drain_timeout <= 3600:
+        p.error("--migrate-drain-timeout must be more than 0 and at most 3600 s")
     if not args.print_capabilities and args.socket_path is None and args.fd is None:
         p.error("one of --socket-path or --fd is required")
     return args
@@ -298,6 +308,7 @@ async def run(args: argparse.Namespace, plan: Plan | None = None) -> None:
     else:
         binding = Binding(liveness=args.liveness)
         device = GpuDevice(binding, lane=not args.no_lane)
+        device.migrate_drain_timeout = args.migrate_drain_timeout
         target = plan.target
         if target is not None:
             binding.bind(target)

@@ -12,6 +12,8 @@ import pytest
 from vpcie.control.messages import (
     BindReply,
     BindRequest,
+    MigrateReply,
+    MigrateRequest,
     Refusal,
     StatusReply,
     StatusRequest,
@@ -90,7 +92,7 @@ def test_the_cli_bind_writes_the_json_it_always_sent() -> None:
     ("req", "error"),
     [
         ([1, 2], "request must be a JSON object"),
-        ({"op": "frobnicate"}, "unknown op 'frobnicate' (status, bind, unbind)"),
+        ({"op": "frobnicate"}, "unknown op 'frobnicate' (status, bind, unbind, migrate)"),
         ({}, "unknown op None"),
         ({**PSK_BIND, "replace": "yes"}, "replace must be true or false, not 'yes'"),
         ({"op": "bind", "psk_file": "/k"}, "bind needs agent (HOST:PORT)"),
@@ -99,6 +101,10 @@ def test_the_cli_bind_writes_the_json_it_always_sent() -> None:
         ({"op": "bind", "agent": "h:1"}, "bind needs psk_file or tls_dir"),
         ({**PSK_BIND, "mem_quota": "lots"}, "mem_quota must be a whole number, not 'lots'"),
         ({**PSK_BIND, "max_inflight": None}, "max_inflight must be a whole number, not None"),
+        ({**PSK_BIND, "lease_token": "x"}, "lease_token must be a whole number, not 'x'"),
+        ({**PSK_BIND, "lease_token": -1}, "lease_token must be in 0..2**64-1, not -1"),
+        ({"op": "migrate", "psk_file": "/k"}, "migrate needs agent (HOST:PORT)"),
+        ({"op": "migrate", "agent": "h:1"}, "migrate needs psk_file or tls_dir"),
     ],
 )
 def test_a_bad_request_is_one_precise_error(req: object, error: str) -> None:
@@ -133,3 +139,23 @@ def test_replies_write_the_objects_clients_read() -> None:
         "replaced": "h:1",
     }
     assert Refusal("ValueError: no").to_wire() == {"ok": False, "error": "ValueError: no"}
+
+
+def test_migrate_has_binds_fields_and_a_lease_token() -> None:
+    got = parse_request(line({**PSK_BIND, "op": "migrate", "device": "GPU-2", "lease_token": 41}))
+    assert got == MigrateRequest(
+        agent="127.0.0.1:7000", psk_file="/k", device="GPU-2", lease_token=41
+    )
+    assert isinstance(got, MigrateRequest) and got.op == "migrate"
+    wire = got.to_wire()
+    assert wire["op"] == "migrate" and wire["lease_token"] == 41 and "replace" not in wire
+    assert parse_request(line(wire)) == got
+    # bind carries it too; absent when 0, so a bind's bytes stay as they were.
+    bind = parse_request(line({**PSK_BIND, "lease_token": 7}))
+    assert isinstance(bind, BindRequest) and bind.lease_token == 7
+    assert "lease_token" not in BindRequest(agent="h:1", psk_file="/k").to_wire()
+
+
+def test_migrate_reply_is_the_report() -> None:
+    report = {"migrated": "b:2 device=any auth=psk", "from": "a:1", "contexts": 1}
+    assert MigrateReply(report).to_wire() == {"ok": True, **report}

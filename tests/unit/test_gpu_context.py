@@ -33,6 +33,20 @@ def test_session_lifecycle() -> None:
     assert ctx.state is ContextState.DESTROYED and ctx.session is None
 
 
+def test_moved_keeps_the_handle_epoch() -> None:
+    """A live migration gives an OPEN context a new session with the same
+    handles: the epoch counter does not move, the old session comes back."""
+    ctx = Context(4, "m")
+    first, second = _Session(), _Session()
+    ctx.opened(first)  # type: ignore[arg-type]
+    assert ctx.moved(second) is first  # type: ignore[arg-type]
+    assert ctx.session is second and ctx.state is ContextState.OPEN
+    assert ctx.sessions == 1 and ctx.describe()["handle_epoch"] == 0
+    ctx.lent()
+    with pytest.raises(ContextStateError):
+        ctx.moved(first)  # type: ignore[arg-type]  # the lane must give it back first
+
+
 def test_lost_needs_a_session_of_this_binding() -> None:
     ctx = Context(1, "x")
     assert ctx.mark_lost("cannot open agent session") is None  # retried by the next batch

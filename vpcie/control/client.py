@@ -9,7 +9,13 @@ import asyncio
 import json
 from typing import Any
 
-from vpcie.control.messages import Request
+from vpcie.control.messages import (
+    BindRequest,
+    MigrateRequest,
+    Request,
+    StatusRequest,
+    UnbindRequest,
+)
 from vpcie.errors import VpcieError
 
 # A control socket answers "status" at once; a vhost-user socket given by
@@ -17,6 +23,11 @@ from vpcie.errors import VpcieError
 # QEMU attached, leaves us in its accept backlog. Only that first answer has
 # this short deadline; a bind may then take the server's probe timeout.
 FIRST_ANSWER_S = 2.0
+
+
+# A migration holds the guest's work while the state moves: the drain's own
+# limit (30 s by default) plus the copy of the device memory.
+MIGRATE_TIMEOUT_S = 600.0
 
 
 class NotAControlSocket(VpcieError):
@@ -85,3 +96,36 @@ async def _exchange(
     if not isinstance(reply, dict):
         raise NotAControlSocket(f"{path} answered something that is not a control reply")
     return reply
+
+
+class ControlClient:
+    """A backend's control socket by path, one call per op. Each call is one
+    ``control_request``; the answer is the reply's JSON object (``ok`` false
+    with a one-line ``error`` when the backend refused)."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    async def status(self) -> dict[str, Any]:
+        return await control_request(self.path, StatusRequest(), self.timeout)
+
+    async def bind(self, req: BindRequest | None = None, /, **fields: Any) -> dict[str, Any]:
+        """``req``, or a BindRequest made of ``fields`` (agent, psk_file, ...)."""
+        return await control_request(self.path, req or BindRequest(**fields), self.timeout)
+
+    async def unbind(self) -> dict[str, Any]:
+        return await control_request(self.path, UnbindRequest(), self.timeout)
+
+    async def migrate(
+        self,
+        req: MigrateRequest | None = None,
+        /,
+        *,
+        timeout: float = MIGRATE_TIMEOUT_S,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Live migration to the agent ``req`` (or ``fields``, as for bind)
+        names; the report: migrated, from, contexts, state_bytes, stun_ms,
+        copy_ms, state_lost."""
+        return await control_request(self.path, req or MigrateRequest(**fields), timeout)

@@ -5,7 +5,8 @@ Requests::
     {"op": "status"}
     {"op": "bind", "agent": "HOST:PORT", "psk_file": PATH | "tls_dir": DIR,
      "tls_name": NAME, "device": UUID, "mem_quota": BYTES, "max_inflight": N,
-     "replace": false}
+     "replace": false, "lease_token": N}
+    {"op": "migrate", <bind's fields but replace>}   live migration to that agent
     {"op": "unbind"}
 
 Replies: ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``.
@@ -63,6 +64,7 @@ class BindRequest:
     mem_quota: int = 0
     max_inflight: int = 0
     replace: bool = False
+    lease_token: int = 0  # the pool lease's fencing token (0: no pool lease)
 
     def address(self) -> tuple[str, int]:
         return parse_hostport(self.agent)
@@ -79,7 +81,10 @@ class BindRequest:
         }
         if self.max_inflight:  # the CLI has no flag for it: 0 is the server's default
             wire["max_inflight"] = self.max_inflight
-        wire["replace"] = self.replace
+        if self.op == "bind":
+            wire["replace"] = self.replace
+        if self.lease_token:
+            wire["lease_token"] = self.lease_token
         return wire
 
     @classmethod
@@ -88,7 +93,7 @@ class BindRequest:
         if not isinstance(replace, bool):
             raise ValueError(f"replace must be true or false, not {replace!r}")
         if "agent" not in req:
-            raise ValueError("bind needs agent (HOST:PORT)")
+            raise ValueError(f"{cls.op} needs agent (HOST:PORT)")
         agent = str(req["agent"])
         parse_hostport(agent)  # checked first, as the server always did
         # Empty strings count as absent, as they always did on this socket;
@@ -96,7 +101,10 @@ class BindRequest:
         psk_file = str(req["psk_file"]) if req.get("psk_file") else None
         tls_dir = str(req["tls_dir"]) if req.get("tls_dir") and not psk_file else None
         if psk_file is None and tls_dir is None:
-            raise ValueError("bind needs psk_file or tls_dir")
+            raise ValueError(f"{cls.op} needs psk_file or tls_dir")
+        lease_token = _whole(req, "lease_token")
+        if not 0 <= lease_token < 1 << 64:
+            raise ValueError(f"lease_token must be in 0..2**64-1, not {lease_token}")
         return cls(
             agent=agent,
             psk_file=psk_file,
@@ -106,11 +114,20 @@ class BindRequest:
             mem_quota=_whole(req, "mem_quota"),
             max_inflight=_whole(req, "max_inflight"),
             replace=replace,
+            lease_token=lease_token,
         )
 
 
-Request = StatusRequest | UnbindRequest | BindRequest
-OPS = ("status", "bind", "unbind")
+@dataclass(frozen=True)
+class MigrateRequest(BindRequest):
+    """Move the bound GPU's state to the agent named (a bind's fields;
+    ``replace`` does not apply): the guest keeps its handles and sees no error."""
+
+    op: ClassVar[str] = "migrate"
+
+
+Request = StatusRequest | UnbindRequest | BindRequest | MigrateRequest
+OPS = ("status", "bind", "unbind", "migrate")
 
 
 def parse_request(line: bytes | str) -> Request:
@@ -126,6 +143,8 @@ def parse_request(line: bytes | str) -> Request:
         return UnbindRequest()
     if op == "bind":
         return BindRequest.from_wire(req)
+    if op == "migrate":
+        return MigrateRequest.from_wire(req)
     raise ValueError(f"unknown op {op!r} ({', '.join(OPS)})")
 
 
@@ -168,6 +187,16 @@ class BindReply:
 
 
 @dataclass(frozen=True)
+class MigrateReply:
+    """A migration's report (vpcie.gpu.migration_plan.MigrationReport.to_wire)."""
+
+    fields: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.fields, "ok": True}
+
+
+@dataclass(frozen=True)
 class Refusal:
     error: str  # one line
 
@@ -175,4 +204,4 @@ class Refusal:
         return {"ok": False, "error": self.error}
 
 
-Reply = StatusReply | UnbindReply | BindReply | Refusal
+Reply = StatusReply | UnbindReply | BindReply | MigrateReply | Refusal

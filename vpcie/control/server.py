@@ -1,11 +1,14 @@
-"""The backend's control socket: bind, unbind and status, for the CLI and hooks.
+"""The backend's control socket: bind, unbind, migrate and status, for the
+CLI, the pool and the hooks.
 
 The messages are in ``vpcie.control.messages``; this is the serving side, on
 a unix socket (mode 0600 unless told otherwise). A bind is probed first (a
 session is opened and closed on the agent), so a wrong address or credential
 fails the bind and leaves the old binding in place. A bind of a bound vGPU is
 refused unless ``replace`` is true: replacing ends the old binding's work with
-DEVICE_LOST and loses its device memory.
+DEVICE_LOST and loses its device memory. A migrate moves the device state to
+another agent instead (vpcie.gpu.migration); bind and unbind are refused
+while it runs.
 
 The device served is anything with ``status()`` and ``bound_info`` (the
 ``ServedDevice`` protocol; ``GpuDevice`` in the backend): this package does not
@@ -23,6 +26,8 @@ from vpcie.backend.sockpath import ClaimedSocket, SocketAccess
 from vpcie.control.messages import (
     BindReply,
     BindRequest,
+    MigrateReply,
+    MigrateRequest,
     Refusal,
     Reply,
     StatusReply,
@@ -33,6 +38,7 @@ from vpcie.control.messages import (
 from vpcie.control.target import bind_target
 from vpcie.errors import VpcieError
 from vpcie.gpu.binding import AgentTarget, Binding, info_bytes
+from vpcie.gpu.migration_plan import MigrationReport
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +50,14 @@ class ServedDevice(Protocol):
     """What the control socket needs of the device it serves."""
 
     bound_info: bytes  # QUERY_INFO bytes of the bound GPU, for the capset
+    migrating: bool  # a migration runs: bind, unbind and migrate are refused
 
     def status(self) -> dict[str, Any]:
         """Binding, counters and contexts, as JSON-able fields."""
+        ...
+
+    async def migrate(self, target: AgentTarget) -> MigrationReport:
+        """Live migration to ``target`` (VgpuError, one line, when refused)."""
         ...
 
 
@@ -104,6 +115,11 @@ class ControlServer:
         req = parse_request(line)
         if isinstance(req, StatusRequest):
             return StatusReply(self.device.status())
+        if self.device.migrating:
+            return Refusal(f"a migration of this vGPU is running: {req.op} refused, try again")
+        if isinstance(req, MigrateRequest):
+            report = await self.device.migrate(bind_target(req))
+            return MigrateReply(report.to_wire())
         if isinstance(req, BindRequest):
             return await self._bind(req)
         was = self.binding.target

@@ -34,4 +34,5 @@ def bind_target(req: BindRequest) -> AgentTarget:
         device=req.device,
         mem_quota=req.mem_quota,
         max_inflight=req.max_inflight,
+        lease_token=req.lease_token,
     )

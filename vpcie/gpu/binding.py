@@ -134,6 +134,16 @@ class Binding:
         self.generation += 1
         self._changed()
 
+    def move(self, target: AgentTarget) -> None:
+        """A live migration's switch (migration.py): the contexts' sessions
+        moved to ``target`` with their state, so nothing is dropped (no
+        listener runs); sessions still opening under the old target are
+        recognised by the new generation and closed."""
+        if target.liveness is None and self.liveness is not None:
+            target = replace(target, liveness=self.liveness)
+        self.target = target
+        self.generation += 1
+
     def unbind(self) -> None:
         self.target = None
         self.generation += 1

@@ -6,6 +6,7 @@ only by the transitions below; a transition from the wrong state is our bug
 and raises ``ContextStateError``:
 
     DETACHED --opened--> OPEN --lent--> LENT --returned--> OPEN
+    OPEN --moved--> OPEN                 (live migration: a new session, same handles)
     OPEN --lost--> LOST                  (batches fail DEVICE_LOST until rebind)
     any but DESTROYED --detached--> DETACHED      (unbind, rebind)
     any --destroyed--> DESTROYED                  (CTX_DESTROY, device reset)
@@ -134,6 +135,13 @@ class Context:
         self._move(ContextState.OPEN, (ContextState.DETACHED,))
         self.session = session
         self.sessions += 1
+
+    def moved(self, session: Session) -> Session | None:
+        """A live migration moved this context's state to ``session`` (same
+        handle epoch, new binding generation). Returns the old one to close."""
+        self._move(ContextState.OPEN, (ContextState.OPEN,))
+        old, self.session = self.session, session
+        return old
 
     def lent(self) -> None:
         self._move(ContextState.LENT, (ContextState.OPEN,))

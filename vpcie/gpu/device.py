@@ -37,7 +37,8 @@ from vpcie.backend.device import (
     VIRTIO_GPU_CONFIG,
     Device,
 )
-from vpcie.gpu.binding import Binding
+from vpcie.errors import ErrorCode, VgpuError
+from vpcie.gpu.binding import AgentTarget, Binding
 from vpcie.gpu.capset import make_edid, unbound_info
 from vpcie.gpu.commands import (
     MAX_CONTEXTS,
@@ -55,6 +56,8 @@ from vpcie.gpu.forwarding import (
 )
 from vpcie.gpu.holding import UnrefHolds
 from vpcie.gpu.lanes import Lanes
+from vpcie.gpu.migration import DRAIN_TIMEOUT_S, migrate
+from vpcie.gpu.migration_plan import MigrationReport
 from vpcie.gpu.native_lane import BatchParts
 from vpcie.gpu.resources import ParameterError, ResourceTable
 from vpcie.memory import GuestMemory
@@ -105,6 +108,8 @@ class GpuDevice(CommandHandlers, Device):
         self.forwarding = Forwarding(self)
         self.holds = UnrefHolds(self, CONTROL_QUEUE)
         self._withhold = self.holds.pending_rids  # one lookup less per command
+        self.migrating = False
+        self.migrate_drain_timeout = DRAIN_TIMEOUT_S  # vpcie-backend --migrate-drain-timeout
 
     @property
     def inflight_bytes(self) -> int:
@@ -219,6 +224,18 @@ class GpuDevice(CommandHandlers, Device):
         self.contexts.pop(ctx.ctx_id, None)
 
     # -- binding changes ------------------------------------------------------------
+    async def migrate(self, target: AgentTarget) -> MigrationReport:
+        """Move the bound GPU's state to ``target`` while the guest runs
+        (migration.py); one at a time, refused while unbound. VgpuError (one
+        line) when it cannot: the vGPU then keeps its binding."""
+        if self.migrating:
+            raise VgpuError(ErrorCode.INVALID_ARGUMENT, "a migration of this vGPU is running")
+        self.migrating = True
+        try:
+            return await migrate(self, target, self.migrate_drain_timeout)
+        finally:
+            self.migrating = False
+
     def _binding_changed(self) -> None:
         """Unbind / rebind: every in-flight command ends with DEVICE_LOST now
         (the next session of each context gets a new handle epoch)."""
@@ -236,6 +253,7 @@ class GpuDevice(CommandHandlers, Device):
             self.forwarding.notice_lost(c)
         return {
             "binding": self.binding.state.value,
+            "migrating": self.migrating,
             "target": target.describe() if target else None,
             "contexts": [c.describe() for c in self.contexts.values()],
             "resources": len(self.resources),

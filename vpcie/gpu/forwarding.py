@@ -65,6 +65,13 @@ class Forwarding:
     def __init__(self, owner: ForwardingOwner) -> None:
         self.owner = owner
         self.inflight_bytes = 0  # guest batch bytes held for uncompleted work
+        # A live migration's hold (migration.py): while ``holding``, accepted
+        # batches queue here and nothing is sent; ``released`` wakes the
+        # forwarders, which then send on the contexts' new sessions.
+        self.holding = False
+        self.released = asyncio.Event()
+        self.released.set()
+        self.opening = 0  # sessions being opened now (a migration waits for them)
 
     # -- a batch in -----------------------------------------------------------------
     def reject(
@@ -162,6 +169,7 @@ class Forwarding:
         if (
             session is not None
             and ctx.has_session
+            and not self.holding
             and not ctx.forwarding
             and (ctx.queue is None or ctx.queue.empty())
             and session.inflight < _window(session)
@@ -205,12 +213,18 @@ class Forwarding:
                 continue
             ctx.forwarding = True
             try:
-                session = await self._session(ctx)
-                while session.inflight >= _window(session) and not pending.done:
+                while not pending.done:
+                    if self.holding:  # a migration: the session may change meanwhile
+                        await self.released.wait()
+                        continue
+                    session = await self._session(ctx)
+                    if self.holding:
+                        continue
+                    if session.inflight < _window(session):
+                        self._send(ctx, session, pending)
+                        break
                     ctx.window_open.clear()
                     await ctx.window_open.wait()
-                if not pending.done:
-                    self._send(ctx, session, pending)
             except VgpuError as exc:
                 self.finish(pending, exc.code, 0, exc.message, {}, b"")
                 if exc.code == ErrorCode.DEVICE_LOST:
@@ -250,12 +264,15 @@ class Forwarding:
                 "the most its handles can tell apart; recreate the context",
             )
         binding = self.owner.binding
+        self.opening += 1
         try:
             session, sgen = await binding.open(f"{ctx.name}#{ctx.ctx_id}", epoch)
         except VgpuError:
             raise
         except Exception as exc:  # auth refused, protocol error: the agent is unusable
             raise VgpuError(ErrorCode.DEVICE_LOST, f"cannot open agent session: {exc}") from exc
+        finally:
+            self.opening -= 1
         if sgen != binding.generation or self.owner.contexts.get(ctx.ctx_id) is not ctx:
             self.owner.background(session.close())
             raise VgpuError(ErrorCode.DEVICE_LOST, "binding changed while connecting")

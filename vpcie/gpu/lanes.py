@@ -96,6 +96,8 @@ class Lanes:
         # Set by GpuDevice when a resource, its backing, an attachment or a
         # fence page changed: what the lane knows is refreshed after the turn.
         self.dirty = False
+        # A live migration holds every session in Python (migration.py).
+        self.paused = False
 
     # -- lending -------------------------------------------------------------------
     def leased(self, ctx: Context) -> bool:
@@ -104,7 +106,12 @@ class Lanes:
     def schedule_lend(self, ctx: Context) -> None:
         """Lend ``ctx`` at the next loop turn if it is idle then (not from
         inside the session's own callbacks)."""
-        if not self.enabled or ctx.ctx_id in self._scheduled or ctx.ctx_id in self.leases:
+        if (
+            not self.enabled
+            or self.paused
+            or ctx.ctx_id in self._scheduled
+            or ctx.ctx_id in self.leases
+        ):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -120,6 +127,7 @@ class Lanes:
         session: Any = ctx.session  # a TunnelClient (lend / take_back), or another Session
         if (
             host is None
+            or self.paused
             or dev.contexts.get(ctx.ctx_id) is not ctx
             or ctx.state is not ContextState.OPEN
             or session is None
