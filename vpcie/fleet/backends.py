@@ -7,15 +7,15 @@ import json
 import os
 from typing import Any
 
-from vpcie.control.client import control_request
+from vpcie.control.client import ControlClient
+from vpcie.control.messages import BindRequest, MigrateRequest
 from vpcie.errors import VpcieError
 from vpcie.places import DEFAULT_RUN_DIR
 from vpcie.pool.model import Agent, Lease
 
-# A bind opens a session; a migrate copies the vGPU's device memory (its drain
-# alone may take the backend's --migrate-drain-timeout, 30 s by default).
+# A bind opens (probes) a session; a migrate's limit is the control client's
+# MIGRATE_TIMEOUT_S (its drain and the copy of the device memory).
 BIND_TIMEOUT_S = 60.0
-MIGRATE_TIMEOUT_S = 600.0
 
 
 class BackendError(VpcieError):
@@ -47,10 +47,17 @@ def target_fields(agent: Agent, lease: Lease) -> dict[str, Any]:
 
 
 async def call(socket: str, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Send ``op`` to the backend at ``socket``; its ``{"ok": true, ...}``
+    """Send ``op`` (bind, migrate: ``fields`` as ``target_fields`` makes
+    them; unbind) to the backend at ``socket``; its ``{"ok": true, ...}``
     answer, or BackendError with one line."""
+    client = ControlClient(socket, timeout)
     try:
-        reply = await control_request(socket, {"op": op, **fields}, timeout=timeout)
+        if op == "bind":
+            reply = await client.bind(BindRequest(**fields))
+        elif op == "migrate":
+            reply = await client.migrate(MigrateRequest(**fields), timeout=timeout)
+        else:
+            reply = await client.unbind()
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise BackendGone(
             f"no backend listens on {socket} (is its vpcie-backend running?)"

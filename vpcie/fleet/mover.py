@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vpcie.control.client import MIGRATE_TIMEOUT_S
 from vpcie.errors import VpcieError
 from vpcie.fleet import backends
 from vpcie.fleet.agents import find_agent
@@ -96,7 +97,7 @@ async def migrate(
                 vgpu.socket,
                 "migrate",
                 backends.target_fields(agent, new),
-                backends.MIGRATE_TIMEOUT_S,
+                MIGRATE_TIMEOUT_S,
             )
     except BaseException:
         await pool.release(new.id)
