@@ -224,16 +224,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return await mover.migrate(pool, args.vgpu, ps.owner(args), args.to, progress)
 
     r = ps.run(args, body)
-    lost = (
-        " (state lost: the source was gone; the vGPU starts empty)"
-        if r.report.get("state_lost")
-        else ""
-    )
     emit(
         args.json,
         _move_json(r),
         f"migrated {r.vgpu}: {r.old.agent}/{r.old.gpu} -> {r.new.agent}/{r.new.gpu}, "
-        f"lease {r.new.id}{lost}",
+        f"lease {r.new.id} ({mover.summary(r.report, r.seconds)})",
     )
     return 0
 

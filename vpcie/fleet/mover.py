@@ -106,11 +106,12 @@ async def migrate(
     await pool.set_lease_state(new.id, "bound" if bound else "reserved")
     await pool.release(old.id)
     done = time.monotonic() - t0
-    say(f"{name}: now on {new.agent}/{new.gpu} ({_summary(report, done)})")
+    say(f"{name}: now on {new.agent}/{new.gpu} ({summary(report, done)})")
     return MoveResult(name, old, new, report, done)
 
 
-def _summary(report: dict[str, Any], seconds: float) -> str:
+def summary(report: dict[str, Any], seconds: float) -> str:
+    """The backend's migrate report in a few words (progress and CLI lines)."""
     if not report:
         return f"lease moved, not bound, {seconds * 1e3:.0f} ms"
     lost = ", STATE LOST (source gone)" if report.get("state_lost") else ""
