@@ -357,6 +357,10 @@ class Pool:
 
     # the cache ---------------------------------------------------------
 
+    async def refresh(self) -> None:
+        """Reread the placement cache now (a reserve does it when it must)."""
+        await self._load()
+
     def _booking(
         self, vgpu: str, gpu: Gpu, req: Request, owner: str
     ) -> tuple[Lease, list[Compare], list[tuple[str, bytes]]]:
