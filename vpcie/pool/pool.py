@@ -400,10 +400,10 @@ class Pool:
         self._fleet, self._vgpus, self._alive = Fleet(), {}, set()
         self._items = {k: i for k, i in self._items.items() if k.startswith(LEASES)}
         synced = 0
-        for prefix in _CACHED:
-            for item in await self.kv.range(prefix):
+        for item in await self.kv.range(ROOT):  # one read: one snapshot
+            if item.key.startswith(_CACHED):
                 self._apply(item)
-                synced = max(synced, item.mod_revision)
+            synced = max(synced, item.mod_revision)
         self._synced, self._loaded = synced, True
 
     async def _catch_up(self, keys: list[str]) -> None:
