@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from aetcd import rpc
 
 from vpcie.pool.errors import PoolError, StoreUnavailable
-from vpcie.pool.kv import Compare, Item, LeaseId, TxnResult, prefix_end
+from vpcie.pool.kv_types import Compare, Item, LeaseId, TxnResult, prefix_end
 
 RANGE_PAGE = 2000  # keys per Range reply: well under gRPC's 4 MiB message cap
 DEFAULT_TIMEOUT = 10.0  # seconds per call: a cluster without a leader must not hang a CLI

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vpcie.pool.errors import PoolError, StoreUnavailable
-from vpcie.pool.kv import Compare, Item, LeaseId, TxnResult, prefix_end
+from vpcie.pool.kv_types import Compare, Item, LeaseId, TxnResult, prefix_end
 
 T = TypeVar("T")
 
