@@ -108,3 +108,24 @@ def test_open_kv_urls(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert "EtcdKV(etcd://127.0.0.1:1,127.0.0.2:2/pre)" == repr(
         open_kv("etcd://127.0.0.1:1,127.0.0.2:2/pre")
     )
+
+
+async def test_range_pages_are_one_snapshot(kv: KV, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vpcie.pool import etcd_kv
+
+    monkeypatch.setattr(etcd_kv, "RANGE_PAGE", 3)  # etcd reads 10 keys in 4 pages
+    await kv.txn([], [(f"/pg/{i:02d}", b"%d" % i) for i in range(10)], [])
+    mark = await kv.txn([], [("/pg/05", b"new"), ("/pg/09", b"new")], [])
+    assert [i.key for i in await kv.range("/pg/")] == [f"/pg/{i:02d}" for i in range(10)]
+    changed = await kv.range("/pg/", min_mod_revision=mark.revision)
+    assert [(i.key, i.value) for i in changed] == [("/pg/05", b"new"), ("/pg/09", b"new")]
+
+
+async def test_range_past_grpc_message_cap(kv: KV) -> None:
+    """A 1,000-agent fleet is ~12 MB of records; gRPC refuses replies over
+    4 MiB: the etcd store must read it in pages."""
+    value = b"v" * 1024
+    for chunk in range(60):
+        await kv.txn([], [(f"/big/{chunk:02d}/{i:03d}", value) for i in range(90)], [])
+    items = await kv.range("/big/")
+    assert len(items) == 60 * 90 and sum(len(i.value) for i in items) > (5 << 20)

@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 from aetcd import rpc
 
 from vpcie.pool.errors import PoolError, StoreUnavailable
-from vpcie.pool.kv import Compare, Item, LeaseId, TxnResult, prefix_end
+from vpcie.pool.kv_types import Compare, Item, LeaseId, TxnResult, prefix_end
 
+RANGE_PAGE = 2000  # keys per Range reply: well under gRPC's 4 MiB message cap
 DEFAULT_TIMEOUT = 10.0  # seconds per call: a cluster without a leader must not hang a CLI
 
 
@@ -92,14 +93,26 @@ class EtcdKV:
         return self._item(resp.kvs[0]) if resp.kvs else None
 
     async def range(self, prefix: str, min_mod_revision: int = 0) -> list[Item]:
+        """In pages of RANGE_PAGE keys, every page read at the first page's
+        revision: one snapshot, however large (a 1,000-agent fleet is ~12 MB)."""
         kvs, _ = self._stubs()
-        req = rpc.RangeRequest(
-            key=self._k(prefix),
-            range_end=self._k(prefix_end(prefix)),
-            min_mod_revision=min_mod_revision,
-        )
-        resp = await self._call(kvs.Range, req)
-        return [self._item(kv) for kv in resp.kvs]
+        start, end = self._k(prefix), self._k(prefix_end(prefix))
+        out: list[Item] = []
+        revision = 0
+        while True:
+            req = rpc.RangeRequest(
+                key=start,
+                range_end=end,
+                limit=RANGE_PAGE,
+                revision=revision,
+                min_mod_revision=min_mod_revision,
+            )
+            resp = await self._call(kvs.Range, req)
+            out += [self._item(kv) for kv in resp.kvs]
+            revision = revision or int(resp.header.revision)
+            if not resp.more or not resp.kvs:
+                return out
+            start = bytes(resp.kvs[-1].key) + b"\0"
 
     # writes ------------------------------------------------------------
 

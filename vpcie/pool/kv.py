@@ -14,33 +14,11 @@ pool *lease*, a vGPU's claim on a GPU: that is an ordinary key.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NewType, Protocol
+from typing import Protocol
 
-LeaseId = NewType("LeaseId", int)
+from vpcie.pool.kv_types import MAX_TXN_OPS, Compare, Item, LeaseId, TxnResult, prefix_end
 
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    key: str
-    value: bytes
-    version: int
-    mod_revision: int
-    create_revision: int
-
-
-@dataclass(frozen=True, slots=True)
-class Compare:
-    """Holds when ``key``'s version is ``version`` (0: the key is absent)."""
-
-    key: str
-    version: int
-
-
-@dataclass(frozen=True, slots=True)
-class TxnResult:
-    succeeded: bool
-    revision: int  # the store's revision after the transaction (its own if it wrote)
+__all__ = ["KV", "MAX_TXN_OPS", "Compare", "Item", "LeaseId", "TxnResult", "open_kv", "prefix_end"]
 
 
 class KV(Protocol):
@@ -68,18 +46,6 @@ class KV(Protocol):
     async def revoke(self, lease: LeaseId) -> None: ...
 
     async def close(self) -> None: ...
-
-
-# etcd's default --max-txn-ops is 128: bulk writes are cut into transactions of
-# at most this many operations (compares included).
-MAX_TXN_OPS = 100
-
-
-def prefix_end(prefix: str) -> str:
-    """The first key after every key that starts with ``prefix``."""
-    if not prefix:
-        return "\U0010ffff"
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def open_kv(url: str) -> KV:

@@ -21,18 +21,32 @@ POLICIES: tuple[str, ...] = ("pack", "spread")
 STALE_AFTER_TTLS = 3  # an unregistered agent is "down" after this many TTLs without a heartbeat
 
 
+_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 class _Record:
     _tuples: ClassVar[tuple[str, ...]] = ()
 
+    # Records are flat: fields are scalars, dicts of scalars, or tuples of
+    # scalars, so a shallow copy per field is a full copy (and much cheaper
+    # than dataclasses.asdict on the reserve path).
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)  # type: ignore[call-overload]
-        for name in self._tuples:
-            out[name] = list(out[name])
-        return out  # type: ignore[no-any-return]
+        out: dict[str, Any] = {}
+        for name in _names(type(self)):
+            v = getattr(self, name)
+            out[name] = dict(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Self:
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = _names(cls)
         kw = {k: v for k, v in data.items() if k in known}
         for name in cls._tuples:
             if name in kw:

@@ -357,6 +357,10 @@ class Pool:
 
     # the cache ---------------------------------------------------------
 
+    async def refresh(self) -> None:
+        """Reread the placement cache now (a reserve does it when it must)."""
+        await self._load()
+
     def _booking(
         self, vgpu: str, gpu: Gpu, req: Request, owner: str
     ) -> tuple[Lease, list[Compare], list[tuple[str, bytes]]]:
@@ -396,10 +400,10 @@ class Pool:
         self._fleet, self._vgpus, self._alive = Fleet(), {}, set()
         self._items = {k: i for k, i in self._items.items() if k.startswith(LEASES)}
         synced = 0
-        for prefix in _CACHED:
-            for item in await self.kv.range(prefix):
+        for item in await self.kv.range(ROOT):  # one read: one snapshot
+            if item.key.startswith(_CACHED):
                 self._apply(item)
-                synced = max(synced, item.mod_revision)
+            synced = max(synced, item.mod_revision)
         self._synced, self._loaded = synced, True
 
     async def _catch_up(self, keys: list[str]) -> None:
