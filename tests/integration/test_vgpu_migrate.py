@@ -34,7 +34,7 @@ from vpcie._native import native_available
 from vpcie.control.client import control_request
 from vpcie.errors import ErrorCode
 from vpcie.protocol.batch import rec
-from vpcie.protocol.codes import HANDLE_EPOCH_SHIFT, Opcode
+from vpcie.protocol.codes import HANDLE_EPOCH_SHIFT, DType, Opcode
 from vpcie.protocol.frames import decode_payload
 from vpcie.testing.guest_driver import Bo, CommandFailed, GuestContext
 
@@ -49,6 +49,7 @@ PATHS = [
     ),
 ]
 SIZES = (1 << 20, (3 << 20) + 123, 2 << 20, 5 * 4096 + 7)
+ACC_N = 1024  # the workload's accumulator: float32 elements
 EVENTS = (3, 40)
 
 
@@ -99,12 +100,15 @@ async def check_contents(ctx: GuestContext, state: State) -> None:
 
 @dataclass
 class Workload:
-    """Batches submitted continuously (up to ``depth`` outstanding): each
-    MEMSETs a scratch buffer with its own value and copies it into its own
-    guest buffer; each outcome is checked (status, order, bytes)."""
+    """Batches submitted continuously (up to ``depth`` outstanding): each adds
+    one to every element of an accumulator on the device (AXPY of a ones
+    vector) and copies it into its own guest buffer, so batch i reads i:
+    a batch lost, run twice or out of order, or an update left behind on the
+    source, shows as a wrong count. Each outcome is checked."""
 
     ctx: GuestContext
-    scratch: int
+    ones: int
+    acc: int
     bos: list[Bo]
     done: int = 0
     errors: list[str] = field(default_factory=list)
@@ -112,28 +116,29 @@ class Workload:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self, depth: int = 3) -> None:
-        outstanding: list[tuple[int, int, int]] = []  # (seq, value, bo index)
+        outstanding: list[tuple[int, int, int]] = []  # (seq, count, bo index)
         i = 0
         while not self.stop.is_set() or outstanding:
             if not self.stop.is_set() and len(outstanding) < depth:
                 i += 1
                 k = i % len(self.bos)
-                v = i & 0xFF
                 seq = await self.ctx.start(
                     [
-                        rec(Opcode.MEMSET, self.scratch, v, 0, 4096),
-                        rec(Opcode.COPY_D2H, self.scratch, self.bos[k].resource_id, 0, 0, 4096),
+                        rec(Opcode.AXPY, DType.F32, self.ones, self.acc, 1.0, ACC_N, 0, 0),
+                        rec(Opcode.COPY_D2H, self.acc, self.bos[k].resource_id, 0, 0, 4 * ACC_N),
                     ]
                 )
-                outstanding.append((seq, v, k))
+                outstanding.append((seq, i, k))
                 continue
-            seq, v, k = outstanding.pop(0)
+            seq, count, k = outstanding.pop(0)
             reply = await self.ctx.wait(0, seq, timeout=30)
             self.times.append(time.monotonic())
             if reply.status != ErrorCode.OK:
                 self.errors.append(f"batch {seq}: {reply.status.name} {reply.message}")
-            elif self.bos[k].read() != bytes([v]) * 4096:
-                self.errors.append(f"batch {seq}: wrong bytes")
+            else:
+                got = set(np.frombuffer(self.bos[k].read(), dtype=np.float32).tolist())
+                if got != {float(count)}:
+                    self.errors.append(f"batch {seq}: count {sorted(got)[:3]}, not {count}")
             if self.ctx.fence_slot(0)[0] < seq:
                 self.errors.append(f"batch {seq}: fence page behind")
             self.done += 1
@@ -145,9 +150,18 @@ class Workload:
 
 @contextlib.asynccontextmanager
 async def workload(ctx: GuestContext) -> AsyncIterator[Workload]:
-    (scratch,) = await alloc(ctx, 4096)
-    bos = [await ctx.create_bo(4096) for _ in range(4)]
-    w = Workload(ctx, scratch, bos)
+    ones, acc = await alloc(ctx, 4 * ACC_N, 4 * ACC_N)
+    src = await ctx.create_bo(4 * ACC_N)
+    src.write(np.ones(ACC_N, dtype=np.float32).tobytes())
+    reply = await ctx.run(
+        [
+            rec(Opcode.COPY_H2D, ones, src.resource_id, 0, 0, 4 * ACC_N),
+            rec(Opcode.MEMSET, acc, 0, 0, 4 * ACC_N),
+        ]
+    )
+    assert reply.status == ErrorCode.OK, reply
+    bos = [await ctx.create_bo(4 * ACC_N) for _ in range(4)]
+    w = Workload(ctx, ones, acc, bos)
     task = asyncio.create_task(w.run())
     try:
         await until(lambda: w.done >= 10 or task.done(), 20, "the workload did not start")
@@ -185,7 +199,7 @@ async def test_migrate_moves_state_while_the_guest_submits(
         assert report["from"].startswith(f"127.0.0.1:{src.port} ")
         assert report["migrated"].startswith(f"127.0.0.1:{dst.port} ")
         assert report["contexts"] == 1 and report["state_lost"] is False
-        assert report["state_bytes"] >= sum(SIZES) + 4096
+        assert report["state_bytes"] >= sum(SIZES) + 2 * 4 * ACC_N
         assert 0 < report["copy_ms"] <= report["stun_ms"]
         # What the guest saw: no gap between completions longer than the stun (+ slack).
         assert w.max_gap_ms(t0) < report["stun_ms"] + 500

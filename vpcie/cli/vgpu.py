@@ -1,6 +1,7 @@
-"""``vpcie vgpu``: bind, unbind and inspect a running vGPU through its
-backend's control socket (``vpcie-backend --control-socket``, by default the
-vhost-user socket path + ``.ctl``)."""
+"""``vpcie vgpu``: bind, unbind, migrate and inspect a running vGPU through
+its backend's control socket (``vpcie-backend --control-socket``, by default
+the vhost-user socket path + ``.ctl``; /run/vpcie/NAME.ctl when libvirt
+started it)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from vpcie.errors import ConfigError, VpcieError
 from vpcie.oneline_args import non_negative_int
+from vpcie.places import DEFAULT_RUN_DIR
 
 
 class ControlFailed(VpcieError):
@@ -21,21 +23,44 @@ class ControlFailed(VpcieError):
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "vgpu",
-        help="bind / unbind / show the GPU behind a running vGPU",
+        help="bind / unbind / migrate / show the GPU behind a running vGPU",
         description="Talk to a vpcie-backend's control socket.",
     )
     vsub = p.add_subparsers(dest="vgpu_cmd", required=True, metavar="ACTION")
     st = vsub.add_parser("status", help="binding, contexts, counters")
     b = vsub.add_parser("bind", help="bind an agent's GPU (or MIG slice) to the vGPU")
-    b.add_argument("--agent", required=True, metavar="HOST:PORT")
-    auth = b.add_mutually_exclusive_group(required=True)
-    auth.add_argument("--psk-file", help="pre-shared key (loopback labs only)")
-    auth.add_argument("--tls-dir", help="PKI folder (ca.crt, NAME.crt, NAME.key)")
-    b.add_argument("--tls-name", default="backend", help="client certificate name")
-    b.add_argument("--device", default="", help="GPU or MIG UUID on the agent (default: any)")
-    b.add_argument(
-        "--mem-quota", type=non_negative_int, default=0, help="device memory bytes per context"
+    m = vsub.add_parser(
+        "migrate",
+        help="move the vGPU's GPU state to another agent while the guest runs",
+        description="Live migration: the guest's contexts keep their device memory, "
+        "modules, events and handles; their work pauses for the copy (the stun) and "
+        "goes on on the new agent. If the current agent is dead, the vGPU is bound "
+        "to the new one empty (its work ended with DEVICE_LOST).",
+        epilog="example: vpcie vgpu migrate vm1 --agent 10.0.0.7:7450 "
+        "--tls-dir /etc/vpcie/pki --device GPU-1234",
     )
+    m.add_argument(
+        "name",
+        nargs="?",
+        help=f"the vGPU's name: its control socket is {DEFAULT_RUN_DIR}/NAME.ctl "
+        "(or give --backend)",
+    )
+    for q in (b, m):
+        q.add_argument("--agent", required=True, metavar="HOST:PORT")
+        auth = q.add_mutually_exclusive_group(required=True)
+        auth.add_argument("--psk-file", help="pre-shared key (loopback labs only)")
+        auth.add_argument("--tls-dir", help="PKI folder (ca.crt, NAME.crt, NAME.key)")
+        q.add_argument("--tls-name", default="backend", help="client certificate name")
+        q.add_argument("--device", default="", help="GPU or MIG UUID on the agent (default: any)")
+        q.add_argument(
+            "--mem-quota", type=non_negative_int, default=0, help="device memory bytes per context"
+        )
+        q.add_argument(
+            "--lease-token",
+            type=non_negative_int,
+            default=0,
+            help="the pool lease's fencing token (0: no pool lease)",
+        )
     b.add_argument(
         "--replace",
         action="store_true",
@@ -43,19 +68,29 @@ def add_parser(sub: Any) -> None:
         "work in flight ends with DEVICE_LOST, old handles get STALE_HANDLE",
     )
     u = vsub.add_parser("unbind", help="unbind: in-flight work ends with DEVICE_LOST")
-    for q in (st, b, u):
-        q.add_argument("--backend", required=True, metavar="CTL_SOCKET", help="control socket")
+    for q in (st, b, u, m):
+        q.add_argument(
+            "--backend", required=q is not m, metavar="CTL_SOCKET", help="control socket"
+        )
         q.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vpcie.control.client import control_request
-    from vpcie.control.messages import BindRequest, Request, StatusRequest, UnbindRequest
+    from vpcie.control.client import MIGRATE_TIMEOUT_S, control_request
+    from vpcie.control.messages import (
+        BindRequest,
+        MigrateRequest,
+        Request,
+        StatusRequest,
+        UnbindRequest,
+    )
 
     req: Request = StatusRequest() if args.vgpu_cmd == "status" else UnbindRequest()
-    if args.vgpu_cmd == "bind":
-        req = BindRequest(
+    timeout = 30.0
+    if args.vgpu_cmd in ("bind", "migrate"):
+        kind = BindRequest if args.vgpu_cmd == "bind" else MigrateRequest
+        req = kind(
             agent=args.agent,
             # The backend resolves paths in its own working directory: send ours.
             psk_file=args.psk_file and os.path.abspath(args.psk_file),
@@ -63,10 +98,17 @@ def run(args: argparse.Namespace) -> int:
             tls_name=args.tls_name,
             device=args.device,
             mem_quota=args.mem_quota,
-            replace=args.replace,
+            replace=getattr(args, "replace", False),
+            lease_token=args.lease_token,
         )
+    if args.vgpu_cmd == "migrate":
+        timeout = MIGRATE_TIMEOUT_S
+        if not args.backend:
+            if not args.name:
+                raise ConfigError("vgpu migrate needs the vGPU's NAME or --backend CTL_SOCKET")
+            args.backend = os.path.join(DEFAULT_RUN_DIR, f"{args.name}.ctl")
     try:
-        reply = asyncio.run(control_request(args.backend, req))
+        reply = asyncio.run(control_request(args.backend, req, timeout))
     except FileNotFoundError as exc:
         folder = os.path.dirname(os.path.abspath(args.backend))
         msg = f"no control socket at {args.backend} (is vpcie-backend running?)"
@@ -90,6 +132,15 @@ def _human(cmd: str, r: dict[str, Any]) -> str:
         return f"bound: {r['bound']}{was}"
     if cmd == "unbind":
         return f"unbound (was: {r.get('was') or 'nothing'})"
+    if cmd == "migrate":
+        line = (
+            f"migrated: {r['from']} -> {r['migrated']}: {r['contexts']} contexts, "
+            f"{r['state_bytes'] / (1 << 20):.1f} MiB, stun {r['stun_ms']:.1f} ms "
+            f"(copy {r['copy_ms']:.1f} ms)"
+        )
+        if r.get("state_lost"):
+            line += "; state lost: the source was unusable, its work ended with DEVICE_LOST"
+        return line
     lines = [
         f"binding : {r['binding']}" + (f" -> {r['target']}" if r.get("target") else ""),
         f"counters: {r['commands']} commands, {r['submits']} submits, "
