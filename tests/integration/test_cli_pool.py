@@ -379,8 +379,10 @@ async def test_bind_unbind_through_the_pool(pool_url: str, tmp_path: Path) -> No
             rc, out, err = await acli(pool_url, "vgpu", "bind", "--backend", r.control, *manual)
             assert rc == 1 and "STALE_LEASE" in err, err
             # bound again through the pool: a new lease, a larger token, accepted
-            again = (await ajs(pool_url, "bind", "vm1", "--memory", "64MiB"))["lease"]
-            assert again["token"] > lease["token"]
+            out = await aok(pool_url, "bind", "vm1", "--memory", "64MiB")
+            assert out.startswith(f"bound vm1: {a1.address}"), out
+            (again,) = (await ajs(pool_url, "leases"))["leases"]
+            assert again["token"] > lease["token"] and f"token {again['token']}" in out
             await aok(pool_url, "unbind", "vm1")
     finally:
         a1.stop()
@@ -426,6 +428,16 @@ async def test_migrate_keeps_the_data(pool_url: str, tmp_path: Path) -> None:
             assert a2.address in st["target"]
             (now,) = (await ajs(pool_url, "leases"))["leases"]
             assert (now["agent"], now["state"], now["id"]) == ("a2", "bound", doc["lease"])
+
+            # and back, onto a named agent (the table line for people)
+            rc, out, err = await acli(pool_url, "migrate", "vm1", "--to", "a1")
+            assert rc == 0 and out.startswith("migrated vm1: a2/cpu0 -> a1/cpu0, lease "), err
+            assert "1 contexts" in out and out.count("\n") == 1
+            dst.write(bytes(len(blob)))  # what is read next comes from a1 again
+            reply = await ctx.run([rec(Opcode.COPY_D2H, h, dst.resource_id, 0, 0, len(blob))])
+            assert reply.status == ErrorCode.OK and dst.read() == blob
+            (now,) = (await ajs(pool_url, "leases"))["leases"]
+            assert now["agent"] == "a1"
 
             # migrating onto an agent that is not in the pool: refused, nothing changes
             rc, out, err = await acli(pool_url, "migrate", "vm1", "--to", "a9")
