@@ -7,7 +7,8 @@
 it dies with the agent, PR_SET_PDEATHSIG). Every ttl/3 seconds it asks the
 agent for its INVENTORY (the agent's own proof of life: it accepted,
 authenticated and answered), then keeps the agent's ``/vpcie/alive/`` TTL
-key alive and records the heartbeat; a changed device list is written to
+key alive (and every HEARTBEAT_S records the heartbeat the tables show: a
+registered agent's health is its key, not this); a changed device list is written to
 the pool. So the key lives exactly as long as the agent answers:
 
 * the agent stops (SIGTERM) or dies: PDEATHSIG stops us, we revoke the key,
@@ -42,6 +43,9 @@ MIN_TTL_S = 2
 # The agent may be busy (its admission queue full): ask again rather than
 # declare it gone, for this long.
 UNANSWERED_LIMIT_TICKS = 3
+# A store write per agent this often, not per tick (1,000 agents at a 10 s
+# TTL would otherwise write 300 heartbeats a second to etcd).
+HEARTBEAT_S = 30.0
 
 
 def _quote(value: Any) -> str:
@@ -83,6 +87,7 @@ class Registrar:
         self.stop = asyncio.Event()
         self.alive_id: Any = None
         self.seen: list[dict[str, Any]] | None = None
+        self.last_heartbeat = 0.0
 
     async def run(self) -> int:
         from vpcie.pool.pool import Pool
@@ -146,7 +151,10 @@ class Registrar:
             await pool.update_inventory(name, gpus)
             self.seen = _fingerprint(gpus)
             log("info", "inventory_changed", agent=name, devices=len(gpus))
-        await pool.heartbeat(name)
+        now = time.monotonic()
+        if now - self.last_heartbeat >= HEARTBEAT_S:
+            await pool.heartbeat(name)
+            self.last_heartbeat = now
 
     async def _enroll(self, pool: Any, reply: dict[str, Any], gpus: list[Any]) -> None:
         """Add the agent, or take over its record: an agent restarted with
