@@ -233,6 +233,12 @@ def test_errors_are_one_line(pool_url: str, agent: AgentProc, tmp_path: Path) ->
     r = cli(pool_url, "agents", "add", "x", "--address", "nocolon", "--psk-file", str(wrong))
     one_line_error(r, 2, "HOST:PORT")
     assert js(pool_url, "agents")["agents"] == []  # nothing half-added
+    # A bind whose backend is not there: one line, and no lease nor vGPU left behind
+    add(pool_url, "a", agent)
+    r = cli(pool_url, "bind", "vm", "--backend", str(tmp_path / "none.ctl"))
+    one_line_error(r, 1, f"no backend listens on {tmp_path / 'none.ctl'}")
+    one_line_error(cli(pool_url, "bind", "vm", "--memory", "1TiB"), 1, "no capacity")
+    assert js(pool_url, "leases")["leases"] == [] and js(pool_url, "vgpus")["vgpus"] == []
 
     # bad input: exit 2, before anything is done
     for args in (

@@ -82,6 +82,7 @@ async def bind(
 ) -> BindResult:
     """Bind ``name``: a lease it already holds in state "reserved" is used,
     otherwise one is reserved for ``request``."""
+    added = await find_vgpu(pool, name) is None
     vgpu = await ensure_vgpu(pool, name, socket, domain)
     lease = await live_lease(pool, name)
     reserved_here = False
@@ -90,17 +91,21 @@ async def bind(
             f"vGPU {name} is already {lease.state} to {lease.agent}/{lease.gpu} (lease "
             f"{lease.id}): vpcie unbind {name} first, or vpcie migrate {name}"
         )
-    if lease is None:
-        lease = await pool.reserve(name, request, owner)
-        reserved_here = True
     try:
+        if lease is None:
+            lease = await pool.reserve(name, request, owner)
+            reserved_here = True
         agent = await find_agent(pool, lease.agent)
         reply = await backends.call(
             vgpu.socket, "bind", backends.target_fields(agent, lease), backends.BIND_TIMEOUT_S
         )
     except BaseException:
-        if reserved_here:
+        # Leave the pool as it was: no lease booked for a backend that is
+        # not using it, no vGPU record with a socket nobody listens on.
+        if reserved_here and lease is not None:
             await pool.release(lease.id)
+        if added:
+            await pool.remove_vgpu(name)
         raise
     lease = await pool.set_lease_state(lease.id, "bound")
     return BindResult(await get_vgpu(pool, name), lease, str(reply.get("bound", "")))
