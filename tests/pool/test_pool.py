@@ -157,3 +157,23 @@ async def test_bad_requests_are_one_line(pool: Pool) -> None:
     with pytest.raises(NoCapacity) as err:
         await pool.reserve("v1", Request(memory=GiB))
     assert "no servable devices" in str(err.value)
+
+
+async def test_unreachable_stores_say_so_in_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import free_port
+    from vpcie.pool import StoreUnavailable
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    for url in (f"etcd://127.0.0.1:{free_port()}", f"sqlite://{blocker}/pool.db"):
+        async with await Pool.open(url) as pool:
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable) as err:
+                await pool.agents()
+            assert "\n" not in str(err.value) and time.monotonic() - t0 < 15
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not sqlite" * 100)
+    async with await Pool.open(str(corrupt)) as pool:
+        with pytest.raises(StoreUnavailable) as err:
+            await pool.agents()
+        assert str(corrupt) in str(err.value) and "\n" not in str(err.value)

@@ -154,7 +154,9 @@ def test_indexed_pack_takes_what_a_scan_with_the_same_order_takes() -> None:
             fleet.set_agent(agent(n, cordoned=rnd.random() < 0.1))
         for n in names:
             for i in range(rnd.randint(0, 3)):
-                for g in [h100(n, i)] if rnd.random() < 0.5 else mig_gpu(n, i, rnd.randint(1, 3)):
+                model = rnd.choice(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
+                whole = [h100(n, i, model)]
+                for g in whole if rnd.random() < 0.5 else mig_gpu(n, i, rnd.randint(1, 3)):
                     g.cordoned = rnd.random() < 0.1
                     g.memory_total = rnd.choice([g.memory_total, g.memory_total // 2])
                     fleet.set_gpu(g)
@@ -168,6 +170,7 @@ def test_indexed_pack_takes_what_a_scan_with_the_same_order_takes() -> None:
         health = {n: rnd.choice(["up", "up", "stale", "down"]) for n in names}
         req = rnd.choice([
             Request(memory=rnd.randint(0, 80) * GiB),
+            Request(memory=rnd.randint(0, 40) * GiB, model="A100"),
             Request(whole=True),
             Request(profile="1g.10gb"),
             Request(memory=rnd.randint(1, 10) * GiB, profile="1g.10gb"),
@@ -180,3 +183,8 @@ def test_indexed_pack_takes_what_a_scan_with_the_same_order_takes() -> None:
         except NoCapacity:
             got = None
         assert got == want, (req, health)
+        # the k best (a reserve that lost a race picks among them)
+        k = rnd.randint(2, 6)
+        assert fleet.best(req, health, k) == sorted(fits, key=lambda g: fleet.rank(g, req))[:k]
+        if fits:
+            assert fleet.place(req, health, choices=k).key in fits

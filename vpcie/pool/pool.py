@@ -17,13 +17,16 @@ A reserve is ONE transaction in the common case: the Pool keeps a cache of
 agents, devices, usage and vGPUs (a ``scheduler.Fleet``), places the request
 on it, and commits "if the device's usage, the device, its agent (and its
 alive key) and the vGPU are still the versions I placed on, book it". A
-failed compare refreshes what changed since the cache was read and places
-again (bounded); a NoCapacity is only ever answered from a fresh read.
+failed compare rereads the compared keys (every few conflicts, everything
+changed since the cache was read), backs off with jitter and places again
+(bounded); a NoCapacity is only ever answered from a fresh read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import secrets
 import time
 from collections import Counter
@@ -44,7 +47,9 @@ ALIVE = ROOT + "alive/"
 VGPUS = ROOT + "vgpus/"
 LEASES = ROOT + "leases/"
 _CACHED = (AGENTS, GPUS, USAGE, ALIVE, VGPUS)
-ATTEMPTS = 32  # placements tried before a reserve gives up with Conflict
+ATTEMPTS = 64  # placements tried before a reserve gives up with Conflict
+CATCH_UP_EVERY = 4  # conflicts in a row before reading everything changed since (a scan)
+BACKOFF_MAX = 0.05  # seconds: racers that collided retry at jittered times
 
 
 class Pool:
@@ -283,9 +288,9 @@ class Pool:
         fresh = not self._loaded  # a NoCapacity is only answered from a fresh read
         if fresh:
             await self._load()
-        for _ in range(ATTEMPTS):
+        for attempt in range(ATTEMPTS):
             try:
-                gpu = self._fleet.place(request, _Health(self))
+                gpu = self._fleet.place(request, _Health(self), choices=min(1 << attempt, 16))
             except NoCapacity:
                 if fresh:
                     raise
@@ -298,8 +303,18 @@ class Pool:
                 self._cache_writes(puts, res.revision)
                 lease.token = res.revision
                 return lease
-            await self._catch_up([c.key for c in compares])
+            # Someone booked (or changed) what we placed on. Reread what we
+            # compared; every few conflicts also everything changed since the
+            # cache was read (a revision-bounded range: a scan on both stores,
+            # so not every time); back off with jitter so that racers that
+            # all chose the same best device do not collide again in step.
             fresh = False
+            if attempt % CATCH_UP_EVERY == CATCH_UP_EVERY - 1:
+                await self._catch_up([c.key for c in compares])
+            else:
+                for c in compares:
+                    await self._refresh_key(c.key)
+            await asyncio.sleep(random.uniform(0, min(BACKOFF_MAX, 0.001 * 2**attempt)))
         raise Conflict(
             f"could not reserve for {vgpu}: the pool changed under {ATTEMPTS} attempts; try again"
         )

@@ -25,6 +25,8 @@ Health is the caller's: ``health[agent]`` ("up" | "stale" | "down"); only
 from __future__ import annotations
 
 import bisect
+import heapq
+import random
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -149,70 +151,85 @@ class Fleet:
 
     # decisions ---------------------------------------------------------
 
-    def place(self, request: Request, health: Mapping[str, str]) -> Gpu:
+    def place(
+        self,
+        request: Request,
+        health: Mapping[str, str],
+        *,
+        choices: int = 1,
+        rng: random.Random | None = None,
+    ) -> Gpu:
+        """The best device for ``request``; with ``choices`` > 1 one of the best
+        that many, at random (a reserve that lost a race: racers that all
+        chose the same best device would otherwise collide again in step)."""
         if request.policy not in ("pack", "spread"):
             raise NoCapacity(f"no capacity: unknown policy {request.policy!r} (pack or spread)")
-        if request.policy == "pack" and not (request.agent or request.gpu):
-            found = self._pack_indexed(request, health)
-        else:
-            found = self._scan(request, health)
-        if found is None:
+        found = self.best(request, health, choices)
+        if not found:
             raise NoCapacity(self.explain(request, health))
-        return self.gpus[found]
+        return self.gpus[found[0] if len(found) == 1 else (rng or random).choice(found)]
 
-    def _pack_indexed(self, req: Request, health: Mapping[str, str]) -> str | None:
+    def best(self, req: Request, health: Mapping[str, str], k: int = 1) -> list[str]:
+        """The ``k`` best fitting devices, best first (by ``rank``)."""
+        if req.policy == "pack" and not (req.agent or req.gpu):
+            return self._pack_indexed(req, health, k)
+        return self._scan(req, health, k)
+
+    def _pack_indexed(self, req: Request, health: Mapping[str, str], k: int) -> list[str]:
         need = req.memory
-        buckets = sorted(
-            (b for b in self._buckets if _bucket_fits(b, req)), key=lambda b: (b[2], b)
-        )
+        buckets = [b for b in self._buckets if _bucket_fits(b, req)]
         if req.exclusive:
-            for b in buckets:
-                lst = self._buckets[b]
-                for e in lst[bisect.bisect_left(lst, (b[2], 1)) :]:
-                    if self._static_reason(_key(e), req, health) is None:
-                        return _key(e)
-            return None
-        best: tuple[int, int, int, _Entry] | None = None
+            found = [(b[2], e) for b in buckets for e in self._first(b, (b[2], 1), k, req, health)]
+            return [_key(e) for _, e in heapq.nsmallest(k, found)]
+        # shared: the best fit of each bucket, MIG slices and used GPUs first
+        near: list[tuple[int, int, int, _Entry]] = []
         for b in buckets:
-            lst = self._buckets[b]
             mig = b[0] == "mig"
-            for e in lst[bisect.bisect_left(lst, (need,)) :]:
-                if e[1] and not mig:
-                    break  # untouched whole GPUs: only if nothing else fits (below)
-                if self._static_reason(_key(e), req, health) is None:
-                    cand = (e[0] - need, 0 if mig else 1, b[2], e)
-                    if best is None or cand < best:
-                        best = cand
-                    break
-        if best is not None:
-            return _key(best[3])
-        for b in buckets:
-            if b[0] == "mig":
-                continue
-            lst = self._buckets[b]
-            for e in lst[bisect.bisect_left(lst, (b[2], 1)) :]:
-                if self._static_reason(_key(e), req, health) is None:
-                    return _key(e)
-        return None
+            for e in self._first(b, (need,), k, req, health, stop_untouched=not mig):
+                near.append((e[0] - need, 0 if mig else 1, b[2], e))
+        out = [_key(c[3]) for c in heapq.nsmallest(k, near)]
+        if len(out) < k:  # untouched whole GPUs last, the smallest first
+            far = [(b[2] - need, b[2], e) for b in buckets if b[0] != "mig"
+                   for e in self._first(b, (b[2], 1), k - len(out), req, health)]  # fmt: skip
+            out += [_key(c[2]) for c in heapq.nsmallest(k - len(out), far)]
+        return out
 
-    def _scan(self, req: Request, health: Mapping[str, str]) -> str | None:
+    def _first(
+        self,
+        b: _Bucket,
+        start: tuple[int, ...],
+        k: int,
+        req: Request,
+        health: Mapping[str, str],
+        stop_untouched: bool = False,
+    ) -> list[_Entry]:
+        """Up to ``k`` entries of bucket ``b`` from ``start`` on that pass the
+        checks the bucket does not make (``stop_untouched``: stop at the
+        first untouched device)."""
+        lst = self._buckets[b]
+        out: list[_Entry] = []
+        for i in range(bisect.bisect_left(lst, start), len(lst)):  # no slice: no copy
+            e = lst[i]
+            if stop_untouched and e[1]:
+                break
+            if self._static_reason(_key(e), req, health) is None:
+                out.append(e)
+                if len(out) == k:
+                    break
+        return out
+
+    def _scan(self, req: Request, health: Mapping[str, str], k: int) -> list[str]:
         if req.gpu:
             keys: Iterable[str] = [
-                k for k in self._entries if k.split("/", 1)[1] == req.gpu or k == req.gpu
+                key for key in self._entries if key.split("/", 1)[1] == req.gpu or key == req.gpu
             ]
         elif req.agent:
             keys = self._by_agent.get(req.agent, set())
         else:
             keys = self._entries
-        best: tuple[object, ...] | None = None
-        found = None
-        for k in keys:
-            if k not in self._entries or self.reason(k, req, health) is not None:
-                continue
-            cand = self.rank(k, req)
-            if best is None or cand < best:
-                best, found = cand, k
-        return found
+        fits = [(self.rank(key, req), key) for key in keys
+                if key in self._entries and self.reason(key, req, health) is None]  # fmt: skip
+        return [key for _, key in heapq.nsmallest(k, fits)]
 
     def rank(self, key: str, req: Request) -> tuple[object, ...]:
         """The order a policy prefers fitting devices in (smallest first); the
