@@ -37,6 +37,7 @@ from host_agent.nvml import load_nvml
 from host_agent.registrar_child import PoolOptions, RegistrarChild, check_url
 from host_agent.server import Agent
 from vpcie.errors import ConfigError
+from vpcie.fileerrors import os_error_line
 from vpcie.oneline_args import OneLineParser, non_negative_int
 
 MIN_PSK_BYTES = 16
@@ -140,6 +141,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fences = fencing.load(fence_file) if fence_file else fencing.Fences()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if fence_file is not None:  # writable now, not first at the next pool lease
+        try:
+            fencing.save(fences, fence_file)
+        except OSError as exc:
+            raise ConfigError(os_error_line("write", f"fence file {fence_file}", exc)) from None
     agent = Agent(cfg, inv, (host, port), Path(args.state_file) if args.state_file else None)
     agent.fences, agent.fence_file = fences, fence_file
     if registrar is not None:

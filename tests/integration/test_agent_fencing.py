@@ -116,9 +116,19 @@ def test_fences_per_device_and_any(tmp_path: Path) -> None:
         a.stop()
 
 
-def test_malformed_fence_file_is_one_line(tmp_path: Path) -> None:
-    bad = tmp_path / "fences.json"
-    bad.write_text('{"cpu0": "five"}')
+@pytest.mark.parametrize(
+    ("name", "content", "why"),
+    [
+        ("fences.json", '{"cpu0": "five"}', "not a token"),
+        ("no-such-dir/fences.json", None, "cannot write fence file"),
+    ],
+)
+def test_bad_fence_file_is_one_line(
+    tmp_path: Path, name: str, content: str | None, why: str
+) -> None:
+    bad = tmp_path / name
+    if content is not None:
+        bad.write_text(content)
     (tmp_path / "psk").write_bytes(b"k" * 32)
     os.chmod(tmp_path / "psk", 0o600)
     r = subprocess.run(
@@ -128,4 +138,4 @@ def test_malformed_fence_file_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode != 0 and "Traceback" not in r.stderr
     (line,) = r.stderr.strip().splitlines()
-    assert str(bad) in line and "not a token" in line
+    assert str(bad) in line and why in line
