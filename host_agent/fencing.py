@@ -93,13 +93,13 @@ def load(path: Path) -> Fences:
     """The fences saved in ``path`` (none yet if it does not exist).
     ValueError with one line for an unreadable or malformed file."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return Fences()
     except OSError as exc:
         raise ValueError(os_error_line("read", f"fence file {path}", exc)) from None
     try:
-        return Fences.from_json(json.loads(text))
+        return Fences.from_json(json.loads(raw))  # UTF-8 (or -16/-32) JSON
     except ValueError as exc:  # json.JSONDecodeError is one
         raise ValueError(f"fence file {path}: {exc}") from None
 

@@ -36,6 +36,7 @@ from host_agent.logs import log
 from host_agent.nvml import load_nvml
 from host_agent.server import Agent
 from vpcie.errors import ConfigError
+from vpcie.fileerrors import os_error_line
 from vpcie.oneline_args import OneLineParser, non_negative_int
 
 MIN_PSK_BYTES = 16
@@ -138,6 +139,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fences = fencing.load(fence_file) if fence_file else fencing.Fences()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if fence_file is not None:  # writable now, not first at the next pool lease
+        try:
+            fencing.save(fences, fence_file)
+        except OSError as exc:
+            raise ConfigError(os_error_line("write", f"fence file {fence_file}", exc)) from None
     agent = Agent(cfg, inv, (host, port), Path(args.state_file) if args.state_file else None)
     agent.fences, agent.fence_file = fences, fence_file
     try:

@@ -152,11 +152,12 @@ _REDUCE_SUM = int(Opcode.REDUCE_SUM)
 _EVENT_WAIT = int(Opcode.EVENT_WAIT)
 _SYNC = int(Opcode.SYNC)
 _MODULE_LOAD_AT = int(Opcode.MODULE_LOAD_AT)
+_STATE_EXPORT = int(Opcode.STATE_EXPORT)
 # The opcodes inline_cost looks at; every other one costs nothing.
 _COSTED = frozenset(
     {
         _H2D, _D2D, _MEMSET, _D2H, _GEMM, _AXPY, _REDUCE_SUM, _EVENT_WAIT, _SYNC,
-        _MODULE_LOAD, _MODULE_LOAD_AT,
+        _MODULE_LOAD, _MODULE_LOAD_AT, _STATE_EXPORT,
     }
 )  # fmt: skip
 
@@ -210,7 +211,7 @@ def inline_cost(records: list[Record], executor_synchronous: bool, gates: EventG
         elif op == _EVENT_WAIT:
             if not gates.is_set(body[0]):
                 return block
-        elif not executor_synchronous:  # SYNC, MODULE_LOAD(_AT): may compile or wait
+        elif not executor_synchronous:  # SYNC, STATE_EXPORT, MODULE_LOAD(_AT): wait, compile
             return block
         if cost > INLINE_COST:
             return block
@@ -311,6 +312,9 @@ class BatchRun:
 
     # -- session state (live migration; docs/PROTOCOL.md "Session state") --------
     def _state_export(self, body: Body, s: int) -> bytes:
+        # Every stream's device work done first (a GPU runs batches after their
+        # completion was sent): the contents copied next and the events are final.
+        self.ex.sync(None)
         return state_ops.summary(self.ex, self.gates.recorded())
 
     def _module_export(self, body: Body, s: int) -> bytes:
@@ -467,7 +471,7 @@ OPCODES: dict[Opcode, OpEntry] = {
     Opcode.EVENT_RECORD: OpEntry(BatchRun._event_record, "event_record"),
     Opcode.EVENT_WAIT: OpEntry(BatchRun._event_wait, "event_wait"),
     Opcode.SYNC: OpEntry(BatchRun._sync, "sync"),
-    Opcode.STATE_EXPORT: OpEntry(BatchRun._state_export, None),  # bookkeeping only
+    Opcode.STATE_EXPORT: OpEntry(BatchRun._state_export, "sync"),  # then bookkeeping
     Opcode.ALLOC_AT: OpEntry(BatchRun._alloc_at, "mem_alloc_at"),
     # MODULE_LOAD_AT compiles on this device: the executor's own module_load.
     Opcode.MODULE_LOAD_AT: OpEntry(BatchRun._module_load_at, "module_load"),

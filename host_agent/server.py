@@ -399,7 +399,7 @@ class Agent:
             rc = os.waitstatus_to_exitcode(status)
             self.release(w)
             del self.workers[w.pid]
-            level = "info" if rc == 0 else "error"
+            level = "info" if rc == 0 or w.fenced else "error"  # fenced: ended on purpose
             log(level, "worker_exited", pid=w.pid, session=w.session, returncode=rc)
             self.write_state()
 

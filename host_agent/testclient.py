@@ -53,8 +53,10 @@ class RawClient:
         tls: tuple[str, str | None, str | None] | None = None,
         host: str = "127.0.0.1",
         timeout: float = 10.0,
+        source: str = "",
     ) -> None:
-        raw = socket.create_connection((host, port), timeout=timeout)
+        bind = (source, 0) if source else None  # a lab's client binds its own address
+        raw = socket.create_connection((host, port), timeout=timeout, source_address=bind)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock: socket.socket = raw
         if tls is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from host_agent.testclient import AgentProcess, RawClient
-from vpcie.errors import ErrorCode
+from vpcie.errors import ErrorCode, VgpuError
 from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import HANDLE_EPOCH_SHIFT, MAX_EVENTS, Opcode
 from vpcie.protocol.frames import decode_payload
@@ -133,3 +133,42 @@ def test_alloc_at_refusals(agents: list[tuple[AgentProcess, bytes]]) -> None:
         assert r.status == ErrorCode.INVALID_ARGUMENT
     finally:
         c.close()
+
+
+async def test_tunnel_client_moves_a_session(agents: list[tuple[AgentProcess, bytes]]) -> None:
+    """The backend's calls (TunnelClient.state_export ... session_restore)."""
+    from vpcie.tunnel import TunnelClient
+
+    (a, psk_a), (b, psk_b) = agents
+    src = await TunnelClient.connect("127.0.0.1", a.port, psk=psk_a, handle_epoch=EPOCH)
+    dst = await TunnelClient.connect("127.0.0.1", b.port, psk=psk_b, handle_epoch=EPOCH)
+    try:
+        hs = [await src.alloc(n) for n in (100, 5000)]
+        blobs = [os.urandom(100), os.urandom(5000)]
+        for h, blob in zip(hs, blobs, strict=True):
+            await src.copy_h2d(h, 0, blob)
+        await src.send([rec(Opcode.EVENT_RECORD, 42)])
+        s = await src.state_export()
+        assert s.handle_epoch == EPOCH and s.buffers == tuple(zip(hs, (100, 5000), strict=True))
+        assert s.state_bytes == 5100 and s.modules == () and s.mem_used == 5100
+        for h, n in s.buffers:
+            assert await dst.alloc_at(h, n) == h
+            moved = bytearray(n)
+            await src.copy_d2h(h, 0, moved)
+            await dst.copy_h2d(h, 0, moved)
+        await dst.session_restore(s.next_index, s.events_set)
+        (await dst.send([rec(Opcode.EVENT_WAIT, 42)])).check()
+        for h, blob in zip(hs, blobs, strict=True):
+            back = bytearray(len(blob))
+            await dst.copy_d2h(h, 0, back)
+            assert back == blob
+        assert await dst.alloc(8) == await src.alloc(8)  # the counter moved too
+        with pytest.raises(VgpuError) as err:
+            await dst.alloc_at(hs[0], 8)  # live
+        assert err.value.code is ErrorCode.INVALID_HANDLE
+        with pytest.raises(VgpuError) as err:
+            await dst.module_export(hs[0])
+        assert err.value.code is ErrorCode.INVALID_HANDLE
+    finally:
+        await src.close()
+        await dst.close()

@@ -45,4 +45,4 @@ def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) ->
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["version"]) == 0
-    assert "tunnel protocol 1" in capsys.readouterr().out
+    assert "tunnel protocol 2" in capsys.readouterr().out

@@ -135,6 +135,15 @@ def test_tls_mode_needs_zero_mac_and_order() -> None:
     assert hs.authenticated
 
 
+def test_v1_clients_refused() -> None:
+    hs = ServerHandshake(AuthMode.TLS, "a")
+    with pytest.raises(ProtocolError, match=r"client speaks v1\.\.1, agent v2"):
+        hs.receive(_frame(FrameType.HELLO, encode_payload("HELLO", 1, 1, 0, b"c" * 32, "old")))
+    hs = ServerHandshake(AuthMode.TLS, "a")  # a range that includes 2 is fine
+    hs.receive(_frame(FrameType.HELLO, encode_payload("HELLO", 1, 3, 0, b"c" * 32, "new")))
+    assert hs.state is HandshakeState.AUTH
+
+
 def test_inventory_instead_of_open_only_after_auth() -> None:
     hs = ServerHandshake(AuthMode.TLS, "a")
     with pytest.raises(ProtocolError, match="expected HELLO, got INVENTORY"):

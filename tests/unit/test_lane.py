@@ -317,7 +317,10 @@ def test_frames_left_to_python(lent: tuple[NativeLane, socket.socket]) -> None:
     agent.sendall(err[:10])
     wait_for(lambda: unread(agent) == 0, 3, "the lane never read the first 10 bytes")
     agent.sendall(err[10:])
-    bad_ping = struct.pack("<IBBHIQI", FRAME_MAGIC, PROTOCOL_VERSION, FrameType.PING, 0, SESSION, 0, 4) + b"abcd"
+    bad_ping = (
+        struct.pack("<IBBHIQI", FRAME_MAGIC, PROTOCOL_VERSION, FrameType.PING, 0, SESSION, 0, 4)
+        + b"abcd"
+    )
     agent.sendall(bad_ping)
     assert wait_event(lane) == (FRAME, 1, err)
     assert wait_event(lane) == (FRAME, 1, bad_ping)

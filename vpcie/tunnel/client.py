@@ -75,7 +75,7 @@ from vpcie.tunnel.liveness import (
     Verdict,
     lost_reason,
 )
-from vpcie.tunnel.results import Completion, QueryInfo, error_code
+from vpcie.tunnel.results import Completion, QueryInfo, StateSummary, error_code
 from vpcie.tunnel.runstate import TRANSITIONS, Runstate, RunstateError
 from vpcie.tunnel.scatter import Scatter, byte_views
 from vpcie.tunnel.tls_sniff import speaks_tls
@@ -434,6 +434,12 @@ class TunnelClient(asyncio.BufferedProtocol):
     axpy = _one_record(cmds.axpy, _checked)
     reduce_sum = _one_record(cmds.reduce_sum, Completion.value_f64)
     sync = _one_record(cmds.sync, _checked)
+    # Session state (live migration): the backend's own records, never a guest's.
+    state_export = _one_record(cmds.state_export, lambda d: StateSummary.decode(d.check().blob))
+    module_export = _one_record(cmds.module_export, lambda d: bytes(d.check().blob))
+    alloc_at = _one_record(cmds.alloc_at, Completion.value)  # the handle
+    module_load_at = _one_record(cmds.module_load_at, Completion.value)
+    session_restore = _one_record(cmds.session_restore, _checked)
 
     async def copy_h2d(self, handle: int, offset: int, buf: Any, *, stream: int = 0) -> None:
         """Copy ``buf`` (a buffer or a list of them) to device memory at ``offset``."""

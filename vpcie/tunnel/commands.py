@@ -170,3 +170,29 @@ def event_wait(event: int, *, stream: int = 0) -> Record:
 
 def sync(stream: int = 0) -> Record:
     return rec(Opcode.SYNC, stream=stream)
+
+
+# -- session state (live migration; docs/PROTOCOL.md "Session state") ----------
+def state_export() -> Record:
+    """The session's STATE_SUMMARY, once all its device work is done."""
+    return rec(Opcode.STATE_EXPORT)
+
+
+def module_export(handle: int) -> Record:
+    """A module's code as it was loaded (the record's blob)."""
+    return rec(Opcode.MODULE_EXPORT, handle)
+
+
+def alloc_at(handle: int, size: int, flags: int = 0) -> Record:
+    """MEM_ALLOC creating exactly ``handle`` (this session's epoch, not live)."""
+    return rec(Opcode.ALLOC_AT, handle, size, flags)
+
+
+def module_load_at(handle: int, kind: int, name: str, code: bytes) -> Record:
+    """MODULE_LOAD (compiled on this device) creating exactly ``handle``."""
+    return rec(Opcode.MODULE_LOAD_AT, handle, kind, name, code)
+
+
+def session_restore(next_index: int, events_set: bytes) -> Record:
+    """The next handle index, and the events (bitmap) to mark recorded."""
+    return rec(Opcode.SESSION_RESTORE, next_index, events_set)

@@ -1,4 +1,5 @@
-"""What comes back from the agent: a command's Completion and QUERY_INFO.
+"""What comes back from the agent: a command's Completion, QUERY_INFO and a
+STATE_SUMMARY.
 
 Decoded from the frames of docs/PROTOCOL.md ("Commands", "QUERY_INFO") with
 the codecs derived from vpcie/protocol/frames.py.
@@ -59,6 +60,47 @@ class QueryInfo:
             ExecutorKind.NONE: "no device bound",
         }[self.executor]
         return f"{self.name} [{kind}] on agent {self.agent!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleState:
+    """A loaded module as STATE_EXPORT lists it (MODULE_EXPORT gives its code)."""
+
+    handle: int
+    kind: int  # ModuleKind
+    name: str
+    code_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateSummary:
+    """A decoded STATE_SUMMARY (docs/PROTOCOL.md "Session state"): what a
+    session holds, without the contents."""
+
+    handle_epoch: int
+    next_index: int
+    mem_used: int
+    events_set: bytes  # bitmap, bit i (LSB first) = event i recorded; SESSION_RESTORE takes it
+    buffers: tuple[tuple[int, int], ...]  # (handle, size), by handle
+    modules: tuple[ModuleState, ...]
+
+    @classmethod
+    def decode(cls, blob: bytes | memoryview) -> StateSummary:
+        """ProtocolError if ``blob`` is not exactly one STATE_SUMMARY."""
+        epoch, nxt, used, events, _nb, bufs, _nm, mods = decode_payload("STATE_SUMMARY", blob)
+        return cls(
+            epoch,
+            nxt,
+            used,
+            bytes(events),
+            tuple((h, n) for h, n in bufs),
+            tuple(ModuleState(*m) for m in mods),
+        )
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of device memory whose contents move."""
+        return sum(n for _h, n in self.buffers)
 
 
 @dataclass(slots=True)
