@@ -48,7 +48,7 @@ from vpcie.tunnel import commands as cmds
 log = logging.getLogger("vpcie.gpu.device")
 
 DRAIN_TIMEOUT_S = 30.0  # vpcie-backend --migrate-drain-timeout
-COPY_DEPTH = 4  # copy pieces in flight (each one D2H then one H2D)
+COPY_DEPTH = 8  # copy pieces in flight (each one D2H then one H2D)
 OPEN_TIMEOUT_S = 10.0  # opening the target sessions (as a bind's probe)
 DRAIN_POLL_S = 0.0005
 
@@ -291,12 +291,20 @@ async def _copy(src: Session, dst: Session, chunks: list[tuple[int, int, int]]) 
         return
     depth = max(1, min(COPY_DEPTH, _window(src), _window(dst)))
     gate = asyncio.Semaphore(depth)
+    # One buffer per piece in flight, reused: no 4 MiB allocation per piece.
+    spare = [
+        bytearray(max(size for _h, _o, size in chunks)) for _ in range(min(depth, len(chunks)))
+    ]
 
     async def one(handle: int, off: int, size: int) -> None:
         async with gate:
-            buf = bytearray(size)
-            await _call(src, [cmds.copy_d2h(handle, off, size)], source=True, d2h=[buf])
-            await _call(dst, [cmds.copy_h2d(handle, off, size)], source=False, h2d=[buf])
+            buf = spare.pop()
+            try:
+                view = memoryview(buf)[:size]
+                await _call(src, [cmds.copy_d2h(handle, off, size)], source=True, d2h=[view])
+                await _call(dst, [cmds.copy_h2d(handle, off, size)], source=False, h2d=[view])
+            finally:
+                spare.append(buf)
 
     tasks = [asyncio.ensure_future(one(*c)) for c in chunks]
     try:
