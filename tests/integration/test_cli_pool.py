@@ -18,7 +18,7 @@ import pytest
 from host_agent.nvml import FAKE_NVML_ENV
 from tests.conftest import ROOT, AgentProc, start_agent, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # real agents, a CLI process per step
 
 VPCIE = [sys.executable, "-m", "vpcie.cli.main"]
 GiB = 1 << 30
