@@ -275,6 +275,17 @@ async def test_drain_over_its_limit_aborts_and_work_goes_on(
         await until(lambda: r.device.forwarding.holding, 5, "the hold did not begin")
         # Held meanwhile: submitted, answered by virtio, not yet run.
         queued = await ctx.start([rec(Opcode.MEMSET, state.handles[0], 9, 0, 16)])
+        # One at a time: another migrate, a bind, an unbind are refused meanwhile.
+        for req in (
+            migrate(r, dst),
+            r.bind(dst, replace=True),
+            r.unbind(),
+        ):
+            answer = await req
+            assert not answer["ok"] and "a migration of this vGPU is running" in str(
+                answer["error"]
+            ), answer
+        assert (await control_request(r.control, {"op": "status"}))["migrating"] is True
         refused = await task
         assert not refused["ok"]
         assert "still running on the source after 0.5 s" in str(refused["error"])
