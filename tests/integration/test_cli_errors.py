@@ -203,6 +203,16 @@ def test_backend_socket_in_a_missing_folder(tmp_path: Path) -> None:
     one_line(run(BACKEND, "--socket-path", str(sock)), str(sock.parent), "does not exist")
 
 
+def test_backend_migrate_drain_timeout_out_of_range(tmp_path: Path) -> None:
+    for value in ("0", "-1", "99999"):
+        one_line(
+            run(
+                BACKEND, "--socket-path", str(tmp_path / "v.sock"), "--migrate-drain-timeout", value
+            ),
+            "--migrate-drain-timeout",
+        )
+
+
 def test_backend_bind_with_a_corrupt_key_names_the_key(pki: Path, tmp_path: Path) -> None:
     bad = tmp_path / "pki"
     bad.mkdir()

@@ -70,13 +70,14 @@ class State:
 
     handles: list[int]
     digests: list[bytes]
+    sizes: tuple[int, ...]
 
 
-async def fill(ctx: GuestContext, seed: int = 7) -> State:
+async def fill(ctx: GuestContext, seed: int = 7, sizes: tuple[int, ...] = SIZES) -> State:
     rng = np.random.default_rng(seed)
-    handles = await alloc(ctx, *SIZES)
+    handles = await alloc(ctx, *sizes)
     digests = []
-    for h, n in zip(handles, SIZES, strict=True):
+    for h, n in zip(handles, sizes, strict=True):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         bo = await ctx.create_bo(n, scatter=True)
         bo.write(data)
@@ -86,11 +87,11 @@ async def fill(ctx: GuestContext, seed: int = 7) -> State:
         await ctx.close_bo(bo)
     for ev in EVENTS:
         assert (await ctx.run([rec(Opcode.EVENT_RECORD, ev)])).status == ErrorCode.OK
-    return State(handles, digests)
+    return State(handles, digests, sizes)
 
 
 async def check_contents(ctx: GuestContext, state: State) -> None:
-    for h, n, digest in zip(state.handles, SIZES, state.digests, strict=True):
+    for h, n, digest in zip(state.handles, state.sizes, state.digests, strict=True):
         bo = await ctx.create_bo(n)
         reply = await ctx.run([rec(Opcode.COPY_D2H, h, bo.resource_id, 0, 0, n)])
         assert reply.status == ErrorCode.OK, (h, reply)
@@ -187,6 +188,11 @@ async def test_migrate_moves_state_while_the_guest_submits(
         state = await fill(ctx)
         assert await agent_name(ctx) == "src"
         epoch = state.handles[0] >> HANDLE_EPOCH_SHIFT
+        # A second context moves too (its own session, its own handles), and
+        # one that has sent nothing yet opens its first session on the target.
+        two = await r.gpu.open("two")
+        state2 = await fill(two, seed=8, sizes=(256 << 10, 3))
+        idle = await r.gpu.open("idle")
         async with workload(ctx) as w:
             if lane:
                 await lent(r, ctx)  # the lane serves the workload until the hold
@@ -198,15 +204,18 @@ async def test_migrate_moves_state_while_the_guest_submits(
         assert not w.errors, w.errors[:5]
         assert report["from"].startswith(f"127.0.0.1:{src.port} ")
         assert report["migrated"].startswith(f"127.0.0.1:{dst.port} ")
-        assert report["contexts"] == 1 and report["state_lost"] is False
-        assert report["state_bytes"] >= sum(SIZES) + 2 * 4 * ACC_N
+        assert report["contexts"] == 2 and report["state_lost"] is False
+        assert report["state_bytes"] >= sum(SIZES) + 2 * 4 * ACC_N + sum(state2.sizes)
         assert 0 < report["copy_ms"] <= report["stun_ms"]
         # What the guest saw: no gap between completions longer than the stun (+ slack).
         assert w.max_gap_ms(t0) < report["stun_ms"] + 500
         # The same handles, the same bytes; the recorded events are recorded there.
         await check_contents(ctx, state)
+        await check_contents(two, state2)
         waits = [rec(Opcode.EVENT_WAIT, ev, stream=1) for ev in EVENTS]
         assert (await ctx.run(waits, stream=1, timeout=5)).status == ErrorCode.OK
+        assert (await two.run(waits, stream=1, timeout=5)).status == ErrorCode.OK
+        assert await agent_name(two) == "dst" and await agent_name(idle) == "dst"
         (new,) = await alloc(ctx, 64)  # numbered after the moved ones, same epoch
         assert new >> HANDLE_EPOCH_SHIFT == epoch and new not in state.handles
         assert await agent_name(ctx) == "dst"
@@ -266,6 +275,17 @@ async def test_drain_over_its_limit_aborts_and_work_goes_on(
         await until(lambda: r.device.forwarding.holding, 5, "the hold did not begin")
         # Held meanwhile: submitted, answered by virtio, not yet run.
         queued = await ctx.start([rec(Opcode.MEMSET, state.handles[0], 9, 0, 16)])
+        # One at a time: another migrate, a bind, an unbind are refused meanwhile.
+        for req in (
+            migrate(r, dst),
+            r.bind(dst, replace=True),
+            r.unbind(),
+        ):
+            answer = await req
+            assert not answer["ok"] and "a migration of this vGPU is running" in str(
+                answer["error"]
+            ), answer
+        assert (await control_request(r.control, {"op": "status"}))["migrating"] is True
         refused = await task
         assert not refused["ok"]
         assert "still running on the source after 0.5 s" in str(refused["error"])

@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 from vpcie.errors import ErrorCode, VgpuError
 from vpcie.gpu.binding import AgentTarget, Binding, Session, info_bytes
@@ -46,6 +46,7 @@ from vpcie.protocol.codes import Opcode
 from vpcie.tunnel import commands as cmds
 
 log = logging.getLogger("vpcie.gpu.device")
+T = TypeVar("T")
 
 DRAIN_TIMEOUT_S = 30.0  # vpcie-backend --migrate-drain-timeout
 COPY_DEPTH = 8  # copy pieces in flight (each one D2H then one H2D)
@@ -102,10 +103,9 @@ async def migrate(
             opened.update(await _open_targets(device, target, late))
             movers.update({c.ctx_id: c for c in late})
         t_copy = time.monotonic()
-        for ctx in movers.values():
-            if device.contexts.get(ctx.ctx_id) is not ctx:
-                continue  # destroyed meanwhile
-            state_bytes += await _move_state(ctx, opened[ctx.ctx_id])
+        live = [c for c in movers.values() if device.contexts.get(c.ctx_id) is c]
+        # Contexts move side by side: each has its own pair of sessions.
+        state_bytes = sum(await _all([_move_state(c, opened[c.ctx_id]) for c in live]))
         copy_ms = (time.monotonic() - t_copy) * 1e3
     except SourceLost as exc:
         lost_why = str(exc)
@@ -306,9 +306,16 @@ async def _copy(src: Session, dst: Session, chunks: list[tuple[int, int, int]]) 
             finally:
                 spare.append(buf)
 
-    tasks = [asyncio.ensure_future(one(*c)) for c in chunks]
+    await _all([one(*c) for c in chunks])
+
+
+async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coros`` together; the first to fail cancels the rest and its
+    exception is raised (not an ExceptionGroup: the callers tell SourceLost
+    from Abort)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.gather(*tasks)
+        return list(await asyncio.gather(*tasks))
     except BaseException:
         for t in tasks:
             t.cancel()
