@@ -1,13 +1,21 @@
-"""Lease fencing: per device, the newest pool lease token this agent has seen.
+"""Lease fencing: per device, the newest lease floor this agent has seen.
 
 A pool lease carries a token (the store revision that created it, always
-rising); a backend presents it in OPEN. The agent keeps, per device, the
-highest token seen, and refuses an older one: a backend that lost its lease
-(partitioned away, expired) and whose device was leased again to someone
-else can never open a session there again, and the new holder's first OPEN
-ends the old holder's sessions. Expiry alone never keeps two tenants apart
-(an etcd lease's TTL restarts on a leader change: etcd issues 9395, 13294);
-this rule does. docs/SECURITY.md "Lease fencing".
+rising) and a floor: the smallest token among the device's leases that were
+live when it was created, its own included (an exclusive lease's floor is
+its token). A backend presents both in OPEN. The agent keeps, per device,
+the highest floor seen (the fence) and refuses a token below it: every lease
+older than a floor had been released before a newer lease was created, so
+its holder (partitioned away, expired) can never open a session there again,
+and the first OPEN carrying that floor ends the old holder's sessions. Leases
+that share a device by memory have floors at or below each other's tokens,
+so they never fence one another out. Expiry alone never keeps two tenants
+apart (an etcd lease's TTL restarts on a leader change: etcd issues 9395,
+13294); this rule does. docs/SECURITY.md "Lease fencing".
+
+The floor is a lower bound, not the set of live leases: a lease released
+while an older one on the same device is still live is fenced only once a
+lease created after that older one's release is opened.
 
 ``Fences`` is sans-IO: the server (host_agent/server.py) asks ``admit`` and
 acts on the verdict (terminate the fenced-out workers, persist).
@@ -24,13 +32,14 @@ from typing import NamedTuple
 
 from vpcie.fileerrors import os_error_line
 
-MAX_TOKEN = (1 << 64) - 1  # OPEN's lease_token is a u64
+MAX_TOKEN = (1 << 64) - 1  # OPEN's lease_token and lease_floor are u64
 
 
 class Verdict(enum.Enum):
-    ALLOWED = "allowed"  # token equals the fence, or no pool lease on an unfenced device
-    RAISED = "raised"  # a newer token: the fence moved up; older sessions must end
+    ALLOWED = "allowed"  # token at or above the fence, or no pool lease on an unfenced device
+    RAISED = "raised"  # a higher floor: the fence moved up; sessions below it must end
     STALE = "stale"  # refused (STALE_LEASE)
+    MALFORMED = "malformed"  # refused (INVALID_ARGUMENT): not a token/floor pair a pool gives
 
 
 class Decision(NamedTuple):
@@ -38,8 +47,17 @@ class Decision(NamedTuple):
     message: str = ""  # why it was refused (one line), "" otherwise
 
 
+def malformed(token: int, floor: int) -> str:
+    """Why (token, floor) cannot come from a pool lease (one line), "" if it can."""
+    if floor > token:
+        return f"lease floor {floor} is above lease token {token}"
+    if token and not floor:
+        return f"lease token {token} comes without its lease floor"
+    return ""
+
+
 class Fences:
-    """Per device id the highest lease token seen (0: never leased through the pool)."""
+    """Per device id the highest lease floor seen (0: never leased through the pool)."""
 
     def __init__(self, tokens: dict[str, int] | None = None) -> None:
         self.tokens: dict[str, int] = dict(tokens or {})
@@ -47,8 +65,12 @@ class Fences:
     def get(self, device: str) -> int:
         return self.tokens.get(device, 0)
 
-    def decide(self, device: str, token: int) -> Decision:
-        """The verdict for an OPEN of ``device`` with ``token``; changes nothing."""
+    def decide(self, device: str, token: int, floor: int) -> Decision:
+        """The verdict for an OPEN of ``device`` under lease ``token`` whose
+        floor is ``floor``; changes nothing."""
+        bad = malformed(token, floor)
+        if bad:
+            return Decision(Verdict.MALFORMED, bad)
         fence = self.get(device)
         if token == 0:
             if fence == 0:
@@ -62,15 +84,17 @@ class Fences:
                 f"lease token {token} is older than {fence}, the newest for {device}: "
                 "the lease was given to someone else",
             )
-        if token > fence:
+        if floor > fence:
             return Decision(Verdict.RAISED)
-        return Decision(Verdict.ALLOWED)  # the same lease: one session per guest context
+        # The same lease (one session per guest context), or one that shares the
+        # device with leases still live when it was created.
+        return Decision(Verdict.ALLOWED)
 
-    def admit(self, device: str, token: int) -> Decision:
-        """``decide``, and on RAISED move the fence up to ``token``."""
-        d = self.decide(device, token)
+    def admit(self, device: str, token: int, floor: int) -> Decision:
+        """``decide``, and on RAISED move the fence up to ``floor``."""
+        d = self.decide(device, token, floor)
         if d.verdict is Verdict.RAISED:
-            self.tokens[device] = token
+            self.tokens[device] = floor
         return d
 
     def to_json(self) -> dict[str, int]:

@@ -128,9 +128,12 @@ class RawClient:
         *,
         handle_epoch: int = 0,
         lease_token: int = 0,
+        lease_floor: int | None = None,
     ) -> tuple[int, int, str, dict[str, Any]]:
+        """OPEN; ``lease_floor`` None: the token itself (an exclusive lease)."""
+        floor = lease_token if lease_floor is None else lease_floor
         opened = encode_payload(
-            "OPEN", device, mem_quota, max_inflight, "test", handle_epoch, lease_token
+            "OPEN", device, mem_quota, max_inflight, "test", handle_epoch, lease_token, floor
         )
         self.send(FrameType.OPEN, opened)
         f = self.recv_frame()
@@ -148,12 +151,18 @@ class RawClient:
         *,
         handle_epoch: int = 0,
         lease_token: int = 0,
+        lease_floor: int | None = None,
     ) -> dict[str, Any]:
         self.hello()
         f = self.auth()
         assert f.type == FrameType.AUTH and decode_payload("AUTH_REPLY", f.payload) == (0,), f
         status, _sid, message, info = self.open(
-            device, mem_quota, max_inflight, handle_epoch=handle_epoch, lease_token=lease_token
+            device,
+            mem_quota,
+            max_inflight,
+            handle_epoch=handle_epoch,
+            lease_token=lease_token,
+            lease_floor=lease_floor,
         )
         assert status == 0, message
         return info

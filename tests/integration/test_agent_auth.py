@@ -171,7 +171,7 @@ def test_frames_before_auth_refused(psk_agent: tuple[AgentProcess, bytes], first
     a, psk = psk_agent
     c = RawClient(a.port, psk=psk)
     if first == "open":
-        c.send(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0, 0))
+        c.send(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0, 0, 0))
     elif first == "command":
         c.send(FrameType.COMMAND, b"", seq=1)
     else:

@@ -1,6 +1,7 @@
 """Lease fencing on a real agent (docs/SECURITY.md "Lease fencing"): OPEN with
-pool lease tokens over real TCP; the newest token per device wins, older
-sessions there end, and the fences survive a restart with --fence-file."""
+pool lease tokens and floors over real TCP; the highest floor per device is
+its fence, sessions below it end, leases that share a device leave each other
+alone, and the fences survive a restart with --fence-file."""
 
 from __future__ import annotations
 
@@ -31,22 +32,25 @@ def _agent(d: Path, fence_file: Path) -> tuple[AgentProcess, bytes]:
     return a, psk_file.read_bytes()
 
 
-def _open(a: AgentProcess, psk: bytes, token: int) -> tuple[int, str, RawClient]:
+def _open(
+    a: AgentProcess, psk: bytes, token: int, floor: int | None = None
+) -> tuple[int, str, RawClient]:
+    """OPEN cpu0 under (token, floor); floor None: the token (an exclusive lease)."""
     c = RawClient(a.port, psk=psk)
     c.hello(), c.auth()
-    status, _sid, message, _info = c.open(device="cpu0", lease_token=token)
+    status, _sid, message, _info = c.open(device="cpu0", lease_token=token, lease_floor=floor)
     return status, message, c
 
 
-def _served(a: AgentProcess, psk: bytes, token: int) -> RawClient:
-    status, message, c = _open(a, psk, token)
+def _served(a: AgentProcess, psk: bytes, token: int, floor: int | None = None) -> RawClient:
+    status, message, c = _open(a, psk, token, floor)
     assert status == ErrorCode.OK, message
     assert c.call([rec(Opcode.NOP)]).status == 0
     return c
 
 
-def _refused(a: AgentProcess, psk: bytes, token: int) -> str:
-    status, message, c = _open(a, psk, token)
+def _refused(a: AgentProcess, psk: bytes, token: int, floor: int | None = None) -> str:
+    status, message, c = _open(a, psk, token, floor)
     c.sock.close()
     assert status == ErrorCode.STALE_LEASE, (status, message)
     return message
@@ -59,7 +63,7 @@ async def test_tokens_on_one_device(tmp_path: Path) -> None:
         manual = _served(a, psk, 0)  # no pool lease, unfenced device: the manual bind path
         # A backend session (TunnelClient) under lease 5: it fences out the manual one.
         held = await TunnelClient.connect("127.0.0.1", a.port, psk=psk, device="cpu0",
-                                          lease_token=5)  # fmt: skip
+                                          lease_token=5, lease_floor=5)  # fmt: skip
         assert manual.expect_closed() == []  # its worker was terminated: EOF
         second = _served(a, psk, 5)  # the same lease opens one session per guest context
         assert (await held.nop()).ok
@@ -100,6 +104,69 @@ async def test_tokens_on_one_device(tmp_path: Path) -> None:
         assert b.state_json()["fences"] == {"cpu0": 9}
     finally:
         b.stop()
+
+
+async def test_leases_sharing_a_device(tmp_path: Path) -> None:
+    """The pool leases cpu0 to A (token 5, floor 5) and, while A's lease is
+    live, to B as well (token 9, floor 5: they share it by memory): both keep
+    working. A lease created after both were released (12, floor 12) ends both."""
+    fence_file = tmp_path / "fences.json"
+    a, psk = _agent(tmp_path, fence_file)
+    lease = {"psk": psk, "device": "cpu0"}
+    try:
+        va = await TunnelClient.connect("127.0.0.1", a.port, lease_token=5, lease_floor=5, **lease)
+        vb = await TunnelClient.connect("127.0.0.1", a.port, lease_token=9, lease_floor=5, **lease)
+        # B's OPEN is answered after the agent decided about A: A's worker is not fenced.
+        sessions = a.wait_sessions(lambda ss: len(ss) == 2)
+        assert {(s["lease_token"], s["lease_floor"], s["fenced"]) for s in sessions} == {
+            (5, 5, False),
+            (9, 5, False),
+        }
+        assert (await va.nop()).ok and (await vb.nop()).ok
+        va2 = _served(a, psk, 5)  # A's other guest context
+        assert (await va.nop()).ok and (await vb.nop()).ok
+        assert "fenced_out" not in a.log_text()
+        assert a.state_json()["fences"] == {"cpu0": 5}
+        assert _refused(a, psk, 4).startswith("lease token 4 is older than 5")
+
+        newer = _served(a, psk, 12)  # both leases released, the device leased again
+        assert va2.expect_closed() == []
+        for v in (va, vb):
+            await until(lambda v=v: v.state is Runstate.LOST, 5, "a fenced session lost")
+            with pytest.raises(VgpuError) as err:
+                await v.nop()
+            assert err.value.code is ErrorCode.DEVICE_LOST
+        (only,) = a.wait_sessions(lambda ss: len(ss) == 1)
+        assert only["lease_token"] == 12
+        assert a.log_text().count("fenced_out") == 3
+        assert json.loads(fence_file.read_text()) == {"cpu0": 12}
+        assert _refused(a, psk, 9, 5).startswith("lease token 9 is older than 12")
+        assert newer.call([rec(Opcode.NOP)]).status == 0
+        newer.close()
+        await va.close()
+        await vb.close()
+    finally:
+        a.stop()
+
+
+async def test_token_without_its_floor_is_refused(tmp_path: Path) -> None:
+    """A pair no pool gives is refused with one line, and moves no fence."""
+    a, psk = _agent(tmp_path, tmp_path / "f.json")
+    try:
+        for token, floor, why in ((5, 0, "lease token 5 comes without its lease floor"),
+                                  (5, 6, "lease floor 6 is above lease token 5"),
+                                  (0, 2, "lease floor 2 is above lease token 0")):  # fmt: skip
+            status, message, c = _open(a, psk, token, floor)
+            c.sock.close()
+            assert (status, message) == (ErrorCode.INVALID_ARGUMENT, why)
+        with pytest.raises(VgpuError) as err:  # a backend that forgot the floor
+            await TunnelClient.connect("127.0.0.1", a.port, psk=psk, lease_token=7)
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT
+        assert str(err.value).endswith("lease token 7 comes without its lease floor")
+        assert a.state_json()["fences"] == {}
+        _served(a, psk, 0).close()  # cpu0 is still unfenced: the manual path works
+    finally:
+        a.stop()
 
 
 def test_fences_per_device_and_any(tmp_path: Path) -> None:

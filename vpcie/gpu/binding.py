@@ -30,6 +30,7 @@ class AgentTarget:
     max_inflight: int = 0
     liveness: LivenessConfig | None = None  # when the agent counts as lost (None: defaults)
     lease_token: int = 0  # the pool lease's fencing token, sent in OPEN (0: no pool lease)
+    lease_floor: int = 0  # that lease's floor, sent in OPEN (0 with token 0)
 
     def describe(self) -> str:
         dev = self.device or "any"
@@ -101,6 +102,7 @@ async def tunnel_session(target: AgentTarget, name: str, handle_epoch: int = 0) 
         handle_epoch=handle_epoch,
         liveness=target.liveness,
         lease_token=target.lease_token,
+        lease_floor=target.lease_floor,
     )
     return client
 

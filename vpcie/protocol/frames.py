@@ -74,6 +74,7 @@ OPEN = c.Struct(
     "client" / c.PascalString(u8, "utf8"),  # who asks (vGPU / domain name)
     "handle_epoch" / u8,  # the top byte of every handle of this session (codes.py)
     "lease_token" / u64,  # the pool lease's fencing token; 0: no pool lease
+    "lease_floor" / u64,  # the smallest token live on the device at its creation; 0 with 0
 )
 OPEN_REPLY = c.Struct(
     "status" / u32,

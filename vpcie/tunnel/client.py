@@ -218,11 +218,14 @@ class TunnelClient(asyncio.BufferedProtocol):
         handle_epoch: int = 0,
         liveness: LivenessConfig | None = None,
         lease_token: int = 0,
+        lease_floor: int = 0,
     ) -> TunnelClient:
         """Connect, authenticate (PSK or mutual TLS) and OPEN a session
         whose handles carry ``handle_epoch`` (codes.HANDLE_EPOCH_SHIFT),
-        under the pool lease ``lease_token`` (0: none; the agent refuses a
-        stale one with STALE_LEASE, docs/SECURITY.md "Lease fencing").
+        under the pool lease ``lease_token`` whose floor is ``lease_floor``
+        (both 0: none; the agent refuses a stale token with STALE_LEASE and a
+        token without its floor with INVALID_ARGUMENT, docs/SECURITY.md
+        "Lease fencing").
 
         Raises AuthError (refused or failed authentication), VgpuError
         (NO_DEVICE / QUOTA_EXCEEDED from OPEN, DEVICE_LOST when the agent
@@ -240,7 +243,7 @@ class TunnelClient(asyncio.BufferedProtocol):
             timeout=timeout,
             liveness=liveness,
             step=lambda c: c._do_handshake(
-                device, mem_quota, max_inflight, handle_epoch, lease_token
+                device, mem_quota, max_inflight, handle_epoch, lease_token, lease_floor
             ),
         )
         loop = asyncio.get_running_loop()
@@ -816,6 +819,7 @@ class TunnelClient(asyncio.BufferedProtocol):
         max_inflight: int,
         handle_epoch: int,
         lease_token: int = 0,
+        lease_floor: int = 0,
         *,
         inventory: bool = False,
     ) -> bytes:
@@ -853,7 +857,14 @@ class TunnelClient(asyncio.BufferedProtocol):
             (doc,) = decode_payload("INVENTORY_REPLY", f.payload)
             return bytes(doc)
         opened = encode_payload(
-            "OPEN", device, mem_quota, max_inflight, self._name, handle_epoch, lease_token
+            "OPEN",
+            device,
+            mem_quota,
+            max_inflight,
+            self._name,
+            handle_epoch,
+            lease_token,
+            lease_floor,
         )
         self._queue(encode_frame(FrameType.OPEN, opened))
         f = await self._expect(FrameType.OPEN)
