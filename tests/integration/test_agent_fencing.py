@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -17,6 +18,7 @@ from host_agent.testclient import AgentProcess, RawClient
 from tests.conftest import ROOT, until, wait_for
 from tests.integration.agent_helpers import alive
 from vpcie.errors import ErrorCode, VgpuError
+from vpcie.gpu.binding import AgentTarget, tunnel_session
 from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import Opcode
 from vpcie.tunnel import Runstate, TunnelClient
@@ -115,7 +117,10 @@ async def test_leases_sharing_a_device(tmp_path: Path) -> None:
     lease = {"psk": psk, "device": "cpu0"}
     try:
         va = await TunnelClient.connect("127.0.0.1", a.port, lease_token=5, lease_floor=5, **lease)
-        vb = await TunnelClient.connect("127.0.0.1", a.port, lease_token=9, lease_floor=5, **lease)
+        # B through the backend's session factory: AgentTarget carries the pair.
+        target = AgentTarget("127.0.0.1", a.port, psk=psk, device="cpu0",
+                             lease_token=9, lease_floor=5)  # fmt: skip
+        vb = cast(TunnelClient, await tunnel_session(target, "vm-b"))
         # B's OPEN is answered after the agent decided about A: A's worker is not fenced.
         sessions = a.wait_sessions(lambda ss: len(ss) == 2)
         assert {(s["lease_token"], s["lease_floor"], s["fenced"]) for s in sessions} == {
