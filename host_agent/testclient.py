@@ -30,6 +30,7 @@ from vpcie.protocol.frames import (
     data_frame_header,
     decode_payload,
     encode_frame,
+    encode_open,
     encode_payload,
     psk_mac,
 )
@@ -128,12 +129,12 @@ class RawClient:
         *,
         handle_epoch: int = 0,
         lease_token: int = 0,
-        lease_floor: int | None = None,
+        lease_live: Sequence[int] | None = None,
     ) -> tuple[int, int, str, dict[str, Any]]:
-        """OPEN; ``lease_floor`` None: the token itself (an exclusive lease)."""
-        floor = lease_token if lease_floor is None else lease_floor
-        opened = encode_payload(
-            "OPEN", device, mem_quota, max_inflight, "test", handle_epoch, lease_token, floor
+        """OPEN; ``lease_live`` None: (token,), an exclusive lease (() with token 0)."""
+        live = (lease_token,) if lease_live is None and lease_token else lease_live or ()
+        opened = encode_open(
+            device, mem_quota, max_inflight, "test", handle_epoch, lease_token, live
         )
         self.send(FrameType.OPEN, opened)
         f = self.recv_frame()
@@ -151,7 +152,7 @@ class RawClient:
         *,
         handle_epoch: int = 0,
         lease_token: int = 0,
-        lease_floor: int | None = None,
+        lease_live: Sequence[int] | None = None,
     ) -> dict[str, Any]:
         self.hello()
         f = self.auth()
@@ -162,7 +163,7 @@ class RawClient:
             max_inflight,
             handle_epoch=handle_epoch,
             lease_token=lease_token,
-            lease_floor=lease_floor,
+            lease_live=lease_live,
         )
         assert status == 0, message
         return info

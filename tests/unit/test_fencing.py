@@ -11,83 +11,112 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from host_agent.fencing import MAX_TOKEN, Fences, Verdict, load, malformed, save
+from host_agent.fencing import MAX_TOKEN, Fence, Fences, Verdict, load, malformed, save
+from vpcie.protocol.codes import MAX_LIVE_LEASES
 
 TOKENS = st.integers(0, MAX_TOKEN)
 
 
 def test_the_rule() -> None:
     f = Fences()
-    assert f.admit("cpu0", 0, 0).verdict is Verdict.ALLOWED  # manual bind, never leased
+    assert f.admit("cpu0", 0, ()).verdict is Verdict.ALLOWED  # manual bind, never leased
     assert f.get("cpu0") == 0
-    assert f.admit("cpu0", 5, 5).verdict is Verdict.RAISED and f.get("cpu0") == 5
-    assert f.admit("cpu0", 5, 5).verdict is Verdict.ALLOWED  # the same lease, another context
-    stale = f.admit("cpu0", 4, 4)
+    assert f.admit("cpu0", 5, (5,)).verdict is Verdict.RAISED and f.get("cpu0") == 5
+    assert f.admit("cpu0", 5, (5,)).verdict is Verdict.ALLOWED  # the same lease, another context
+    stale = f.admit("cpu0", 4, (4,))
     assert stale.verdict is Verdict.STALE and f.get("cpu0") == 5
     assert stale.message == (
         "lease token 4 is older than 5, the newest for cpu0: the lease was given to someone else"
     )
-    zero = f.admit("cpu0", 0, 0)
+    zero = f.admit("cpu0", 0, ())
     assert zero.verdict is Verdict.STALE and "leased through the pool" in zero.message
-    assert f.admit("cpu0", 9, 9).verdict is Verdict.RAISED and f.get("cpu0") == 9
-    assert f.admit("cpu0", 5, 5).verdict is Verdict.STALE
-    assert f.admit("gpu1", 1, 1).verdict is Verdict.RAISED  # per device
-    assert f.to_json() == {"cpu0": 9, "gpu1": 1}
+    assert f.admit("cpu0", 9, (9,)).verdict is Verdict.RAISED and f.get("cpu0") == 9
+    assert f.admit("cpu0", 5, (5,)).verdict is Verdict.STALE
+    assert f.admit("gpu1", 1, (1,)).verdict is Verdict.RAISED  # per device
+    assert f.newest() == {"cpu0": 9, "gpu1": 1}
+    assert f.to_json() == {"cpu0": {"newest": 9, "live": [9]}, "gpu1": {"newest": 1, "live": [1]}}
 
 
 def test_leases_sharing_a_device() -> None:
-    """A (5) and B (9, created while A was live: floor 5) share the device by
-    memory: B leaves A alone. C (12), created after both were released, ends both."""
+    """A (5) and B (9, created while A was live) share the device by memory:
+    B leaves A alone. C (12, created after A's release, B live) ends A only."""
     f = Fences()
-    assert f.admit("gpu0", 5, 5).verdict is Verdict.RAISED
-    assert f.admit("gpu0", 9, 5).verdict is Verdict.ALLOWED and f.get("gpu0") == 5
-    assert f.admit("gpu0", 5, 5).verdict is Verdict.ALLOWED  # A opens another context
-    assert f.admit("gpu0", 7, 5).verdict is Verdict.ALLOWED  # a third sharer
-    assert f.admit("gpu0", 4, 4).verdict is Verdict.STALE  # below the fence all the same
-    assert f.admit("gpu0", 12, 9).verdict is Verdict.RAISED and f.get("gpu0") == 9  # A released
-    assert f.admit("gpu0", 5, 5).verdict is Verdict.STALE
-    assert f.admit("gpu0", 9, 5).verdict is Verdict.ALLOWED  # B, still live
-    assert f.admit("gpu0", 14, 14).verdict is Verdict.RAISED and f.get("gpu0") == 14
-    assert f.admit("gpu0", 12, 9).verdict is Verdict.STALE
+    assert f.admit("gpu0", 5, (5,)).verdict is Verdict.RAISED
+    assert f.admit("gpu0", 9, (5, 9)).verdict is Verdict.RAISED
+    assert f.get("gpu0") == 9 and f.live("gpu0") == {5, 9}
+    assert f.admit("gpu0", 5, (5,)).verdict is Verdict.ALLOWED  # A opens another context
+    assert f.admit("gpu0", 4, (4,)).verdict is Verdict.STALE  # not live with 9
+    assert f.admit("gpu0", 12, (9, 12)).verdict is Verdict.RAISED  # A released
+    assert f.admit("gpu0", 5, (5,)).verdict is Verdict.STALE
+    assert f.admit("gpu0", 9, (5, 9)).verdict is Verdict.ALLOWED  # B, still live
+
+
+def test_the_gap_a_floor_left() -> None:
+    """A (5) live; B (7) created, then released; C (9) created while A is live:
+    C's live set is {5, 9}, so B is refused (and its sessions end) though a
+    lease older than B's is still live. A floor (the smallest live token, 5)
+    let B through."""
+    f = Fences()
+    assert f.admit("gpu0", 5, (5,)).verdict is Verdict.RAISED
+    assert f.admit("gpu0", 7, (5, 7)).verdict is Verdict.RAISED
+    assert f.admit("gpu0", 9, (5, 9)).verdict is Verdict.RAISED
+    assert 7 not in f.live("gpu0") and 5 in f.live("gpu0")  # the server ends 7's sessions
+    assert f.admit("gpu0", 7, (5, 7)).verdict is Verdict.STALE
+    assert f.admit("gpu0", 5, (5,)).verdict is Verdict.ALLOWED
 
 
 @pytest.mark.parametrize(
-    ("token", "floor", "why"),
+    ("token", "live", "why"),
     [
-        (5, 6, "lease floor 6 is above lease token 5"),
-        (0, 3, "lease floor 3 is above lease token 0"),
-        (5, 0, "lease token 5 comes without its lease floor"),
+        (5, (6,), "lease token 5 is not in its live set"),
+        (5, (), "lease token 5 is not in its live set"),
+        (0, (3,), "a live set comes without a lease token"),
+        (5, (5, 3), "lease live set is not in ascending order without repeats"),
+        (5, (5, 5), "lease live set is not in ascending order without repeats"),
+        (
+            5,
+            tuple(range(1, MAX_LIVE_LEASES + 2)),
+            f"lease live set has {MAX_LIVE_LEASES + 1} tokens (the most is {MAX_LIVE_LEASES})",
+        ),
     ],
 )
-def test_malformed_pair(token: int, floor: int, why: str) -> None:
-    f = Fences({"cpu0": 4})
-    assert malformed(token, floor) == why
-    assert f.admit("cpu0", token, floor) == (Verdict.MALFORMED, why)
-    assert f.get("cpu0") == 4  # nothing moved
+def test_malformed_live_set(token: int, live: tuple[int, ...], why: str) -> None:
+    f = Fences({"cpu0": Fence(4, frozenset({4}))})
+    assert malformed(token, live) == why
+    assert f.admit("cpu0", token, live) == (Verdict.MALFORMED, why)
+    assert f.to_json() == {"cpu0": {"newest": 4, "live": [4]}}  # nothing moved
+    assert malformed(5, tuple(range(1, MAX_LIVE_LEASES + 1))) == ""  # the most is fine
 
 
-@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), TOKENS, TOKENS), max_size=40))
-def test_fence_only_rises_and_stale_never_admitted(opens: list[tuple[str, int, int]]) -> None:
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 12), st.sets(st.integers(1, 12))),
+        max_size=40,
+    )
+)
+def test_decide_matches_admit_and_the_rule(opens: list[tuple[str, int, set[int]]]) -> None:
     f = Fences()
-    for dev, tok, raw_floor in opens:
-        floor = min(raw_floor, tok) if raw_floor % 7 else raw_floor  # mostly well formed
-        before = f.get(dev)
-        d = f.decide(dev, tok, floor)
-        assert f.admit(dev, tok, floor) == d  # decide changes nothing, admit agrees with it
-        after = f.get(dev)
-        if floor > tok or (tok and not floor):
-            assert d.verdict is Verdict.MALFORMED and after == before
-            continue
+    for dev, tok, others in opens:
+        live = tuple(sorted(others | {tok})) if tok else ()
+        before = Fence(f.get(dev), f.live(dev))
+        d = f.decide(dev, tok, live)
+        assert f.admit(dev, tok, live) == d  # decide changes nothing, admit agrees with it
+        after = Fence(f.get(dev), f.live(dev))
         allowed = d.verdict is not Verdict.STALE
-        assert allowed == (tok >= before if tok else before == 0)
-        assert after == (max(before, floor) if allowed else before)
-        assert (d.verdict is Verdict.RAISED) == (allowed and floor > before)
+        if tok == 0:
+            assert allowed == (before.newest == 0)
+        else:
+            assert allowed == (tok >= before.newest or tok in before.live)
+        assert (d.verdict is Verdict.RAISED) == (tok > before.newest)
+        assert after == (Fence(tok, frozenset(live)) if tok > before.newest else before)
 
 
-# One device through a model of the pool: ("reserve",), ("release", i), ("open", i).
+# One device through a model of the pool: ("reserve",), ("release", i), ("open", i)
+# (a holder of lease i opens a session), ("manual", 0) (an open without a lease).
 POOL_OPS = st.lists(
     st.one_of(
         st.just(("reserve", 0)),
+        st.just(("manual", 0)),
         st.tuples(st.just("release"), st.integers(0, 7)),
         st.tuples(st.just("open"), st.integers(0, 7)),
     ),
@@ -97,76 +126,93 @@ POOL_OPS = st.lists(
 
 @settings(max_examples=400)
 @given(POOL_OPS)
-def test_with_the_pools_floors(ops: list[tuple[str, int]]) -> None:
+def test_with_the_pools_live_sets(ops: list[tuple[str, int]]) -> None:
     """Leases come and go on one device as the pool makes them: a token is
     the revision of the txn that creates the lease (every reserve and release
-    is a txn), its floor the smallest token live then, its own included. Any
-    lease's holder (released or not: a partitioned backend does not know)
-    opens sessions. The agent's rule ends a session, or refuses its OPEN,
-    exactly when a lease that opened on the agent had been created at a time
-    when no lease with a token at or below the session's was live; so a lease
-    that is live is never fenced, and one created after every older lease was
-    released fences all of them out."""
+    is a txn), its live set the tokens of the leases live then, its own
+    included. Any lease's holder (released or not: a partitioned backend does
+    not know) opens sessions. A session is ended, or its OPEN refused, exactly
+    when its lease was not live when the newest lease opened on the agent was
+    created; so a live lease is never fenced."""
     f = Fences()
     revision = 0
-    leases: list[tuple[int, int]] = []  # (token, floor) in creation order
-    live: set[int] = set()  # tokens
+    tokens: list[int] = []  # in creation order
+    live: set[int] = set()
     live_at_creation: dict[int, frozenset[int]] = {}
-    opened: list[int] = []  # tokens of leases that opened on the agent
-    sessions: dict[int, bool] = {}  # session id -> ended (fenced out or refused)
+    newest_opened = 0
+    ended: dict[int, bool] = {}  # session id -> ended (fenced out or refused)
     session_token: dict[int, int] = {}
 
-    def must_end(t: int) -> bool:  # from the pool's history alone, not from floors
-        return any(not any(x <= t for x in live_at_creation[o]) for o in opened if o > t)
+    def must_end(t: int) -> bool:  # from the pool's history alone
+        return newest_opened > 0 and t not in live_at_creation[newest_opened]
 
     for op, i in ops:
         if op == "reserve":
             revision += 1
-            live_at_creation[revision] = frozenset(live | {revision})
-            leases.append((revision, min(live | {revision})))
             live.add(revision)
-        elif op == "release" and leases and leases[i % len(leases)][0] in live:
+            live_at_creation[revision] = frozenset(live)
+            tokens.append(revision)
+        elif op == "release" and tokens and tokens[i % len(tokens)] in live:
             revision += 1
-            live.discard(leases[i % len(leases)][0])
-        elif op == "open" and leases:
-            token, floor = leases[i % len(leases)]
-            d = f.admit("gpu0", token, floor)
-            sid = len(sessions)
+            live.discard(tokens[i % len(tokens)])
+        elif op in ("open", "manual") and (tokens or op == "manual"):
+            token = tokens[i % len(tokens)] if op == "open" else 0
+            offered = sorted(live_at_creation[token]) if token else []
+            d = f.admit("gpu0", token, offered)
+            assert d.verdict is not Verdict.MALFORMED  # the pool's sets are well formed
+            sid = len(ended)
             session_token[sid] = token
-            sessions[sid] = d.verdict is Verdict.STALE
+            ended[sid] = d.verdict is Verdict.STALE
             if d.verdict is Verdict.STALE:
                 continue
-            assert d.verdict is not Verdict.MALFORMED  # the pool's pairs are well formed
-            opened.append(token)
-            if d.verdict is Verdict.RAISED:  # the server ends the sessions below the fence
+            newest_opened = max(newest_opened, token)
+            if d.verdict is Verdict.RAISED:  # the server ends the sessions not in the set
                 for s, t in session_token.items():
-                    if t < f.get("gpu0"):
-                        sessions[s] = True
-        for s, ended in sessions.items():
+                    if t not in f.live("gpu0"):
+                        ended[s] = True
+        for s, gone in ended.items():
             t = session_token[s]
-            assert ended == must_end(t), (s, t, leases, live, opened)
+            assert gone == must_end(t), (s, t, tokens, live, newest_opened)
             if t in live:
-                assert not ended  # a live lease is never fenced out
+                assert not gone  # a live lease is never fenced out
 
 
 def test_file_round_trip_and_atomic(tmp_path: Path) -> None:
     path = tmp_path / "fences.json"
     assert load(path).to_json() == {}  # none yet
-    f = Fences({"GPU-1": MAX_TOKEN, "cpu0": 3})
+    f = Fences(
+        {"GPU-1": Fence(MAX_TOKEN, frozenset({MAX_TOKEN})), "cpu0": Fence(3, frozenset({1, 3}))}
+    )
     save(f, path)
     assert load(path).to_json() == f.to_json()
+    assert json.loads(path.read_bytes())["cpu0"] == {"newest": 3, "live": [1, 3]}
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert not (tmp_path / "fences.json.tmp").exists()
+
+
+def test_older_file_form_is_read(tmp_path: Path) -> None:
+    """{device: token} (a fence file written before live sets): newest, live [token]."""
+    path = tmp_path / "fences.json"
+    path.write_text('{"cpu0": 7, "gpu1": 0}')
+    f = load(path)
+    assert f.get("cpu0") == 7 and f.live("cpu0") == {7} and f.get("gpu1") == 0
+    assert f.admit("cpu0", 5, (5,)).verdict is Verdict.STALE
+    assert f.admit("gpu1", 0, ()).verdict is Verdict.ALLOWED
 
 
 @pytest.mark.parametrize(
     ("text", "why"),
     [
         ("[1, 2]", "one JSON object"),
-        ('{"cpu0": -1}', "is not a token"),
-        ('{"cpu0": 1.5}', "is not a token"),
-        ('{"cpu0": true}', "is not a token"),
-        ('{"cpu0": 18446744073709551616}', "is not a token"),
+        ('{"cpu0": -1}', "is not {"),
+        ('{"cpu0": 1.5}', "is not {"),
+        ('{"cpu0": true}', "is not {"),
+        ('{"cpu0": 18446744073709551616}', "is not {"),
+        ('{"cpu0": {"newest": 3}}', "is not {"),
+        ('{"cpu0": {"newest": true, "live": []}}', "is not {"),
+        ('{"cpu0": {"newest": 3, "live": [-1, 3]}}', "is not {"),
+        ('{"cpu0": {"newest": 3, "live": [1]}}', "lease token 3 is not in its live set"),
+        ('{"cpu0": {"newest": 3, "live": [3, 1]}}', "ascending"),
         ("{", "fence file"),
         ("\udcff", "fence file"),  # the byte 0xff: not UTF-8
     ],
