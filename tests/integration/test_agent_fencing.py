@@ -116,10 +116,9 @@ async def test_leases_sharing_a_device(tmp_path: Path) -> None:
     working. A lease created after both were released (12, live {12}) ends both."""
     fence_file = tmp_path / "fences.json"
     a, psk = _agent(tmp_path, fence_file)
-    lease = {"psk": psk, "device": "cpu0"}
     try:
         va = await TunnelClient.connect(
-            "127.0.0.1", a.port, lease_token=5, lease_live=(5,), **lease
+            "127.0.0.1", a.port, lease_token=5, lease_live=(5,), psk=psk, device="cpu0"
         )
         # B through the backend's session factory: AgentTarget carries the set.
         target = AgentTarget("127.0.0.1", a.port, psk=psk, device="cpu0",
@@ -164,19 +163,18 @@ async def test_released_lease_fenced_while_an_older_one_lives(tmp_path: Path) ->
     OPEN ends B's session (B's lease is gone and the device leased again)
     while A keeps working, and B cannot come back."""
     a, psk = _agent(tmp_path, tmp_path / "fences.json")
-    lease = {"psk": psk, "device": "cpu0"}
     try:
         va = await TunnelClient.connect(
-            "127.0.0.1", a.port, lease_token=5, lease_live=(5,), **lease
+            "127.0.0.1", a.port, lease_token=5, lease_live=(5,), psk=psk, device="cpu0"
         )
         vb = await TunnelClient.connect(
-            "127.0.0.1", a.port, lease_token=7, lease_live=(5, 7), **lease
+            "127.0.0.1", a.port, lease_token=7, lease_live=(5, 7), psk=psk, device="cpu0"
         )
         assert (await va.nop()).ok and (await vb.nop()).ok
         b_pid = next(s["pid"] for s in a.wait_sessions(lambda ss: len(ss) == 2)
                      if s["lease_token"] == 7)  # fmt: skip
         vc = await TunnelClient.connect(
-            "127.0.0.1", a.port, lease_token=9, lease_live=(5, 9), **lease
+            "127.0.0.1", a.port, lease_token=9, lease_live=(5, 9), psk=psk, device="cpu0"
         )
         await until(lambda: vb.state is Runstate.LOST, 5, "B's session lost")
         with pytest.raises(VgpuError) as err:
@@ -242,7 +240,7 @@ def test_fences_per_device_and_any(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "content", "why"),
     [
-        ("fences.json", '{"cpu0": "five"}', '\'five\' is not {"newest"'),
+        ("fences.json", '{"cpu0": "five"}', "'five' is not {\"newest\""),
         ("no-such-dir/fences.json", None, "cannot write fence file"),
     ],
 )
