@@ -46,6 +46,8 @@ class OpenRequest:
     client: str
     handle_epoch: int = 0  # the top byte of every handle this session issues
     lease_token: int = 0  # the pool lease's fencing token (0: no pool lease)
+    # the leases live when it was created, its own included (fencing.py)
+    lease_live: tuple[int, ...] = ()
 
 
 class ServerHandshake:
@@ -82,10 +84,12 @@ class ServerHandshake:
                 self.inventory = True
                 self.state = HandshakeState.DONE
                 return b""
-            device, mem_quota, max_inflight, client, epoch, token = decode_payload(
+            device, mem_quota, max_inflight, client, epoch, token, _n, live = decode_payload(
                 "OPEN", _expect(f, FrameType.OPEN).payload
             )
-            self.open = OpenRequest(device, mem_quota, max_inflight, client, epoch, token)
+            self.open = OpenRequest(
+                device, mem_quota, max_inflight, client, epoch, token, tuple(t for (t,) in live)
+            )
             self.state = HandshakeState.DONE
             return b""
         raise ProtocolError(f"{_name(f.type)} frame after OPEN, before OPEN_REPLY")

@@ -35,7 +35,7 @@ from host_agent.admission import (
     send_all,
 )
 from host_agent.config import AgentConfig
-from host_agent.fencing import Fences, Verdict
+from host_agent.fencing import Fences, Verdict, malformed
 from host_agent.fencing import save as save_fences
 from host_agent.handshake import (
     OpenRequest,
@@ -80,7 +80,8 @@ class WorkerInfo:
     env: dict[str, str] = field(default_factory=dict)
     executor: str = ""
     lease_token: int = 0  # OPEN's: the pool lease this session was opened under
-    fenced: bool = False  # a newer lease token for its device ended it
+    lease_live: tuple[int, ...] = ()  # OPEN's: the leases live at its creation (fencing.py)
+    fenced: bool = False  # a newer lease on its device, not live with it, ended it
 
 
 class Agent:
@@ -140,14 +141,19 @@ class Agent:
 
     def grant(self, req: OpenRequest) -> Grant | tuple[int, str]:
         """A session for ``req``, counted against its device; or (status, why)."""
+        bad = malformed(req.lease_token, req.lease_live)
+        if bad:  # before picking a device: the set is wrong whatever the device
+            return int(ErrorCode.INVALID_ARGUMENT), bad
         dev, status, message = self._pick(req.device)
         if dev is None:
             return int(status), message
-        decision = self.fences.admit(dev.id, req.lease_token)
+        decision = self.fences.admit(dev.id, req.lease_token, req.lease_live)
         if decision.verdict is Verdict.STALE:
             return int(ErrorCode.STALE_LEASE), decision.message
+        if decision.verdict is Verdict.MALFORMED:  # checked above; kept for the type's sake
+            return int(ErrorCode.INVALID_ARGUMENT), decision.message
         if decision.verdict is Verdict.RAISED:
-            self._fence_out(dev.id, req.lease_token)
+            self._fence_out(dev.id, req.lease_token, self.fences.live(dev.id))
         limit = self.config.max_sessions
         if self.sessions_per_device[dev.id] >= limit:
             return int(ErrorCode.QUOTA_EXCEEDED), f"{dev.id} has {limit} sessions (the max)"
@@ -160,21 +166,22 @@ class Agent:
         self.sessions_per_device[dev.id] += 1
         return Grant(sid, dev.to_json(), quota, inflight, req.client, req.handle_epoch)
 
-    def _fence_out(self, device: str, token: int) -> None:
-        """The fence of ``device`` rose to ``token``: persist it, and end every
-        session there opened under an older token (SIGTERM, SIGKILL after
-        FENCE_KILL_S). Their device slots are free at once."""
+    def _fence_out(self, device: str, newest: int, live: frozenset[int]) -> None:
+        """Lease ``newest`` is now the newest for ``device``: persist that, and
+        end every session there opened under a token not in ``live`` (its lease
+        was released before lease ``newest`` was created; SIGTERM, SIGKILL
+        after FENCE_KILL_S). Their device slots are free at once."""
         if self.fence_file is not None:
             try:
                 save_fences(self.fences, self.fence_file)
             except OSError as exc:  # the fence holds in memory; say that it may not survive
                 log("error", "fence_file_write_failed", path=str(self.fence_file), error=str(exc))
         for w in list(self.workers.values()):
-            if w.device != device or w.lease_token >= token or w.fenced:
+            if w.device != device or w.lease_token in live or w.fenced:
                 continue
             w.fenced = True
             log("warning", "fenced_out", pid=w.pid, session=w.session, device=device,
-                lease_token=w.lease_token, newer=token)  # fmt: skip
+                lease_token=w.lease_token, newer=newest)  # fmt: skip
             self.release(w)
             self._kill(w.pid, signal.SIGTERM)
             loop = asyncio.get_running_loop()
@@ -216,6 +223,7 @@ class Agent:
                     "executor": w.executor,
                     "started": w.started,
                     "lease_token": w.lease_token,
+                    "lease_live": list(w.lease_live),
                     "fenced": w.fenced,
                 }
                 for w in self.workers.values()
@@ -333,7 +341,7 @@ class Agent:
             "version": PROTOCOL_VERSION,
             "inventory": self.inventory.to_json(),
             "sessions": dict(self.sessions_per_device),
-            "fences": self.fences.to_json(),
+            "fences": self.fences.newest(),
             "max_sessions": self.config.max_sessions,
         }
 
@@ -375,7 +383,7 @@ class Agent:
             child_ctl.close()
         w = WorkerInfo(pid, adm.peer_cn or adm.client_name or peer)
         w.session, w.device, w.client = grant.session, grant.device["id"], grant.client
-        w.lease_token = adm.open.lease_token
+        w.lease_token, w.lease_live = adm.open.lease_token, adm.open.lease_live
         self.workers[pid] = w
         log("info", "worker_started", pid=pid, peer=peer, session=w.session, device=w.device)
         self.write_state()

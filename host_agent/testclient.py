@@ -30,6 +30,7 @@ from vpcie.protocol.frames import (
     data_frame_header,
     decode_payload,
     encode_frame,
+    encode_open,
     encode_payload,
     psk_mac,
 )
@@ -128,9 +129,12 @@ class RawClient:
         *,
         handle_epoch: int = 0,
         lease_token: int = 0,
+        lease_live: Sequence[int] | None = None,
     ) -> tuple[int, int, str, dict[str, Any]]:
-        opened = encode_payload(
-            "OPEN", device, mem_quota, max_inflight, "test", handle_epoch, lease_token
+        """OPEN; ``lease_live`` None: (token,), an exclusive lease (() with token 0)."""
+        live = (lease_token,) if lease_live is None and lease_token else lease_live or ()
+        opened = encode_open(
+            device, mem_quota, max_inflight, "test", handle_epoch, lease_token, live
         )
         self.send(FrameType.OPEN, opened)
         f = self.recv_frame()
@@ -148,12 +152,18 @@ class RawClient:
         *,
         handle_epoch: int = 0,
         lease_token: int = 0,
+        lease_live: Sequence[int] | None = None,
     ) -> dict[str, Any]:
         self.hello()
         f = self.auth()
         assert f.type == FrameType.AUTH and decode_payload("AUTH_REPLY", f.payload) == (0,), f
         status, _sid, message, info = self.open(
-            device, mem_quota, max_inflight, handle_epoch=handle_epoch, lease_token=lease_token
+            device,
+            mem_quota,
+            max_inflight,
+            handle_epoch=handle_epoch,
+            lease_token=lease_token,
+            lease_live=lease_live,
         )
         assert status == 0, message
         return info

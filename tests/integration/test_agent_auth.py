@@ -18,7 +18,7 @@ from host_agent.testclient import AgentProcess, RawClient
 from vpcie.errors import ErrorCode
 from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import PROTOCOL_VERSION, AuthMode, FrameType, Opcode
-from vpcie.protocol.frames import decode_payload, encode_payload
+from vpcie.protocol.frames import decode_payload, encode_open, encode_payload
 
 
 def agent_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -171,7 +171,7 @@ def test_frames_before_auth_refused(psk_agent: tuple[AgentProcess, bytes], first
     a, psk = psk_agent
     c = RawClient(a.port, psk=psk)
     if first == "open":
-        c.send(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0, 0))
+        c.send(FrameType.OPEN, encode_open("", 0, 0, "x", 0, 0, ()))
     elif first == "command":
         c.send(FrameType.COMMAND, b"", seq=1)
     else:

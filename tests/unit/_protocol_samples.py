@@ -81,6 +81,8 @@ PAYLOAD_SAMPLES: dict[str, tuple[Any, ...]] = {
         "vm42/vgpu0",
         2,
         1_000_042,  # lease_token: the pool revision that created the lease
+        3,  # nlive: lease_live's count
+        [(1_000_017,), (1_000_031,), (1_000_042,)],  # the leases live on the device then
     ),
     "OPEN_REPLY": (0, 7, "granted 4 GiB, 16 in flight", QUERY_INFO_BYTES),
     "CLOSE": (0,),

@@ -31,6 +31,7 @@ from vpcie.protocol.frames import (
     decode_payload,
     encode_frame,
     encode_header,
+    encode_open,
     encode_payload,
     psk_mac,
 )
@@ -97,10 +98,12 @@ def test_psk_handshake_to_open() -> None:
     mac = psk_mac(PSK, b"client", b"c" * 32, snonce)
     assert _reply(hs.receive(_frame(FrameType.AUTH, encode_payload("AUTH", mac))), "AUTH_REPLY")
     assert hs.authenticated and hs.state is HandshakeState.OPEN
-    opened = encode_payload("OPEN", "cpu0", 5, 6, "vm", 3, 77)
+    opened = encode_open("cpu0", 5, 6, "vm", 3, 77, (40, 77))
     assert hs.receive(_frame(FrameType.OPEN, opened)) == b""
     assert hs.open is not None and hs.open.device == "cpu0" and hs.open.client == "vm"
-    assert hs.open.handle_epoch == 3 and hs.open.lease_token == 77
+    assert (
+        hs.open.handle_epoch == 3 and hs.open.lease_token == 77 and hs.open.lease_live == (40, 77)
+    )
     assert not hs.inventory
     with pytest.raises(ProtocolError):  # nothing before OPEN_REPLY
         hs.receive(_frame(FrameType.PING, encode_payload("PING", 1)))
@@ -119,7 +122,7 @@ def test_psk_wrong_key_and_wrong_mode() -> None:
 def test_tls_mode_needs_zero_mac_and_order() -> None:
     hs = ServerHandshake(AuthMode.TLS, "a")
     with pytest.raises(ProtocolError, match="expected HELLO, got OPEN"):
-        hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0, 0)))
+        hs.receive(_frame(FrameType.OPEN, encode_open("", 0, 0, "x", 0, 0, ())))
     hs = ServerHandshake(AuthMode.TLS, "a")
     with pytest.raises(ProtocolError, match="REPLY flag"):
         hs.receive(
@@ -162,7 +165,7 @@ def test_inventory_instead_of_open_only_after_auth() -> None:
     assert hs.receive(_frame(FrameType.INVENTORY, b"")) == b""
     assert hs.inventory and hs.open is None and hs.state is HandshakeState.DONE
     with pytest.raises(ProtocolError):  # nothing after it
-        hs.receive(_frame(FrameType.OPEN, encode_payload("OPEN", "", 0, 0, "x", 0, 0)))
+        hs.receive(_frame(FrameType.OPEN, encode_open("", 0, 0, "x", 0, 0, ())))
 
 
 # -- header-first read ---------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 
+import construct as c
 import pytest
 
 from tests.unit._protocol_samples import (
@@ -62,6 +63,15 @@ def test_golden_anchors_written_by_hand() -> None:
     assert struct.unpack("<IHHII", b[:16]) == (BATCH_MAGIC, 1, 0, len(b), 1)
     assert struct.unpack("<HHII", b[16:28]) == (int(Opcode.MEM_ALLOC), 0, 24, 0)
     assert struct.unpack("<QI", b[28:]) == BODY_SAMPLES[Opcode.MEM_ALLOC]
+    # OPEN ends with lease_token and lease_live: the bytes of PrefixedArray(u16, u64).
+    op = read_golden("payload_open")
+    *_, token, nlive, live = PAYLOAD_SAMPLES["OPEN"]
+    tail = struct.pack("<QH", token, nlive) + b"".join(struct.pack("<Q", t) for (t,) in live)
+    assert op.endswith(tail) and nlive == len(live) == 3
+    prefixed = c.Struct(
+        "lease_token" / c.Int64ul, "lease_live" / c.PrefixedArray(c.Int16ul, c.Int64ul)
+    )
+    assert prefixed.parse(tail) == {"lease_token": token, "lease_live": [t for (t,) in live]}
 
 
 def test_frame_header_golden() -> None:

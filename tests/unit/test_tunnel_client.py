@@ -233,14 +233,17 @@ async def test_connect_nop_query(agent: tuple[FakeAgent, int]) -> None:
     assert c.state.name == "CLOSED"
 
 
-async def test_open_carries_epoch_and_lease_token(agent: tuple[FakeAgent, int]) -> None:
+async def test_open_carries_epoch_and_lease(agent: tuple[FakeAgent, int]) -> None:
     fake, port = agent
-    kw: dict[str, int] = {"handle_epoch": 3, "lease_token": (1 << 64) - 2}
-    async with await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t", **kw):
+    token = (1 << 64) - 2
+    async with await TunnelClient.connect(
+        "127.0.0.1", port, psk=PSK, name="t", handle_epoch=3, lease_token=token,
+        lease_live=(7, token),
+    ):  # fmt: skip
         pass
     async with await TunnelClient.connect("127.0.0.1", port, psk=PSK, name="t"):
         pass
-    assert [o[4:] for o in fake.opens] == [(3, (1 << 64) - 2), (0, 0)]
+    assert [o[4:] for o in fake.opens] == [(3, token, 2, [(7,), (token,)]), (0, 0, 0, [])]
 
 
 async def test_scatter_copies_round_trip(agent: tuple[FakeAgent, int]) -> None:

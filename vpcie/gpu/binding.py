@@ -30,6 +30,9 @@ class AgentTarget:
     max_inflight: int = 0
     liveness: LivenessConfig | None = None  # when the agent counts as lost (None: defaults)
     lease_token: int = 0  # the pool lease's fencing token, sent in OPEN (0: no pool lease)
+    # the device's leases live when it was created, its own included, sent in
+    # OPEN (ascending; () with token 0)
+    lease_live: tuple[int, ...] = ()
 
     def describe(self) -> str:
         dev = self.device or "any"
@@ -101,6 +104,7 @@ async def tunnel_session(target: AgentTarget, name: str, handle_epoch: int = 0) 
         handle_epoch=handle_epoch,
         liveness=target.liveness,
         lease_token=target.lease_token,
+        lease_live=target.lease_live,
     )
     return client
 

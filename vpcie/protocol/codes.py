@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 FRAME_MAGIC = 0x49435056  # b"VPCI" little-endian
-PROTOCOL_VERSION = 2  # 2: OPEN.lease_token, INVENTORY, the state opcodes
+PROTOCOL_VERSION = 2  # 2: OPEN.lease_token/lease_live, INVENTORY, the state opcodes
 BATCH_MAGIC = 0x31424756  # b"VGB1" little-endian
 BATCH_VERSION = 1
 
@@ -68,6 +68,9 @@ NO_INDEX = 0xFFFFFFFF
 HANDLE_EPOCH_SHIFT = 24
 MAX_HANDLE_EPOCH = 0xFF
 HANDLE_INDEX_MASK = (1 << HANDLE_EPOCH_SHIFT) - 1
+# OPEN's lease_live: the tokens of a device's leases live when a pool lease
+# was created (host_agent/fencing.py); 256 u64 keep OPEN under its 4 KiB cap.
+MAX_LIVE_LEASES = 256
 
 
 class FrameType(IntEnum):

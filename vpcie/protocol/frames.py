@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import construct as c
@@ -67,6 +67,7 @@ HELLO_REPLY = c.Struct(  # agent -> client; proof = HMAC(psk, "agent"|cn|sn) in 
 )
 AUTH = c.Struct("mac" / c.Bytes(MAC_SIZE))  # HMAC(psk, "client"|cn|sn)
 AUTH_REPLY = c.Struct("status" / u32)
+LIVE_TOKEN = c.Struct("token" / u64)
 OPEN = c.Struct(
     "device" / c.PascalString(u8, "utf8"),  # GPU/MIG UUID, or "" for any
     "mem_quota" / u64,  # 0: the agent's default
@@ -74,6 +75,12 @@ OPEN = c.Struct(
     "client" / c.PascalString(u8, "utf8"),  # who asks (vGPU / domain name)
     "handle_epoch" / u8,  # the top byte of every handle of this session (codes.py)
     "lease_token" / u64,  # the pool lease's fencing token; 0: no pool lease
+    # The tokens of the device's leases live when that lease was created, its
+    # own included (ascending, at most codes.MAX_LIVE_LEASES); empty with token
+    # 0. The bytes of PrefixedArray(u16, u64), spelled as a count field and an
+    # Array (like STATE_SUMMARY's) so that FastStruct derives it.
+    "nlive" / u16,
+    "lease_live" / c.Array(c.this.nlive, LIVE_TOKEN),
 )
 OPEN_REPLY = c.Struct(
     "status" / u32,
@@ -208,6 +215,22 @@ def encode_frame(
 
 def encode_payload(name: str, *values: Any) -> bytes:
     return FAST[name].encode(values)
+
+
+def encode_open(
+    device: str,
+    mem_quota: int,
+    max_inflight: int,
+    client: str,
+    handle_epoch: int,
+    lease_token: int,
+    lease_live: Sequence[int],
+) -> bytes:
+    """OPEN's payload, its live set given as plain tokens."""
+    live = [(t,) for t in lease_live]
+    return FAST["OPEN"].encode(
+        (device, mem_quota, max_inflight, client, handle_epoch, lease_token, len(live), live)
+    )
 
 
 def decode_payload(name: str, payload: bytes | memoryview) -> tuple[Any, ...]:

@@ -59,6 +59,7 @@ from vpcie.protocol.frames import (
     encode_completion,
     encode_frame,
     encode_header,
+    encode_open,
     encode_payload,
     header_prefix,
     macs_equal,
@@ -218,11 +219,15 @@ class TunnelClient(asyncio.BufferedProtocol):
         handle_epoch: int = 0,
         liveness: LivenessConfig | None = None,
         lease_token: int = 0,
+        lease_live: Sequence[int] = (),
     ) -> TunnelClient:
         """Connect, authenticate (PSK or mutual TLS) and OPEN a session
         whose handles carry ``handle_epoch`` (codes.HANDLE_EPOCH_SHIFT),
-        under the pool lease ``lease_token`` (0: none; the agent refuses a
-        stale one with STALE_LEASE, docs/SECURITY.md "Lease fencing").
+        under the pool lease ``lease_token`` whose live set is ``lease_live``
+        (the device's leases live when it was created, ascending, its own
+        included; 0 and () without a pool lease). The agent refuses a stale
+        token with STALE_LEASE and a set that does not fit the token with
+        INVALID_ARGUMENT (docs/SECURITY.md "Lease fencing").
 
         Raises AuthError (refused or failed authentication), VgpuError
         (NO_DEVICE / QUOTA_EXCEEDED from OPEN, DEVICE_LOST when the agent
@@ -240,7 +245,7 @@ class TunnelClient(asyncio.BufferedProtocol):
             timeout=timeout,
             liveness=liveness,
             step=lambda c: c._do_handshake(
-                device, mem_quota, max_inflight, handle_epoch, lease_token
+                device, mem_quota, max_inflight, handle_epoch, lease_token, lease_live
             ),
         )
         loop = asyncio.get_running_loop()
@@ -816,6 +821,7 @@ class TunnelClient(asyncio.BufferedProtocol):
         max_inflight: int,
         handle_epoch: int,
         lease_token: int = 0,
+        lease_live: Sequence[int] = (),
         *,
         inventory: bool = False,
     ) -> bytes:
@@ -852,8 +858,8 @@ class TunnelClient(asyncio.BufferedProtocol):
             f = await self._expect(FrameType.INVENTORY)
             (doc,) = decode_payload("INVENTORY_REPLY", f.payload)
             return bytes(doc)
-        opened = encode_payload(
-            "OPEN", device, mem_quota, max_inflight, self._name, handle_epoch, lease_token
+        opened = encode_open(
+            device, mem_quota, max_inflight, self._name, handle_epoch, lease_token, lease_live
         )
         self._queue(encode_frame(FrameType.OPEN, opened))
         f = await self._expect(FrameType.OPEN)
