@@ -103,6 +103,12 @@ def test_the_cli_bind_writes_the_json_it_always_sent() -> None:
         ({**PSK_BIND, "max_inflight": None}, "max_inflight must be a whole number, not None"),
         ({**PSK_BIND, "lease_token": "x"}, "lease_token must be a whole number, not 'x'"),
         ({**PSK_BIND, "lease_token": -1}, "lease_token must be in 0..2**64-1, not -1"),
+        ({**PSK_BIND, "lease_token": 7}, "lease_live (the device's live lease tokens) must"),
+        ({**PSK_BIND, "lease_token": 7, "lease_live": [5]}, "lease_live (the device's live"),
+        ({**PSK_BIND, "lease_live": [5]}, "lease_live (the device's live lease tokens) must"),
+        ({**PSK_BIND, "lease_token": 7, "lease_live": [7, 7]}, "lease_live repeats a token"),
+        ({**PSK_BIND, "lease_token": 7, "lease_live": "7"}, "lease_live must be a list"),
+        ({**PSK_BIND, "lease_token": 7, "lease_live": [0, 7]}, "lease_live must be a list"),
         ({"op": "migrate", "psk_file": "/k"}, "migrate needs agent (HOST:PORT)"),
         ({"op": "migrate", "agent": "h:1"}, "migrate needs psk_file or tls_dir"),
     ],
@@ -142,17 +148,21 @@ def test_replies_write_the_objects_clients_read() -> None:
 
 
 def test_migrate_has_binds_fields_and_a_lease_token() -> None:
-    got = parse_request(line({**PSK_BIND, "op": "migrate", "device": "GPU-2", "lease_token": 41}))
+    got = parse_request(
+        line({**PSK_BIND, "op": "migrate", "device": "GPU-2", "lease_token": 41,
+              "lease_live": [41, 9]})
+    )  # fmt: skip
     assert got == MigrateRequest(
-        agent="127.0.0.1:7000", psk_file="/k", device="GPU-2", lease_token=41
-    )
+        agent="127.0.0.1:7000", psk_file="/k", device="GPU-2", lease_token=41,
+        lease_live=(9, 41),
+    )  # fmt: skip
     assert isinstance(got, MigrateRequest) and got.op == "migrate"
     wire = got.to_wire()
     assert wire["op"] == "migrate" and wire["lease_token"] == 41 and "replace" not in wire
     assert parse_request(line(wire)) == got
     # bind carries it too; absent when 0, so a bind's bytes stay as they were.
-    bind = parse_request(line({**PSK_BIND, "lease_token": 7}))
-    assert isinstance(bind, BindRequest) and bind.lease_token == 7
+    bind = parse_request(line({**PSK_BIND, "lease_token": 7, "lease_live": [7]}))
+    assert isinstance(bind, BindRequest) and bind.lease_token == 7 and bind.lease_live == (7,)
     assert "lease_token" not in BindRequest(agent="h:1", psk_file="/k").to_wire()
 
 

@@ -61,6 +61,14 @@ def add_parser(sub: Any) -> None:
             default=0,
             help="the pool lease's fencing token (0: no pool lease)",
         )
+        q.add_argument(
+            "--lease-live",
+            type=_token_list,
+            default=(),
+            metavar="T1,T2,...",
+            help="the tokens of the device's leases live when this one was made, its own "
+            "included (default with --lease-token: that token alone, an exclusive lease)",
+        )
     b.add_argument(
         "--replace",
         action="store_true",
@@ -74,6 +82,16 @@ def add_parser(sub: Any) -> None:
         )
         q.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=run)
+
+
+def _token_list(text: str) -> tuple[int, ...]:
+    try:
+        tokens = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of tokens") from None
+    if not tokens or tokens[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: lease tokens are whole numbers from 1")
+    return tokens
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             mem_quota=args.mem_quota,
             replace=getattr(args, "replace", False),
             lease_token=args.lease_token,
+            lease_live=args.lease_live or ((args.lease_token,) if args.lease_token else ()),
         )
     if args.vgpu_cmd == "migrate":
         timeout = MIGRATE_TIMEOUT_S

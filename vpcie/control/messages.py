@@ -5,7 +5,7 @@ Requests::
     {"op": "status"}
     {"op": "bind", "agent": "HOST:PORT", "psk_file": PATH | "tls_dir": DIR,
      "tls_name": NAME, "device": UUID, "mem_quota": BYTES, "max_inflight": N,
-     "replace": false, "lease_token": N}
+     "replace": false, "lease_token": N, "lease_live": [N, ...]}
     {"op": "migrate", <bind's fields but replace>}   live migration to that agent
     {"op": "unbind"}
 
@@ -65,6 +65,9 @@ class BindRequest:
     max_inflight: int = 0
     replace: bool = False
     lease_token: int = 0  # the pool lease's fencing token (0: no pool lease)
+    # The tokens of the device's leases live when this one was made, its own
+    # included (docs/SECURITY.md "Lease fencing"); () without a pool lease.
+    lease_live: tuple[int, ...] = ()
 
     def address(self) -> tuple[str, int]:
         return parse_hostport(self.agent)
@@ -85,6 +88,7 @@ class BindRequest:
             wire["replace"] = self.replace
         if self.lease_token:
             wire["lease_token"] = self.lease_token
+            wire["lease_live"] = list(self.lease_live)
         return wire
 
     @classmethod
@@ -105,6 +109,11 @@ class BindRequest:
         lease_token = _whole(req, "lease_token")
         if not 0 <= lease_token < 1 << 64:
             raise ValueError(f"lease_token must be in 0..2**64-1, not {lease_token}")
+        lease_live = _tokens(req.get("lease_live", []))
+        if bool(lease_token) != bool(lease_live) or (lease_token and lease_token not in lease_live):
+            raise ValueError(
+                "lease_live (the device's live lease tokens) must come with lease_token and hold it"
+            )
         return cls(
             agent=agent,
             psk_file=psk_file,
@@ -115,6 +124,7 @@ class BindRequest:
             max_inflight=_whole(req, "max_inflight"),
             replace=replace,
             lease_token=lease_token,
+            lease_live=lease_live,
         )
 
 
@@ -146,6 +156,17 @@ def parse_request(line: bytes | str) -> Request:
     if op == "migrate":
         return MigrateRequest.from_wire(req)
     raise ValueError(f"unknown op {op!r} ({', '.join(OPS)})")
+
+
+def _tokens(value: Any) -> tuple[int, ...]:
+    """lease_live: a list of distinct tokens, sorted here (the wire wants them ascending)."""
+    if not isinstance(value, list) or not all(
+        type(t) is int and 0 < t < 1 << 64 for t in value
+    ):
+        raise ValueError(f"lease_live must be a list of lease tokens (1..2**64-1), not {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"lease_live repeats a token: {value!r}")
+    return tuple(sorted(value))
 
 
 def _whole(req: dict[str, Any], key: str) -> int:

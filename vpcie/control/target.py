@@ -35,4 +35,5 @@ def bind_target(req: BindRequest) -> AgentTarget:
         mem_quota=req.mem_quota,
         max_inflight=req.max_inflight,
         lease_token=req.lease_token,
+        lease_live=req.lease_live,
     )

@@ -42,6 +42,7 @@ def target_fields(agent: Agent, lease: Lease) -> dict[str, Any]:
         "device": lease.gpu,
         "mem_quota": lease.memory,
         "lease_token": lease.token,
+        "lease_live": tuple(lease.live),
     }
     return wire
 
