@@ -336,8 +336,14 @@ class Pool:
                 u.exclusive = u.exclusive and bool(u.leases)
                 puts.append((ukey, u.dumps()))
             if vitem is not None and Vgpu.loads(vitem.value).lease == lease_id:
+                # a migration that failed releases its target's lease: the
+                # vGPU names the lease it had before again, if that still holds
                 v = Vgpu.loads(vitem.value)
                 v.lease = ""
+                if lease.previous:
+                    prev = await self.kv.get(LEASES + lease.previous)
+                    compares.append(Compare(LEASES + lease.previous, _ver(prev)))
+                    v.lease = lease.previous if prev is not None else ""
                 compares.append(Compare(vkey, vitem.version))
                 puts.append((vkey, v.dumps()))
             res = await self.kv.txn(compares, puts, [litem.key])
@@ -381,24 +387,16 @@ class Pool:
     ) -> tuple[Lease, list[Compare], list[tuple[str, bytes]]]:
         now = time.time()
         memory = gpu.memory_total if req.exclusive else req.memory
+        v = self._vgpus.get(vgpu) or Vgpu(vgpu)
+        old = self._vgpus.get(vgpu) or Vgpu(vgpu)
         lease = Lease(
-            secrets.token_hex(6),
-            vgpu,
-            gpu.agent,
-            gpu.id,
-            memory,
-            req.exclusive,
-            "reserved",
-            owner,
-            0,
-            now,
-            now,
-        )
+            secrets.token_hex(6), vgpu, gpu.agent, gpu.id, memory, req.exclusive, "reserved",
+            owner, 0, now, now, previous=old.lease,
+        )  # fmt: skip
         ukey, gkey, akey, vkey = (USAGE + gpu.key, GPUS + gpu.key, AGENTS + gpu.agent, VGPUS + vgpu)
         u = self._fleet.usage.get(gpu.key, Usage())
         u = Usage(u.memory + memory, req.exclusive, {**u.leases, lease.id: memory})
-        v = self._vgpus.get(vgpu) or Vgpu(vgpu)
-        v = Vgpu(v.name, v.socket, v.domain, lease.id)
+        v = Vgpu(old.name, old.socket, old.domain, lease.id)
         compares = [Compare(k, _ver(self._items.get(k))) for k in (ukey, gkey, akey, vkey)]
         if self._fleet.agents[gpu.agent].registered:
             compares.append(Compare(ALIVE + gpu.agent, _ver(self._items.get(ALIVE + gpu.agent))))
