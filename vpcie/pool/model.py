@@ -54,7 +54,7 @@ class _Record:
         return cls(**kw)
 
     def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
     @classmethod
     def loads(cls, raw: bytes) -> Self:
