@@ -177,3 +177,22 @@ async def test_unreachable_stores_say_so_in_one_line(tmp_path) -> None:  # type:
         with pytest.raises(StoreUnavailable) as err:
             await pool.agents()
         assert str(corrupt) in str(err.value) and "\n" not in str(err.value)
+
+
+async def test_a_vgpu_holds_two_leases_while_it_migrates(pool: Pool) -> None:
+    await pool.add_agent(agent("a1"), [h100("a1", 0)])
+    await pool.add_agent(agent("a2"), [h100("a2", 0)])
+    src = await pool.reserve("v1", Request(whole=True))
+    # the move: a lease on another agent, the old one marked, then released
+    dst = await pool.reserve("v1", Request(whole=True, exclude_agents=(src.agent,)))
+    assert dst.agent != src.agent and dst.previous == src.id and dst.token > src.token
+    assert (await pool.vgpus())[0].lease == dst.id
+    await pool.set_lease_state(src.id, "migrating")
+    await pool.release(src.id)
+    assert (await pool.vgpus())[0].lease == dst.id  # the source's release leaves it alone
+    # a failed move releases the target: the vGPU names its source lease again
+    back = await pool.reserve("v1", Request(whole=True, exclude_agents=(dst.agent,)))
+    await pool.release(back.id)
+    assert (await pool.vgpus())[0].lease == dst.id
+    await pool.release(dst.id)
+    assert (await pool.vgpus())[0].lease == ""

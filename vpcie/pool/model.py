@@ -54,7 +54,7 @@ class _Record:
         return cls(**kw)
 
     def dumps(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
     @classmethod
     def loads(cls, raw: bytes) -> Self:
@@ -136,7 +136,9 @@ class Lease(_Record):
     """A vGPU's claim on a device. ``token`` is the store revision of the
     transaction that created it (the key's create_revision: never stored, filled
     in on every read): the fencing token the backend presents to the agent.
-    ``gpu`` is the agent's device id; ``memory`` the quota in bytes."""
+    ``gpu`` is the agent's device id; ``memory`` the quota in bytes.
+    Releasing a lease whose vGPU still names it hands the vGPU back its
+    ``previous`` lease if that still exists (a migration that failed)."""
 
     id: str
     vgpu: str
@@ -149,6 +151,7 @@ class Lease(_Record):
     token: int = 0
     created: float = 0.0
     updated: float = 0.0
+    previous: str = ""  # the vGPU's lease when this one was made (a migration's source)
 
     @property
     def device(self) -> str:

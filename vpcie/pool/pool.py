@@ -297,10 +297,10 @@ class Pool:
                 await self._load()
                 fresh = True
                 continue
-            lease, compares, puts = self._booking(vgpu, gpu, request, owner)
+            lease, compares, puts, objs = self._booking(vgpu, gpu, request, owner)
             res = await self.kv.txn(compares, puts, [])
             if res.succeeded:
-                self._cache_writes(puts, res.revision)
+                self._cache_writes(puts, res.revision, objs)
                 lease.token = res.revision
                 return lease
             # Someone booked (or changed) what we placed on. Reread what we
@@ -330,20 +330,28 @@ class Pool:
             uitem, vitem = await self._cached(ukey), await self._cached(vkey)
             compares = [Compare(litem.key, litem.version), Compare(ukey, _ver(uitem))]
             puts: list[tuple[str, bytes]] = []
+            objs: dict[str, object] = {}
             if uitem is not None:
-                u = Usage.loads(uitem.value)
+                u = objs[ukey] = Usage.loads(uitem.value)
                 u.memory -= u.leases.pop(lease_id, 0)
                 u.exclusive = u.exclusive and bool(u.leases)
                 puts.append((ukey, u.dumps()))
-            if vitem is not None and Vgpu.loads(vitem.value).lease == lease_id:
-                v = Vgpu.loads(vitem.value)
+            v = Vgpu.loads(vitem.value) if vitem is not None else None
+            if vitem is not None and v is not None and v.lease == lease_id:
+                # a migration that failed releases its target's lease: the
+                # vGPU names the lease it had before again, if that still holds
+                objs[vkey] = v
                 v.lease = ""
+                if lease.previous:
+                    prev = await self.kv.get(LEASES + lease.previous)
+                    compares.append(Compare(LEASES + lease.previous, _ver(prev)))
+                    v.lease = lease.previous if prev is not None else ""
                 compares.append(Compare(vkey, vitem.version))
                 puts.append((vkey, v.dumps()))
             res = await self.kv.txn(compares, puts, [litem.key])
             if res.succeeded:
                 self._items.pop(litem.key, None)
-                self._cache_writes(puts, res.revision)
+                self._cache_writes(puts, res.revision, objs)
                 lease.state = "released"
                 return lease
             for key in (litem.key, ukey, vkey):
@@ -378,37 +386,34 @@ class Pool:
 
     def _booking(
         self, vgpu: str, gpu: Gpu, req: Request, owner: str
-    ) -> tuple[Lease, list[Compare], list[tuple[str, bytes]]]:
+    ) -> tuple[Lease, list[Compare], list[tuple[str, bytes]], dict[str, object]]:
         now = time.time()
         memory = gpu.memory_total if req.exclusive else req.memory
+        v = self._vgpus.get(vgpu) or Vgpu(vgpu)
+        old = self._vgpus.get(vgpu) or Vgpu(vgpu)
         lease = Lease(
-            secrets.token_hex(6),
-            vgpu,
-            gpu.agent,
-            gpu.id,
-            memory,
-            req.exclusive,
-            "reserved",
-            owner,
-            0,
-            now,
-            now,
-        )
+            secrets.token_hex(6), vgpu, gpu.agent, gpu.id, memory, req.exclusive, "reserved",
+            owner, 0, now, now, previous=old.lease,
+        )  # fmt: skip
         ukey, gkey, akey, vkey = (USAGE + gpu.key, GPUS + gpu.key, AGENTS + gpu.agent, VGPUS + vgpu)
         u = self._fleet.usage.get(gpu.key, Usage())
         u = Usage(u.memory + memory, req.exclusive, {**u.leases, lease.id: memory})
-        v = self._vgpus.get(vgpu) or Vgpu(vgpu)
-        v = Vgpu(v.name, v.socket, v.domain, lease.id)
+        v = Vgpu(old.name, old.socket, old.domain, lease.id)
         compares = [Compare(k, _ver(self._items.get(k))) for k in (ukey, gkey, akey, vkey)]
         if self._fleet.agents[gpu.agent].registered:
             compares.append(Compare(ALIVE + gpu.agent, _ver(self._items.get(ALIVE + gpu.agent))))
         puts = [(LEASES + lease.id, _lease_value(lease)), (ukey, u.dumps()), (vkey, v.dumps())]
-        return lease, compares, puts
+        return lease, compares, puts, {ukey: u, vkey: v}
 
-    def _cache_writes(self, puts: list[tuple[str, bytes]], rev: int) -> None:
+    def _cache_writes(
+        self, puts: list[tuple[str, bytes]], rev: int, objs: Mapping[str, object] | None = None
+    ) -> None:
+        """Our own committed writes into the cache (``objs``: the records
+        already decoded, so they are not parsed again)."""
         for key, value in puts:
             old = self._items.get(key)
-            self._apply(Item(key, value, _ver(old) + 1, rev, old.create_revision if old else rev))
+            item = Item(key, value, _ver(old) + 1, rev, old.create_revision if old else rev)
+            self._apply(item, (objs or {}).get(key))
 
     async def _load(self) -> None:
         """Read every cached prefix afresh."""
@@ -446,19 +451,22 @@ class Pool:
             return self._items.get(key)
         return self._items.get(key) or await self.kv.get(key)
 
-    def _apply(self, item: Item) -> None:
+    def _apply(self, item: Item, obj: object = None) -> None:
         key = item.key
         self._items[key] = item
         if key.startswith(GPUS):
             self._fleet.set_gpu(Gpu.loads(item.value))
         elif key.startswith(USAGE):
-            self._fleet.set_usage(key[len(USAGE) :], Usage.loads(item.value))
+            u = obj if isinstance(obj, Usage) else Usage.loads(item.value)
+            self._fleet.set_usage(key[len(USAGE) :], u)
         elif key.startswith(AGENTS):
             self._fleet.set_agent(Agent.loads(item.value))
         elif key.startswith(ALIVE):
             self._alive.add(key[len(ALIVE) :])
         elif key.startswith(VGPUS):
-            self._vgpus[key[len(VGPUS) :]] = Vgpu.loads(item.value)
+            self._vgpus[key[len(VGPUS) :]] = (
+                obj if isinstance(obj, Vgpu) else Vgpu.loads(item.value)
+            )
 
     def _forget(self, key: str) -> None:
         self._items.pop(key, None)
@@ -557,7 +565,7 @@ def _lease(item: Item) -> Lease:
 def _lease_value(lease: Lease) -> bytes:
     data = lease.to_json()
     data.pop("token")  # the key's create_revision is the token
-    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
 def _owned(gpu: Gpu, agent: str) -> Gpu:
