@@ -86,6 +86,27 @@ async def test_tokens_grow_across_leases_of_one_device(pool: Pool) -> None:
     assert tokens == sorted(set(tokens)) and tokens[0] > 0
 
 
+async def test_a_lease_knows_the_device_leases_live_with_it(pool_url: str, pool: Pool) -> None:
+    """The agent's fencing keeps sessions of leases in the newest lease's live
+    set and ends the others (docs/SECURITY.md "Lease fencing"): A live; B made
+    and released; C made while A lives -> C's set holds A and C, never B.
+    Leases are made through two Pools (two processes' caches)."""
+    await pool.add_agent(agent("a1"), [h100("a1", 0)])
+    a = await pool.reserve("va", Request(memory=GiB))
+    assert a.live == (a.token,) and (await pool.lease(a.id)).live == (a.token,)
+    async with await Pool.open(pool_url) as other:
+        b = await other.reserve("vb", Request(memory=GiB))
+        assert b.live == (a.token, b.token)
+        await other.cordon_agent("a1", False)  # an unrelated write in between
+    await pool.release(b.id)
+    c = await pool.reserve("vc", Request(memory=GiB))
+    assert c.live == (a.token, c.token) and b.token not in c.live
+    assert (await pool.lease(c.id)).live == c.live
+    await pool.add_agent(agent("a2"), [h100("a2", 0)])
+    w = await pool.reserve("vw", Request(whole=True, agent="a2"))
+    assert w.live == (w.token,)  # exclusive: alone on its device
+
+
 async def test_remove_agent_refuses_with_leases(pool: Pool) -> None:
     await pool.add_agent(agent("a1"), [h100("a1", 0)])
     lease = await pool.reserve("v1", Request(memory=GiB))

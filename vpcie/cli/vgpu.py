@@ -88,7 +88,8 @@ def _token_list(text: str) -> tuple[int, ...]:
     try:
         tokens = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of tokens") from None
+        msg = f"{text!r} is not a comma-separated list of tokens"
+        raise argparse.ArgumentTypeError(msg) from None
     if not tokens or tokens[0] < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: lease tokens are whole numbers from 1")
     return tokens

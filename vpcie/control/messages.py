@@ -160,9 +160,7 @@ def parse_request(line: bytes | str) -> Request:
 
 def _tokens(value: Any) -> tuple[int, ...]:
     """lease_live: a list of distinct tokens, sorted here (the wire wants them ascending)."""
-    if not isinstance(value, list) or not all(
-        type(t) is int and 0 < t < 1 << 64 for t in value
-    ):
+    if not isinstance(value, list) or not all(type(t) is int and 0 < t < 1 << 64 for t in value):
         raise ValueError(f"lease_live must be a list of lease tokens (1..2**64-1), not {value!r}")
     if len(set(value)) != len(value):
         raise ValueError(f"lease_live repeats a token: {value!r}")

@@ -152,20 +152,43 @@ class Lease(_Record):
     created: float = 0.0
     updated: float = 0.0
     previous: str = ""  # the vGPU's lease when this one was made (a migration's source)
+    # The tokens of the device's other leases live when this one was made: the
+    # agent's fencing (docs/SECURITY.md "Lease fencing") ends sessions of
+    # leases outside ``live`` and keeps those in it (shared devices).
+    others: tuple[int, ...] = ()
+
+    _tuples: ClassVar[tuple[str, ...]] = ("others",)
 
     @property
     def device(self) -> str:
         return f"{self.agent}/{self.gpu}"
 
+    @property
+    def live(self) -> tuple[int, ...]:
+        """What the backend presents with ``token``: ``others`` and itself, ascending."""
+        return tuple(sorted({*self.others, self.token}))
+
 
 @dataclass
 class Usage(_Record):
     """What is booked on one device: the ``/vpcie/usage/AGENT/GPU`` record every
-    reserve and release compares. ``leases`` maps lease id -> bytes booked."""
+    reserve and release compares. ``leases`` maps lease id -> bytes booked,
+    ``tokens`` lease id -> its token, 0 for the lease this very write created
+    (its token is the revision of the write, unknown until it commits:
+    ``resolve`` fills it in from the record's mod_revision)."""
 
     memory: int = 0
     exclusive: bool = False
     leases: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def resolve(self, mod_revision: int) -> Usage:
+        """Tokens left 0 by the write that made this record are that write's
+        revision (only the latest writer leaves one: every writer resolves first)."""
+        for lid, tok in self.tokens.items():
+            if not tok:
+                self.tokens[lid] = mod_revision
+        return self
 
     def free(self, total: int) -> int:
         return -1 if self.exclusive else total - self.memory

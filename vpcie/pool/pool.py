@@ -197,7 +197,10 @@ class Pool:
 
     async def usage(self) -> dict[str, Usage]:
         """Booked memory per device, keyed ``AGENT/ID``."""
-        return {i.key[len(USAGE) :]: Usage.loads(i.value) for i in await self.kv.range(USAGE)}
+        return {
+            i.key[len(USAGE) :]: Usage.loads(i.value).resolve(i.mod_revision)
+            for i in await self.kv.range(USAGE)
+        }
 
     async def vgpus(self) -> list[Vgpu]:
         return [Vgpu.loads(i.value) for i in await self.kv.range(VGPUS)]
@@ -332,8 +335,9 @@ class Pool:
             puts: list[tuple[str, bytes]] = []
             objs: dict[str, object] = {}
             if uitem is not None:
-                u = objs[ukey] = Usage.loads(uitem.value)
+                u = objs[ukey] = Usage.loads(uitem.value).resolve(uitem.mod_revision)
                 u.memory -= u.leases.pop(lease_id, 0)
+                u.tokens.pop(lease_id, None)
                 u.exclusive = u.exclusive and bool(u.leases)
                 puts.append((ukey, u.dumps()))
             v = Vgpu.loads(vitem.value) if vitem is not None else None
@@ -391,13 +395,18 @@ class Pool:
         memory = gpu.memory_total if req.exclusive else req.memory
         v = self._vgpus.get(vgpu) or Vgpu(vgpu)
         old = self._vgpus.get(vgpu) or Vgpu(vgpu)
+        u = self._fleet.usage.get(gpu.key, Usage())  # its tokens resolved (_apply)
         lease = Lease(
             secrets.token_hex(6), vgpu, gpu.agent, gpu.id, memory, req.exclusive, "reserved",
-            owner, 0, now, now, previous=old.lease,
+            owner, 0, now, now, previous=old.lease, others=tuple(sorted(u.tokens.values())),
         )  # fmt: skip
         ukey, gkey, akey, vkey = (USAGE + gpu.key, GPUS + gpu.key, AGENTS + gpu.agent, VGPUS + vgpu)
-        u = self._fleet.usage.get(gpu.key, Usage())
-        u = Usage(u.memory + memory, req.exclusive, {**u.leases, lease.id: memory})
+        u = Usage(
+            u.memory + memory,
+            req.exclusive,
+            {**u.leases, lease.id: memory},
+            {**u.tokens, lease.id: 0},  # 0: this write's revision (Usage.resolve)
+        )
         v = Vgpu(old.name, old.socket, old.domain, lease.id)
         compares = [Compare(k, _ver(self._items.get(k))) for k in (ukey, gkey, akey, vkey)]
         if self._fleet.agents[gpu.agent].registered:
@@ -457,7 +466,9 @@ class Pool:
         if key.startswith(GPUS):
             self._fleet.set_gpu(Gpu.loads(item.value))
         elif key.startswith(USAGE):
-            u = obj if isinstance(obj, Usage) else Usage.loads(item.value)
+            u = (obj if isinstance(obj, Usage) else Usage.loads(item.value)).resolve(
+                item.mod_revision
+            )
             self._fleet.set_usage(key[len(USAGE) :], u)
         elif key.startswith(AGENTS):
             self._fleet.set_agent(Agent.loads(item.value))
