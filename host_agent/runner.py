@@ -292,14 +292,18 @@ class BatchRun:
     def _copy_d2d(self, body: Body, s: int) -> None:
         ex = self.ex
         dst_h, src_h, dst_off, src_off, size = body
-        ex.copy_d2d(ex.check_range(dst_h, dst_off, size), ex.check_range(src_h, src_off, size), s)
+        dst = ex.check_range(dst_h, dst_off, size)
+        dst.buf.gen += 1  # write generation (live migration's pre-copy)
+        ex.copy_d2d(dst, ex.check_range(src_h, src_off, size), s)
 
     def _memset(self, body: Body, s: int) -> None:
         ex = self.ex
         handle, value, offset, size = body
         if value > 0xFF:
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"MEMSET value {value} is not a byte")
-        ex.memset(ex.check_range(handle, offset, size), value, s)
+        dst = ex.check_range(handle, offset, size)
+        dst.buf.gen += 1
+        ex.memset(dst, value, s)
 
     def _module_load(self, body: Body, s: int) -> int:
         kind, name, code = body
@@ -344,6 +348,7 @@ class BatchRun:
         isz = DTYPE_SIZE[dt]
         x = ex.check_range(x_h, x_off, n * isz, isz)
         y = ex.check_range(y_h, y_off, n * isz, isz)
+        y.buf.gen += 1
         ex.axpy(dt, alpha, x, y, s)
 
     def _reduce_sum(self, body: Body, s: int) -> int:
@@ -353,6 +358,8 @@ class BatchRun:
         isz = DTYPE_SIZE[dt]
         x = ex.check_range(x_h, x_off, n * isz, isz)
         out = ex.check_range(out_h, out_off, isz, isz) if out_h else None
+        if out is not None:
+            out.buf.gen += 1
         return f64_bits(ex.reduce_sum(dt, x, out, s))
 
     def _event_record(self, body: Body, s: int) -> None:
@@ -378,6 +385,9 @@ class BatchRun:
         if resource != 0:
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, "guest resources are not reachable here")
         region = self.ex.check_range(handle, dev_off, size)
+        # Counted even when the bytes landed before this record ran (direct):
+        # they land before it runs, never after, which is all pre-copy needs.
+        region.buf.gen += 1
         cmd = self._cmd
         pos = self._h2d_pos
         self._h2d_pos += size
@@ -415,6 +425,7 @@ class BatchRun:
         a = ex.check_range(a_h, a_off, m * k * isz, isz)
         b = ex.check_range(b_h, b_off, k * n * isz, isz)
         c = ex.check_range(c_h, c_off, m * n * isz, isz)
+        c.buf.gen += 1
         if m and n:
             ex.gemm(dt, bool(ta), bool(tb), m, n, k, alpha, beta, a, b, c, stream)
         return None
@@ -430,7 +441,9 @@ class BatchRun:
         checked: list[tuple[int, int, Region | None]] = []
         for kind, handle, value in args:
             if kind == ArgKind.PTR:
-                checked.append((kind, value, self.ex.check_range(handle, value, 0)))
+                region = self.ex.check_range(handle, value, 0)
+                region.buf.gen += 1  # a kernel may write any buffer it is given
+                checked.append((kind, value, region))
             elif kind in tuple(ArgKind):
                 checked.append((kind, value, None))
             else:

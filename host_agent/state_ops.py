@@ -41,7 +41,7 @@ def bitmap_events(bits: bytes) -> list[int]:
 def summary(ex: Executor, recorded: Iterable[int]) -> bytes:
     """STATE_SUMMARY of ``ex`` with the events ``recorded``; QUOTA_EXCEEDED when
     it would not fit a COMPLETION (tens of thousands of allocations)."""
-    bufs = [(h, b.size) for h, b in sorted(ex.buffers.items())]
+    bufs = [(h, b.size, b.gen) for h, b in sorted(ex.buffers.items())]
     mods = [(h, src.kind, src.name, len(src.code)) for h, src in sorted(ex.module_sources.items())]
     try:
         out = encode_payload(

@@ -29,7 +29,10 @@ def summary(nbuf: int, modules: list[tuple[int, int, str, int]]) -> bytes:
                 "mem_used": 4096 * nbuf,
                 "events_set": b"\x05\x80",
                 "nbuffers": nbuf,
-                "buffers": [{"handle": (3 << 24) | (i + 1), "size": 4096 + i} for i in range(nbuf)],
+                "buffers": [
+                    {"handle": (3 << 24) | (i + 1), "size": 4096 + i, "gen": (i + 1) << 32}
+                    for i in range(nbuf)
+                ],
                 "nmodules": len(modules),
                 "modules": [
                     {"handle": h, "kind": k, "name": n, "code_size": c} for h, k, n, c in modules

@@ -44,6 +44,7 @@ class SessionState:
     events_set: bytes
     buffers: tuple[tuple[int, int], ...]  # (handle, size)
     modules: tuple[ModuleInfo, ...]
+    gens: tuple[int, ...] = ()  # each buffer's write generation, as ``buffers``
 
     @classmethod
     def parse(cls, blob: bytes) -> SessionState:
@@ -62,6 +63,7 @@ class SessionState:
                 ModuleInfo(int(m.handle), int(m.kind), str(m.name), int(m.code_size))
                 for m in s.modules
             ),
+            tuple(int(b.gen) for b in s.buffers),
         )
 
     @property
