@@ -293,8 +293,10 @@ class BatchRun:
         ex = self.ex
         dst_h, src_h, dst_off, src_off, size = body
         dst = ex.check_range(dst_h, dst_off, size)
-        dst.buf.gen += 1  # write generation (live migration's pre-copy)
-        ex.copy_d2d(dst, ex.check_range(src_h, src_off, size), s)
+        try:
+            ex.copy_d2d(dst, ex.check_range(src_h, src_off, size), s)
+        finally:  # write generation: after the write (or its queueing), failed or not
+            dst.buf.gen += 1
 
     def _memset(self, body: Body, s: int) -> None:
         ex = self.ex
@@ -302,8 +304,10 @@ class BatchRun:
         if value > 0xFF:
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"MEMSET value {value} is not a byte")
         dst = ex.check_range(handle, offset, size)
-        dst.buf.gen += 1
-        ex.memset(dst, value, s)
+        try:
+            ex.memset(dst, value, s)
+        finally:
+            dst.buf.gen += 1
 
     def _module_load(self, body: Body, s: int) -> int:
         kind, name, code = body
@@ -316,10 +320,13 @@ class BatchRun:
 
     # -- session state (live migration; docs/PROTOCOL.md "Session state") --------
     def _state_export(self, body: Body, s: int) -> bytes:
-        # Every stream's device work done first (a GPU runs batches after their
-        # completion was sent): the contents copied next and the events are final.
+        # The gens first, then every stream's device work done (a GPU runs
+        # batches after their completion was sent): a write counted in these
+        # gens was queued before the sync, so it is in the contents copied
+        # next; one still running on another stream's lane counts after.
+        gens = state_ops.gens(self.ex)
         self.ex.sync(None)
-        return state_ops.summary(self.ex, self.gates.recorded())
+        return state_ops.summary(self.ex, self.gates.recorded(), gens)
 
     def _module_export(self, body: Body, s: int) -> bytes:
         return self.ex.module_code(body[0])
@@ -348,8 +355,10 @@ class BatchRun:
         isz = DTYPE_SIZE[dt]
         x = ex.check_range(x_h, x_off, n * isz, isz)
         y = ex.check_range(y_h, y_off, n * isz, isz)
-        y.buf.gen += 1
-        ex.axpy(dt, alpha, x, y, s)
+        try:
+            ex.axpy(dt, alpha, x, y, s)
+        finally:
+            y.buf.gen += 1
 
     def _reduce_sum(self, body: Body, s: int) -> int:
         ex = self.ex
@@ -358,9 +367,11 @@ class BatchRun:
         isz = DTYPE_SIZE[dt]
         x = ex.check_range(x_h, x_off, n * isz, isz)
         out = ex.check_range(out_h, out_off, isz, isz) if out_h else None
-        if out is not None:
-            out.buf.gen += 1
-        return f64_bits(ex.reduce_sum(dt, x, out, s))
+        try:
+            return f64_bits(ex.reduce_sum(dt, x, out, s))
+        finally:
+            if out is not None:
+                out.buf.gen += 1
 
     def _event_record(self, body: Body, s: int) -> None:
         self._check_event(body[0])
@@ -385,21 +396,24 @@ class BatchRun:
         if resource != 0:
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, "guest resources are not reachable here")
         region = self.ex.check_range(handle, dev_off, size)
-        # Counted even when the bytes landed before this record ran (direct):
-        # they land before it runs, never after, which is all pre-copy needs.
-        region.buf.gen += 1
         cmd = self._cmd
         pos = self._h2d_pos
         self._h2d_pos += size
-        if cmd.h2d_error is not None:
-            raise cmd.h2d_error
-        if cmd.direct or size == 0:
-            return None  # the DATA frames already landed in device memory
-        assert cmd.landing is not None
-        for view in cmd.landing.views(pos, size):
-            self.ex.copy_h2d(Region(region.buf, region.offset, len(view)), view, stream)
-            region = Region(region.buf, region.offset + len(view), region.size - len(view))
-        return None
+        buf = region.buf
+        try:
+            if cmd.h2d_error is not None:
+                raise cmd.h2d_error
+            if cmd.direct or size == 0:
+                return None  # the DATA frames already landed in device memory
+            assert cmd.landing is not None
+            for view in cmd.landing.views(pos, size):
+                self.ex.copy_h2d(Region(buf, region.offset, len(view)), view, stream)
+                region = Region(buf, region.offset + len(view), region.size - len(view))
+            return None
+        finally:
+            # Counted also when the bytes landed before this record ran
+            # (direct): they never land after it.
+            buf.gen += 1
 
     def _copy_d2h(self, body: Body, stream: int) -> None:
         handle, resource, dev_off, _host_off, size = body
@@ -425,9 +439,11 @@ class BatchRun:
         a = ex.check_range(a_h, a_off, m * k * isz, isz)
         b = ex.check_range(b_h, b_off, k * n * isz, isz)
         c = ex.check_range(c_h, c_off, m * n * isz, isz)
-        c.buf.gen += 1
-        if m and n:
-            ex.gemm(dt, bool(ta), bool(tb), m, n, k, alpha, beta, a, b, c, stream)
+        try:
+            if m and n:
+                ex.gemm(dt, bool(ta), bool(tb), m, n, k, alpha, beta, a, b, c, stream)
+        finally:
+            c.buf.gen += 1
         return None
 
     def _launch(self, body: Body, stream: int) -> None:
@@ -441,16 +457,19 @@ class BatchRun:
         checked: list[tuple[int, int, Region | None]] = []
         for kind, handle, value in args:
             if kind == ArgKind.PTR:
-                region = self.ex.check_range(handle, value, 0)
-                region.buf.gen += 1  # a kernel may write any buffer it is given
-                checked.append((kind, value, region))
+                checked.append((kind, value, self.ex.check_range(handle, value, 0)))
             elif kind in tuple(ArgKind):
                 checked.append((kind, value, None))
             else:
                 raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown argument kind {kind}")
         grid = (int(gx), int(gy), int(gz))  # type: ignore[call-overload]
         block = (int(bx), int(by), int(bz))  # type: ignore[call-overload]
-        self.ex.launch(module, kernel, grid, block, int(shared), checked, stream)  # type: ignore[call-overload]
+        try:
+            self.ex.launch(module, kernel, grid, block, int(shared), checked, stream)  # type: ignore[call-overload]
+        finally:
+            for _kind, _value, region in checked:  # a kernel may write any buffer it is given
+                if region is not None:
+                    region.buf.gen += 1
         return None
 
 

@@ -33,14 +33,14 @@ class LaunchingCpu(CpuExecutor):
         self.launched.append(args)
 
 
-def run(ex: CpuExecutor, *records: Record, h2d: bytes = b"") -> int:
+def run(ex: CpuExecutor, *records: Record, h2d: bytes = b"") -> bytes:
     cmd = Command(1, list(records), lane_of(list(records)), h2d_total=len(h2d))
     if h2d:
         cmd.landing = HostLanding([memoryview(bytearray(h2d))])
     br = BatchRun(ex, EventGates(), 0.2, lambda off, v, last: None)
-    status, _i, message, *_ = decode_payload("COMPLETION", br.run(cmd))
+    status, _i, message, _n, _res, blob = decode_payload("COMPLETION", br.run(cmd))
     assert status == ErrorCode.OK, message
-    return int(status)
+    return bytes(blob)
 
 
 @pytest.fixture
@@ -99,3 +99,19 @@ def test_a_new_allocation_never_repeats_an_earlier_gen(ex: LaunchingCpu) -> None
     assert new != old and new & 0xFFFFFFFF == 0
     run(ex, cmds.memset(h, 1, 0, 8))
     assert ex.buffers[h].gen != old
+
+
+def test_an_export_reads_the_gens_before_it_waits_for_the_device(ex: LaunchingCpu) -> None:
+    """A write that ends while STATE_EXPORT waits for the device (another
+    stream's lane) is not in the gens it answers: the next export shows it."""
+    (h,) = _alloc(ex, 1)
+    gen = ex.buffers[h].gen
+
+    def sync(stream: int | None) -> None:
+        ex.buffers[h].gen += 1  # that write's count lands during the wait
+
+    ex.sync = sync  # type: ignore[method-assign]
+    _e, _n, _u, _ev, _nb, bufs, *_ = decode_payload("STATE_SUMMARY", run(ex, cmds.state_export()))
+    assert bufs == [(h, 64, gen)]
+    _e, _n, _u, _ev, _nb, bufs, *_ = decode_payload("STATE_SUMMARY", run(ex, cmds.state_export()))
+    assert bufs == [(h, 64, gen + 1)]
