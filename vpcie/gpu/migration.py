@@ -117,7 +117,7 @@ async def migrate(
     device: MigratingDevice,
     target: AgentTarget,
     drain_timeout: float = DRAIN_TIMEOUT_S,
-    precopy_rounds: int = PRECOPY_ROUNDS,
+    precopy_rounds: int | None = None,  # None: PRECOPY_ROUNDS
 ) -> MigrationReport:
     binding, fwd = device.binding, device.forwarding
     source = binding.target
@@ -136,7 +136,8 @@ async def migrate(
     _pause_lanes(device)
     try:
         rounds, precopy_bytes = await asyncio.wait_for(
-            _precopy(device, movers, opened, moves, precopy_rounds), drain_timeout
+            _precopy(device, movers, opened, moves, precopy_rounds or PRECOPY_ROUNDS),
+            drain_timeout,
         )
     except TimeoutError:
         # A guest batch ahead of the copies on stream 0 that does not end
