@@ -82,6 +82,11 @@ T = TypeVar("T")
 
 DRAIN_TIMEOUT_S = 30.0  # vpcie-backend --migrate-drain-timeout
 COPY_DEPTH = 8  # copy pieces in flight (each one D2H then one H2D)
+# While the guest runs, its completions come from the source behind the
+# copies' data on the same connection: fewer, smaller pieces in flight keep
+# that queue short (about 4 MiB), for a somewhat slower pre-copy.
+PRECOPY_DEPTH = 4
+PRECOPY_CHUNK = 1 << 20
 OPEN_TIMEOUT_S = 10.0  # opening the target sessions (as a bind's probe)
 DRAIN_POLL_S = 0.0005
 PRECOPY_ROUNDS = 3  # most rounds copied while the guest runs
@@ -349,7 +354,10 @@ async def _bring(
     for batch in target_batches(plan, codes):
         await _call(dst, batch, source=False)
     gone: set[int] | None = set() if running else None
-    await _copy(src, dst, copy_chunks(plan.copy), gone)
+    if running:
+        await _copy(src, dst, copy_chunks(plan.copy, PRECOPY_CHUNK), gone, PRECOPY_DEPTH)
+    else:
+        await _copy(src, dst, copy_chunks(plan.copy))
     copied.update(state)
     for h in gone or ():
         copied.forget(h)
@@ -450,14 +458,15 @@ async def _copy(
     dst: Session,
     chunks: list[tuple[int, int, int]],
     gone: set[int] | None = None,
+    depth: int = COPY_DEPTH,
 ) -> None:
-    """Every piece read from ``src`` and written to ``dst``, COPY_DEPTH in
+    """Every piece read from ``src`` and written to ``dst``, ``depth`` in
     flight, so reading piece n+1 overlaps writing piece n. With ``gone``
     (the guest runs meanwhile): a buffer the source no longer has is added
     to it instead of failing the copy."""
     if not chunks:
         return
-    depth = max(1, min(COPY_DEPTH, _window(src), _window(dst)))
+    depth = max(1, min(depth, _window(src), _window(dst)))
     gate = asyncio.Semaphore(depth)
     # One buffer per piece in flight, reused: no 4 MiB allocation per piece.
     spare = [
