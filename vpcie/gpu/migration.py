@@ -10,8 +10,8 @@ device state, while the guest keeps submitting (GpuDevice.migrate).
            on the target, every buffer's contents COPY_D2H source ->
            COPY_H2D target: ordinary batches on the same sessions as the
            guest's (stream 0). Another round recopies the buffers whose
-           write generation moved meanwhile, while that set shrinks (at most
-           ``PRECOPY_ROUNDS`` rounds; bounded by ``drain_timeout`` too).
+           write generation moved meanwhile, while that set at least halves
+           (at most ``PRECOPY_ROUNDS`` rounds; bounded by ``drain_timeout``).
 3. hold    new batches queue in the backend (the guest still gets its virtio
            answers).
 4. drain   wait until the source sessions have nothing in flight (bounded:
@@ -46,7 +46,7 @@ gone: the contexts end with DEVICE_LOST as on any loss, and the vGPU is
 bound to the target empty (``state_lost``). A target that fails aborts: the
 target sessions close and the work resumes on the source, unchanged. A
 workload that rewrites all its memory all the time leaves everything dirty:
-the pre-copy stops after a round that did not shrink the dirty set and the
+the pre-copy stops after a round that did not halve the dirty set and the
 hold copies it all (the stop-and-copy stun).
 """
 
@@ -303,8 +303,10 @@ async def _precopy(
         moved = sum(await _all([_round(device, c, opened[c.ctx_id], moves) for c in live]))
         rounds += 1
         copied += moved
-        # Another round only while the dirty set shrinks and is worth it.
-        if moved <= PRECOPY_SMALL or (last >= 0 and moved >= last):
+        # Another round only while the dirty set at least halves each round
+        # and is worth it: a workload rewriting most of its memory as fast
+        # as it is copied gains nothing from more rounds.
+        if moved <= PRECOPY_SMALL or (last >= 0 and 2 * moved > last):
             break
         last = moved
     return rounds, copied
