@@ -367,6 +367,32 @@ async def test_drain_over_its_limit_aborts_and_work_goes_on(
         await until(lambda: not children(dst.proc.pid), 10, "the target's sessions stay open")
 
 
+async def test_precopy_held_up_over_the_limit_aborts_and_work_goes_on(
+    tmp_path: Path, agent_factory: Any
+) -> None:
+    """The pre-copy's batches run on stream 0 in the guest's order: behind a
+    guest batch that does not end they wait, bounded by the drain limit."""
+    src, dst = agent_factory("--name", "src"), agent_factory("--name", "dst")
+    async with rig(tmp_path) as r:
+        r.device.migrate_drain_timeout = 0.5
+        assert (await r.bind(src))["ok"]
+        ctx = await r.gpu.open()
+        state = await fill(ctx)
+        blocked = await ctx.start([rec(Opcode.EVENT_WAIT, 77)])  # stream 0
+        await until(lambda: held(r.device, ctx), 5, "the batch never went to the agent")
+        refused = await migrate(r, dst)
+        assert not refused["ok"], refused
+        assert "the pre-copy did not finish in 0.5 s" in str(refused["error"])
+        assert not r.device.forwarding.holding and not r.device.lanes.paused
+        assert (await ctx.run([rec(Opcode.EVENT_RECORD, 77, stream=1)], stream=1)).status == (
+            ErrorCode.OK
+        )
+        assert (await ctx.wait(0, blocked, timeout=5)).status == ErrorCode.OK
+        await check_contents(ctx, state)
+        assert await agent_name(ctx) == "src"
+        await until(lambda: not children(dst.proc.pid), 10, "the target's sessions stay open")
+
+
 async def test_source_killed_before_migrate(tmp_path: Path, agent_factory: Any) -> None:
     src, dst = agent_factory("--name", "src"), agent_factory("--name", "dst")
     async with rig(tmp_path) as r:
