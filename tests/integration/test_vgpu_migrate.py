@@ -254,7 +254,7 @@ async def test_precopy_moves_what_the_guest_changed_meanwhile_in_the_stun(
     is gone there too, the rest is the pre-copied bytes."""
     monkeypatch.setattr(migration, "PRECOPY_ROUNDS", 1)
     copied, go = asyncio.Event(), asyncio.Event()
-    real_copy = migration._copy
+    real_copy = migration.copy_pieces
 
     async def copy_then_wait(*args: Any) -> None:
         await real_copy(*args)
@@ -262,7 +262,7 @@ async def test_precopy_moves_what_the_guest_changed_meanwhile_in_the_stun(
             copied.set()
             await go.wait()
 
-    monkeypatch.setattr(migration, "_copy", copy_then_wait)
+    monkeypatch.setattr(migration, "copy_pieces", copy_then_wait)
     src, dst = agent_factory("--name", "src"), agent_factory("--name", "dst")
     sizes = ((2 << 20) + 5, 3 << 20, 1 << 20, 5 * 4096 + 7)
     async with rig(tmp_path, lane=lane) as r:

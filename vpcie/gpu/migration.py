@@ -55,14 +55,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
-from typing import Any, NoReturn, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import Any, NoReturn, Protocol
 
 from vpcie.errors import ErrorCode, VgpuError
 from vpcie.gpu.binding import AgentTarget, Binding, Session, info_bytes
 from vpcie.gpu.context import Context
 from vpcie.gpu.forwarding import Forwarding
 from vpcie.gpu.lanes import Lanes
+from vpcie.gpu.migration_calls import (
+    Abort,
+    SourceLost,
+    call,
+    copy_pieces,
+    side_by_side,
+)
 from vpcie.gpu.migration_plan import (
     Copied,
     MigrationReport,
@@ -73,15 +80,12 @@ from vpcie.gpu.migration_plan import (
     restore_record,
     target_batches,
 )
-from vpcie.protocol.batch import Record, encode_batch, rec
+from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import Opcode
-from vpcie.tunnel import commands as cmds
 
 log = logging.getLogger("vpcie.gpu.device")
-T = TypeVar("T")
 
 DRAIN_TIMEOUT_S = 30.0  # vpcie-backend --migrate-drain-timeout
-COPY_DEPTH = 8  # copy pieces in flight (each one D2H then one H2D)
 # While the guest runs, its completions come from the source behind the
 # copies' data on the same connection: fewer, smaller pieces in flight keep
 # that queue short (about 4 MiB), for a somewhat slower pre-copy.
@@ -104,18 +108,6 @@ class MigratingDevice(Protocol):
     bound_info: bytes
 
     def background(self, coro: Any) -> None: ...
-
-
-class SourceLost(Exception):
-    """The source cannot give its state: it is gone."""
-
-
-class Abort(Exception):
-    """The migration stops; the vGPU stays on the source (one-line reason)."""
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.DEVICE_LOST) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 async def migrate(
@@ -169,7 +161,9 @@ async def migrate(
             t_copy = time.monotonic()
             live = [c for c in movers.values() if device.contexts.get(c.ctx_id) is c]
             # Contexts move side by side: each has its own pair of sessions.
-            done = await _all([_final(c, opened[c.ctx_id], moves.get(c.ctx_id)) for c in live])
+            done = await side_by_side(
+                [_final(c, opened[c.ctx_id], moves.get(c.ctx_id)) for c in live]
+            )
             state_bytes = sum(total for total, _stun in done)
             stun_bytes = sum(stun for _total, stun in done)
             copy_ms = (time.monotonic() - t_copy) * 1e3
@@ -300,7 +294,7 @@ async def _precopy(
     last = -1
     while rounds < max_rounds:
         live = [c for c in movers.values() if device.contexts.get(c.ctx_id) is c]
-        moved = sum(await _all([_round(device, c, opened[c.ctx_id], moves) for c in live]))
+        moved = sum(await side_by_side([_round(device, c, opened[c.ctx_id], moves) for c in live]))
         rounds += 1
         copied += moved
         # Another round only while the dirty set at least halves each round
@@ -343,7 +337,7 @@ async def _bring(
     ``running``: the guest runs meanwhile, so a buffer may go between the
     export and its copy; it is marked unknown (the next round frees it on
     the target, or copies it if it is there again)."""
-    comp = await _call(src, [rec(Opcode.STATE_EXPORT)], source=True)
+    comp = await call(src, [rec(Opcode.STATE_EXPORT)], source=True)
     try:
         state = SessionState.parse(comp.blob)
     except ValueError as exc:
@@ -351,15 +345,15 @@ async def _bring(
     plan = plan_round(state, copied)
     codes: dict[int, bytes] = {}
     for m in plan.module_load:
-        done = await _call(src, [rec(Opcode.MODULE_EXPORT, m.handle)], source=True)
+        done = await call(src, [rec(Opcode.MODULE_EXPORT, m.handle)], source=True)
         codes[m.handle] = bytes(done.blob)
     for batch in target_batches(plan, codes):
-        await _call(dst, batch, source=False)
+        await call(dst, batch, source=False)
     gone: set[int] | None = set() if running else None
     if running:
-        await _copy(src, dst, copy_chunks(plan.copy, PRECOPY_CHUNK), gone, PRECOPY_DEPTH)
+        await copy_pieces(src, dst, copy_chunks(plan.copy, PRECOPY_CHUNK), gone, PRECOPY_DEPTH)
     else:
-        await _copy(src, dst, copy_chunks(plan.copy))
+        await copy_pieces(src, dst, copy_chunks(plan.copy))
     copied.update(state)
     for h in gone or ():
         copied.forget(h)
@@ -408,34 +402,6 @@ async def _drain(
         await asyncio.sleep(DRAIN_POLL_S)
 
 
-# -- copies -----------------------------------------------------------------------
-async def _call(
-    session: Session,
-    records: list[Record],
-    *,
-    source: bool,
-    h2d: Sequence[Any] = (),
-    d2h: Sequence[Any] = (),
-) -> Any:
-    """One batch on a session, its Completion; a failure raises SourceLost
-    (the source is gone) or Abort (anything else)."""
-    side = "source" if source else "target"
-    try:
-        data = encode_batch(records)
-        h2d_n, d2h_n = cmds.copy_stream_sizes(records)
-        comp = await session.send_encoded(data, h2d_n, d2h_n, h2d=h2d, d2h=d2h)
-        code = ErrorCode(int(comp.status))
-        message = comp.message
-    except VgpuError as exc:
-        code, message = exc.code, exc.message
-    if code == ErrorCode.OK:
-        return comp
-    if source and code == ErrorCode.DEVICE_LOST:
-        raise SourceLost(message or "the source session was lost")
-    op = Opcode(records[0].opcode).name if records else "?"
-    raise Abort(f"{side} agent refused {op}: {code.name} {message}".rstrip(), code)
-
-
 async def _final(ctx: Context, dst: Session, move: _Move | None) -> tuple[int, int]:
     """Under the hold: what changed since the pre-copy moves, then
     SESSION_RESTORE; (the state's bytes, the bytes copied now)."""
@@ -446,70 +412,9 @@ async def _final(ctx: Context, dst: Session, move: _Move | None) -> tuple[int, i
         raise Abort(f"context {ctx.ctx_id} got a new session during the migration")
     copied = move.copied if move is not None else Copied()  # none yet: all of it
     state, plan = await _bring(src, dst, copied, running=False)
-    await _call(dst, [restore_record(state)], source=False)
+    await call(dst, [restore_record(state)], source=False)
     modules = sum(m.code_size for m in state.modules)
     return state.buffer_bytes + modules, plan.copy_bytes
-
-
-# A buffer the guest freed between the export and its copy (pre-copy only).
-_GONE = frozenset({ErrorCode.INVALID_HANDLE, ErrorCode.STALE_HANDLE, ErrorCode.OUT_OF_RANGE})
-
-
-async def _copy(
-    src: Session,
-    dst: Session,
-    chunks: list[tuple[int, int, int]],
-    gone: set[int] | None = None,
-    depth: int = COPY_DEPTH,
-) -> None:
-    """Every piece read from ``src`` and written to ``dst``, ``depth`` in
-    flight, so reading piece n+1 overlaps writing piece n. With ``gone``
-    (the guest runs meanwhile): a buffer the source no longer has is added
-    to it instead of failing the copy."""
-    if not chunks:
-        return
-    depth = max(1, min(depth, _window(src), _window(dst)))
-    gate = asyncio.Semaphore(depth)
-    # One buffer per piece in flight, reused: no 4 MiB allocation per piece.
-    spare = [
-        bytearray(max(size for _h, _o, size in chunks)) for _ in range(min(depth, len(chunks)))
-    ]
-
-    async def one(handle: int, off: int, size: int) -> None:
-        async with gate:
-            buf = spare.pop()
-            try:
-                view = memoryview(buf)[:size]
-                try:
-                    await _call(src, [cmds.copy_d2h(handle, off, size)], source=True, d2h=[view])
-                except Abort as exc:
-                    if gone is None or exc.code not in _GONE:
-                        raise
-                    gone.add(handle)
-                    return
-                await _call(dst, [cmds.copy_h2d(handle, off, size)], source=False, h2d=[view])
-            finally:
-                spare.append(buf)
-
-    await _all([one(*c) for c in chunks])
-
-
-async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run ``coros`` together; the first to fail cancels the rest and its
-    exception is raised (not an ExceptionGroup: the callers tell SourceLost
-    from Abort)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def _window(session: Session) -> int:
-    return max(1, int(getattr(session.info, "max_inflight", 0) or 1))
 
 
 # -- 6. switch --------------------------------------------------------------------
