@@ -8,6 +8,11 @@ before calling the executor, which checks handles and ranges.
 The EVENT_WAIT gate lives here (``EventGates``): a wait on an event that no
 EVENT_RECORD has reached yet holds its stream, host side, until one does or
 ``event_wait_timeout`` passes (TIMEOUT).
+
+Every record that may write a buffer adds 1 to its write generation
+(``Buffer.gen``) once the write is done or queued, failed or not: live
+migration's pre-copy recopies exactly the buffers whose gen moved
+(docs/PROTOCOL.md "Session state"). That add is the whole per-record cost.
 """
 
 from __future__ import annotations

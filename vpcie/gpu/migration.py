@@ -294,6 +294,8 @@ async def _precopy(
     last = -1
     while rounds < max_rounds:
         live = [c for c in movers.values() if device.contexts.get(c.ctx_id) is c]
+        if not live:
+            break
         moved = sum(await side_by_side([_round(device, c, opened[c.ctx_id], moves) for c in live]))
         rounds += 1
         copied += moved
