@@ -243,22 +243,28 @@ async def write_random(ctx: GuestContext, handle: int, n: int, seed: int) -> byt
 
 
 @pytest.mark.parametrize("lane", PATHS)
+@pytest.mark.parametrize("when", ["after", "before"])
 async def test_precopy_moves_what_the_guest_changed_meanwhile_in_the_stun(
-    tmp_path: Path, agent_factory: Any, lane: bool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, agent_factory: Any, lane: bool, when: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Pre-copy, one round: every buffer is copied while the guest runs; then
-    (the test holds the pre-copy there) the guest rewrites one buffer, frees
-    one and makes a new one. The hold copies exactly the rewritten and the
-    new one: their bytes on the target are the new ones (a write that the
-    write generation missed would leave the pre-copied bytes), the freed one
-    is gone there too, the rest is the pre-copied bytes."""
+    """Pre-copy, one round: every buffer is copied while the guest runs; the
+    test holds the pre-copy ``after`` its copy (or ``before`` it, past the
+    export) while the guest rewrites one buffer, frees one and makes a new
+    one. The hold copies exactly the rewritten and the new one: their bytes
+    on the target are the new ones (a write that the write generation missed
+    would leave the pre-copied bytes), the freed one is gone there too
+    (``before``: its copy finds it gone), the rest is the pre-copied bytes."""
     monkeypatch.setattr(migration, "PRECOPY_ROUNDS", 1)
     copied, go = asyncio.Event(), asyncio.Event()
     real_copy = migration.copy_pieces
 
     async def copy_then_wait(*args: Any) -> None:
+        precopy = len(args) > 3 and args[3] is not None  # a pre-copy round (the guest runs)
+        if precopy and when == "before":
+            copied.set()
+            await go.wait()
         await real_copy(*args)
-        if len(args) > 3 and args[3] is not None:  # a pre-copy round (the guest runs)
+        if precopy and when == "after":
             copied.set()
             await go.wait()
 
@@ -296,7 +302,8 @@ async def test_precopy_moves_what_the_guest_changed_meanwhile_in_the_stun(
         bo = await ctx.create_bo(16)
         gone = await ctx.run([rec(Opcode.COPY_D2H, freed, bo.resource_id, 0, 0, 16)])
         assert gone.status == ErrorCode.INVALID_HANDLE, gone
-        assert report["rounds"] == 1 and report["precopy_bytes"] == sum(sizes)
+        precopied = sum(sizes) - (sizes[2] if when == "before" else 0)
+        assert report["rounds"] == 1 and report["precopy_bytes"] == precopied
         assert report["stun_bytes"] == sizes[1] + 300_001
         assert report["state_bytes"] == sum(sizes) - sizes[2] + 300_001 > report["stun_bytes"]
 

@@ -73,7 +73,6 @@ from vpcie.gpu.migration_calls import (
 from vpcie.gpu.migration_plan import (
     Copied,
     MigrationReport,
-    RoundPlan,
     SessionState,
     copy_chunks,
     plan_round,
@@ -322,20 +321,21 @@ async def _round(
     elif move.src is not src:
         raise Abort(f"context {ctx.ctx_id} got a new session during the migration")
     try:
-        _state, plan = await _bring(src, dst, move.copied, running=True)
+        _state, moved = await _bring(src, dst, move.copied, running=True)
     except (SourceLost, Abort):
         if device.contexts.get(ctx.ctx_id) is not ctx:
             moves.pop(ctx.ctx_id, None)
             return 0
         raise
-    return plan.copy_bytes
+    return moved
 
 
 async def _bring(
     src: Session, dst: Session, copied: Copied, *, running: bool
-) -> tuple[SessionState, RoundPlan]:
+) -> tuple[SessionState, int]:
     """Export the source, make the target match it as ``copied`` says it is
-    (frees, modules, allocations, contents) and record that in ``copied``.
+    (frees, modules, allocations, contents) and record that in ``copied``;
+    the state and the bytes copied.
     ``running``: the guest runs meanwhile, so a buffer may go between the
     export and its copy; it is marked unknown (the next round frees it on
     the target, or copies it if it is there again)."""
@@ -359,7 +359,8 @@ async def _bring(
     copied.update(state)
     for h in gone or ():
         copied.forget(h)
-    return state, plan
+    sizes = dict(state.buffers)
+    return state, plan.copy_bytes - sum(sizes[h] for h in gone or ())
 
 
 # -- 3. hold, 4. drain ------------------------------------------------------------
@@ -413,10 +414,10 @@ async def _final(ctx: Context, dst: Session, move: _Move | None) -> tuple[int, i
     if move is not None and move.src is not src:
         raise Abort(f"context {ctx.ctx_id} got a new session during the migration")
     copied = move.copied if move is not None else Copied()  # none yet: all of it
-    state, plan = await _bring(src, dst, copied, running=False)
+    state, moved = await _bring(src, dst, copied, running=False)
     await call(dst, [restore_record(state)], source=False)
     modules = sum(m.code_size for m in state.modules)
-    return state.buffer_bytes + modules, plan.copy_bytes
+    return state.buffer_bytes + modules, moved
 
 
 # -- 6. switch --------------------------------------------------------------------
