@@ -4,15 +4,19 @@ One run, on loopback (docs/BENCHMARKS.md "migrate"): two ``vpcie-agent``
 subprocesses (CPU executor, PSK), a ``vpcie-backend`` subprocess bound to the
 first, and in this process the harness playing QEMU + the guest driver
 (VhostUserFrontend + GuestGpu). The guest's context holds STATE_MiB of
-device memory (random contents) and runs a workload: a MEMSET + SIGNAL batch
-after batch, two outstanding, each completion's time taken from the fence
-page. Then ``migrate`` on the control socket, ROUNDS times (there and back).
+device memory (random contents) and runs a workload: a MEMSET batch after
+batch, two outstanding, each completion's time taken from the fence page. The
+workload's dirty set is one 4 KiB scratch buffer; with ``--dirty-all`` each
+batch rewrites a whole 32 MiB piece of the state in turn (all of it,
+continuously: the case pre-copy cannot help, reported separately). Then
+``migrate`` on the control socket, ROUNDS times (there and back).
 
 Per round:
   stun_ms        guest-side: last batch done before the migration -> first
                  batch done after it (the longest gap between completions)
   report_stun_ms the backend's own (hold start -> release), copy_ms within it
-  state_MiB      what moved
+  state_MiB      what moved; precopy_MiB of it copied while the guest ran
+                 (precopy_ms, in ``rounds`` rounds), stun_MiB during the hold
 and once per run copy_MBps: the tunnel's own one-way copy rate (a
 TunnelClient in this process, COPY_H2D and COPY_D2H of 64 MiB on the first
 agent, the slower of the two, best of 3), the rate a migration's pipeline
@@ -24,7 +28,7 @@ processes share its CPUs, and this is the ceiling there.
 
 Target: stun_ms <= 100 ms + state / (0.8 x copy_MBps).
 
-    .venv/bin/python benchmarks/migrate.py [--quick] [--json]
+    .venv/bin/python benchmarks/migrate.py [--quick] [--dirty-all] [--json]
 """
 
 from __future__ import annotations
@@ -180,19 +184,22 @@ async def verify(ctx: GuestContext, handles: list[int], digests: list[bytes], st
 
 @dataclass
 class Workload:
+    """MEMSET batches, two outstanding, each on the next of ``targets``
+    (handle, bytes): the scratch buffer, or every piece of the state."""
+
     ctx: GuestContext
-    scratch: int
+    targets: list[tuple[int, int]]
     times: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stop: bool = False
 
     async def run(self) -> None:
         outstanding: list[int] = []
+        turn = itertools.cycle(self.targets)
         while not self.stop or outstanding:
             if not self.stop and len(outstanding) < 2:
-                outstanding.append(
-                    await self.ctx.start([rec(Opcode.MEMSET, self.scratch, 1, 0, 4096)])
-                )
+                h, n = next(turn)
+                outstanding.append(await self.ctx.start([rec(Opcode.MEMSET, h, 1, 0, n)]))
                 continue
             seq = outstanding.pop(0)
             reply = await self.ctx.wait(0, seq, timeout=120)
@@ -262,7 +269,7 @@ async def relay_MBps(agents: list[str], psk: bytes, reps: int) -> float:
     return best
 
 
-async def run(quick: bool) -> dict[str, Any]:
+async def run(quick: bool, dirty_all: bool = False) -> dict[str, Any]:
     state = (32 if quick else 256) << 20
     rounds = 3
     with processes() as procs:
@@ -286,7 +293,9 @@ async def run(quick: bool) -> dict[str, Any]:
             ctx = await gpu.open("bench")
             handles, digests = await fill(ctx, state)
             scratch = (await ctx.run([rec(Opcode.MEM_ALLOC, 4096, 0)])).value(0)
-            w = Workload(ctx, scratch)
+            pieces = [(h, min(PIECE, state - k * PIECE)) for k, h in enumerate(handles)]
+            targets = pieces if dirty_all else [(scratch, 4096)]
+            w = Workload(ctx, targets)
             task = asyncio.create_task(w.run())
             try:
                 for r in range(rounds):
@@ -310,6 +319,10 @@ async def run(quick: bool) -> dict[str, Any]:
                             "copy_ms": rep["copy_ms"],
                             "control_ms": (t1 - t0) * 1e3,
                             "state_MiB": rep["state_bytes"] / (1 << 20),
+                            "precopy_MiB": rep["precopy_bytes"] / (1 << 20),
+                            "precopy_ms": rep["precopy_ms"],
+                            "stun_MiB": rep["stun_bytes"] / (1 << 20),
+                            "precopy_rounds": rep["rounds"],
                         }
                     )
             finally:
@@ -317,7 +330,8 @@ async def run(quick: bool) -> dict[str, Any]:
                 await asyncio.wait_for(task, 120)
             if w.errors:
                 raise SystemExit(f"migrate: the workload saw errors: {w.errors[:3]}")
-            await verify(ctx, handles, digests, state)
+            if not dirty_all:  # (--dirty-all rewrote the state: nothing to compare)
+                await verify(ctx, handles, digests, state)
     state_mib = state / (1 << 20)
     target_ms = 100 + state / 1e6 / (0.8 * copy_MBps) * 1e3
     stuns = [x["stun_ms"] for x in results]
@@ -327,7 +341,15 @@ async def run(quick: bool) -> dict[str, Any]:
         "tunnel_h2d_MBps": copy["h2d"],
         "tunnel_d2h_MBps": copy["d2h"],
         "relay_MBps": relay,
-        "migrate_copy_MBps": [state / 1e3 / x["copy_ms"] for x in results],
+        "dirty_all": dirty_all,
+        "dirty_set_bytes": sum(n for _h, n in targets),
+        # The stun's copy rate (what it moved / its copy time) and the pre-copy's.
+        "migrate_copy_MBps": [
+            x["stun_MiB"] * (1 << 20) / 1e3 / x["copy_ms"] for x in results if x["stun_MiB"] > 1
+        ],
+        "precopy_MBps": [
+            x["precopy_MiB"] * (1 << 20) / 1e3 / x["precopy_ms"] for x in results if x["precopy_ms"]
+        ],
         "rounds": results,
         "stun_ms_median": median(stuns),
         "stun_ms_min": min(stuns),
@@ -340,21 +362,37 @@ async def run(quick: bool) -> dict[str, Any]:
 
 
 def main() -> int:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    result = asyncio.run(run(args.quick))
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument(
+        "--dirty-all", action="store_true", help="the workload rewrites all its memory continuously"
+    )
+    args = ap.parse_args()
+    result = asyncio.run(run(args.quick, args.dirty_all))
     say(
         f"state {result['state_MiB']:.0f} MiB; tunnel copy {result['tunnel_h2d_MBps']:.0f} MB/s "
         f"H2D, {result['tunnel_d2h_MBps']:.0f} MB/s D2H (copy_MBps = the slower); "
-        f"relay agent -> this process -> agent {result['relay_MBps']:.0f} MB/s"
+        f"relay agent -> this process -> agent {result['relay_MBps']:.0f} MB/s; "
+        f"the workload's dirty set {result['dirty_set_bytes'] / (1 << 20):.3f} MiB"
+        + (" (--dirty-all: all of it, continuously)" if result["dirty_all"] else "")
     )
     table(
         [
-            [r["to"], r["stun_ms"], r["report_stun_ms"], r["copy_ms"], r["state_MiB"]]
+            [
+                r["to"], r["stun_ms"], r["report_stun_ms"], r["copy_ms"], r["stun_MiB"],
+                r["state_MiB"], r["precopy_MiB"], r["precopy_ms"], r["precopy_rounds"],
+            ]
             for r in result["rounds"]
         ],
-        ["migrate to", "stun ms (guest)", "stun ms (backend)", "copy ms", "MiB"],
-    )
-    say("migration copy MB/s: " + ", ".join(f"{x:.0f}" for x in result["migrate_copy_MBps"]))
+        [
+            "migrate to", "stun ms (guest)", "stun ms (backend)", "stun copy ms", "stun MiB",
+            "state MiB", "pre-copied MiB", "pre-copy ms", "rounds",
+        ],
+    )  # fmt: skip
+    say(
+        "pre-copy MB/s: " + ", ".join(f"{x:.0f}" for x in result["precopy_MBps"])
+        + "; stun copy MB/s: "
+        + (", ".join(f"{x:.0f}" for x in result["migrate_copy_MBps"]) or "- (under 1 MiB)")
+    )  # fmt: skip
     say(
         f"stun {result['stun_ms_min']:.0f} / {result['stun_ms_median']:.0f} / "
         f"{result['stun_ms_max']:.0f} ms (min/median/max); target <= "

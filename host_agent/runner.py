@@ -8,6 +8,11 @@ before calling the executor, which checks handles and ranges.
 The EVENT_WAIT gate lives here (``EventGates``): a wait on an event that no
 EVENT_RECORD has reached yet holds its stream, host side, until one does or
 ``event_wait_timeout`` passes (TIMEOUT).
+
+Every record that may write a buffer adds 1 to its write generation
+(``Buffer.gen``) once the write is done or queued, failed or not: live
+migration's pre-copy recopies exactly the buffers whose gen moved
+(docs/PROTOCOL.md "Session state"). That add is the whole per-record cost.
 """
 
 from __future__ import annotations
@@ -292,14 +297,22 @@ class BatchRun:
     def _copy_d2d(self, body: Body, s: int) -> None:
         ex = self.ex
         dst_h, src_h, dst_off, src_off, size = body
-        ex.copy_d2d(ex.check_range(dst_h, dst_off, size), ex.check_range(src_h, src_off, size), s)
+        dst = ex.check_range(dst_h, dst_off, size)
+        try:
+            ex.copy_d2d(dst, ex.check_range(src_h, src_off, size), s)
+        finally:  # write generation: after the write (or its queueing), failed or not
+            dst.buf.gen += 1
 
     def _memset(self, body: Body, s: int) -> None:
         ex = self.ex
         handle, value, offset, size = body
         if value > 0xFF:
             raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"MEMSET value {value} is not a byte")
-        ex.memset(ex.check_range(handle, offset, size), value, s)
+        dst = ex.check_range(handle, offset, size)
+        try:
+            ex.memset(dst, value, s)
+        finally:
+            dst.buf.gen += 1
 
     def _module_load(self, body: Body, s: int) -> int:
         kind, name, code = body
@@ -312,10 +325,13 @@ class BatchRun:
 
     # -- session state (live migration; docs/PROTOCOL.md "Session state") --------
     def _state_export(self, body: Body, s: int) -> bytes:
-        # Every stream's device work done first (a GPU runs batches after their
-        # completion was sent): the contents copied next and the events are final.
+        # The gens first, then every stream's device work done (a GPU runs
+        # batches after their completion was sent): a write counted in these
+        # gens was queued before the sync, so it is in the contents copied
+        # next; one still running on another stream's lane counts after.
+        gens = state_ops.gens(self.ex)
         self.ex.sync(None)
-        return state_ops.summary(self.ex, self.gates.recorded())
+        return state_ops.summary(self.ex, self.gates.recorded(), gens)
 
     def _module_export(self, body: Body, s: int) -> bytes:
         return self.ex.module_code(body[0])
@@ -344,7 +360,10 @@ class BatchRun:
         isz = DTYPE_SIZE[dt]
         x = ex.check_range(x_h, x_off, n * isz, isz)
         y = ex.check_range(y_h, y_off, n * isz, isz)
-        ex.axpy(dt, alpha, x, y, s)
+        try:
+            ex.axpy(dt, alpha, x, y, s)
+        finally:
+            y.buf.gen += 1
 
     def _reduce_sum(self, body: Body, s: int) -> int:
         ex = self.ex
@@ -353,7 +372,11 @@ class BatchRun:
         isz = DTYPE_SIZE[dt]
         x = ex.check_range(x_h, x_off, n * isz, isz)
         out = ex.check_range(out_h, out_off, isz, isz) if out_h else None
-        return f64_bits(ex.reduce_sum(dt, x, out, s))
+        try:
+            return f64_bits(ex.reduce_sum(dt, x, out, s))
+        finally:
+            if out is not None:
+                out.buf.gen += 1
 
     def _event_record(self, body: Body, s: int) -> None:
         self._check_event(body[0])
@@ -381,15 +404,21 @@ class BatchRun:
         cmd = self._cmd
         pos = self._h2d_pos
         self._h2d_pos += size
-        if cmd.h2d_error is not None:
-            raise cmd.h2d_error
-        if cmd.direct or size == 0:
-            return None  # the DATA frames already landed in device memory
-        assert cmd.landing is not None
-        for view in cmd.landing.views(pos, size):
-            self.ex.copy_h2d(Region(region.buf, region.offset, len(view)), view, stream)
-            region = Region(region.buf, region.offset + len(view), region.size - len(view))
-        return None
+        buf = region.buf
+        try:
+            if cmd.h2d_error is not None:
+                raise cmd.h2d_error
+            if cmd.direct or size == 0:
+                return None  # the DATA frames already landed in device memory
+            assert cmd.landing is not None
+            for view in cmd.landing.views(pos, size):
+                self.ex.copy_h2d(Region(buf, region.offset, len(view)), view, stream)
+                region = Region(buf, region.offset + len(view), region.size - len(view))
+            return None
+        finally:
+            # Counted also when the bytes landed before this record ran
+            # (direct): they never land after it.
+            buf.gen += 1
 
     def _copy_d2h(self, body: Body, stream: int) -> None:
         handle, resource, dev_off, _host_off, size = body
@@ -415,8 +444,11 @@ class BatchRun:
         a = ex.check_range(a_h, a_off, m * k * isz, isz)
         b = ex.check_range(b_h, b_off, k * n * isz, isz)
         c = ex.check_range(c_h, c_off, m * n * isz, isz)
-        if m and n:
-            ex.gemm(dt, bool(ta), bool(tb), m, n, k, alpha, beta, a, b, c, stream)
+        try:
+            if m and n:
+                ex.gemm(dt, bool(ta), bool(tb), m, n, k, alpha, beta, a, b, c, stream)
+        finally:
+            c.buf.gen += 1
         return None
 
     def _launch(self, body: Body, stream: int) -> None:
@@ -437,7 +469,12 @@ class BatchRun:
                 raise VgpuError(ErrorCode.INVALID_ARGUMENT, f"unknown argument kind {kind}")
         grid = (int(gx), int(gy), int(gz))  # type: ignore[call-overload]
         block = (int(bx), int(by), int(bz))  # type: ignore[call-overload]
-        self.ex.launch(module, kernel, grid, block, int(shared), checked, stream)  # type: ignore[call-overload]
+        try:
+            self.ex.launch(module, kernel, grid, block, int(shared), checked, stream)  # type: ignore[call-overload]
+        finally:
+            for _kind, _value, region in checked:  # a kernel may write any buffer it is given
+                if region is not None:
+                    region.buf.gen += 1
         return None
 
 

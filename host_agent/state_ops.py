@@ -38,10 +38,21 @@ def bitmap_events(bits: bytes) -> list[int]:
     return [i * 8 + b for i, byte in enumerate(bits) for b in range(8) if byte >> b & 1]
 
 
-def summary(ex: Executor, recorded: Iterable[int]) -> bytes:
-    """STATE_SUMMARY of ``ex`` with the events ``recorded``; QUOTA_EXCEEDED when
-    it would not fit a COMPLETION (tens of thousands of allocations)."""
-    bufs = [(h, b.size) for h, b in sorted(ex.buffers.items())]
+def gens(ex: Executor) -> dict[int, int]:
+    """Every buffer's write generation now (STATE_EXPORT reads them before it
+    waits for the device: docs/PROTOCOL.md "Session state")."""
+    return {h: b.gen for h, b in list(ex.buffers.items())}
+
+
+def summary(ex: Executor, recorded: Iterable[int], gens: dict[int, int] | None = None) -> bytes:
+    """STATE_SUMMARY of ``ex`` with the events ``recorded`` and the buffers'
+    ``gens`` (read earlier; a buffer made since reads -1: copy it again);
+    QUOTA_EXCEEDED when it would not fit a COMPLETION (tens of thousands of
+    allocations)."""
+    bufs = [
+        (h, b.size, b.gen if gens is None else gens.get(h, (1 << 64) - 1))
+        for h, b in sorted(ex.buffers.items())
+    ]
     mods = [(h, src.kind, src.name, len(src.code)) for h, src in sorted(ex.module_sources.items())]
     try:
         out = encode_payload(

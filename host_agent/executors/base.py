@@ -40,11 +40,18 @@ if MAX_HANDLES >= HANDLE_INDEX_MASK:  # _new_handle must always find a free numb
 
 @dataclass
 class Buffer:
-    """One device allocation: ``mem`` is the executor's object for it."""
+    """One device allocation: ``mem`` is the executor's object for it.
+
+    ``gen`` is its write generation (STATE_SUMMARY's "gen"): the runner adds 1
+    for every command that may write it, so a live migration's pre-copy can
+    tell which buffers changed since it copied them. It starts at the
+    allocation's serial number in the high 32 bits, so a buffer freed and
+    allocated again under the same handle never repeats an earlier gen."""
 
     handle: int
     size: int
     mem: Any
+    gen: int = 0
 
 
 class Region(NamedTuple):
@@ -150,6 +157,7 @@ class Executor(ABC):
         self.handle_epoch = 0
         self._next_index = 1  # handle number within the epoch; 0 is never a handle
         self._forced_handle = 0  # ALLOC_AT / MODULE_LOAD_AT: the next handle, checked
+        self._allocs = 0  # allocations made: the high half of each new Buffer.gen
 
     # -- identity ------------------------------------------------------------
     @abstractmethod
@@ -286,7 +294,8 @@ class Executor(ABC):
             )
         handle = self._new_handle()
         mem = self._alloc(size)
-        self.buffers[handle] = Buffer(handle, size, mem)
+        self._allocs += 1
+        self.buffers[handle] = Buffer(handle, size, mem, self._allocs << 32)
         self.mem_used += size
         return handle
 

@@ -53,7 +53,7 @@ def _ok(c: RawClient, *records: object, data: bytes = b"") -> tuple[dict[int, in
 def _summary(blob: bytes) -> dict[str, object]:
     epoch, nxt, used, events, _nb, bufs, _nm, mods = decode_payload("STATE_SUMMARY", blob)
     return {"epoch": epoch, "next": nxt, "used": used, "events": events,
-            "buffers": bufs, "modules": mods}  # fmt: skip
+            "buffers": [b[:2] for b in bufs], "modules": mods}  # fmt: skip
 
 
 def test_export_restore_across_agents(agents: list[tuple[AgentProcess, bytes]]) -> None:

@@ -53,6 +53,7 @@ def test_migrate_prints_a_one_line_report(backend: Path, agent_factory: Any) -> 
     report = json.loads(r.stdout)
     assert report["ok"] and report["from"].startswith(second.address), report
     assert set(report) >= {"migrated", "contexts", "state_bytes", "stun_ms", "copy_ms"}
+    assert set(report) >= {"precopy_bytes", "stun_bytes", "rounds", "precopy_ms"}
     assert report["state_lost"] is False
 
 

@@ -33,6 +33,7 @@ from tests.integration.test_vgpu_lane import lent
 from vpcie._native import native_available
 from vpcie.control.client import control_request
 from vpcie.errors import ErrorCode
+from vpcie.gpu import migration
 from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import HANDLE_EPOCH_SHIFT, DType, Opcode
 from vpcie.protocol.frames import decode_payload
@@ -230,6 +231,83 @@ async def test_migrate_moves_state_while_the_guest_submits(
             assert (await ctx.run([rec(Opcode.MEMSET, new, 1, 0, 64)])).status == ErrorCode.OK
 
 
+async def write_random(ctx: GuestContext, handle: int, n: int, seed: int) -> bytes:
+    """New random contents for ``handle``; their digest."""
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+    bo = await ctx.create_bo(n, scatter=True)
+    bo.write(data)
+    reply = await ctx.run([rec(Opcode.COPY_H2D, handle, bo.resource_id, 0, 0, n)])
+    assert reply.status == ErrorCode.OK, reply
+    await ctx.close_bo(bo)
+    return hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize("lane", PATHS)
+@pytest.mark.parametrize("when", ["after", "before"])
+async def test_precopy_moves_what_the_guest_changed_meanwhile_in_the_stun(
+    tmp_path: Path, agent_factory: Any, lane: bool, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pre-copy, one round: every buffer is copied while the guest runs; the
+    test holds the pre-copy ``after`` its copy (or ``before`` it, past the
+    export) while the guest rewrites one buffer, frees one and makes a new
+    one. The hold copies exactly the rewritten and the new one: their bytes
+    on the target are the new ones (a write that the write generation missed
+    would leave the pre-copied bytes), the freed one is gone there too
+    (``before``: its copy finds it gone), the rest is the pre-copied bytes."""
+    monkeypatch.setattr(migration, "PRECOPY_ROUNDS", 1)
+    copied, go = asyncio.Event(), asyncio.Event()
+    real_copy = migration.copy_pieces
+
+    async def copy_then_wait(*args: Any) -> None:
+        precopy = len(args) > 3 and args[3] is not None  # a pre-copy round (the guest runs)
+        if precopy and when == "before":
+            copied.set()
+            await go.wait()
+        await real_copy(*args)
+        if precopy and when == "after":
+            copied.set()
+            await go.wait()
+
+    monkeypatch.setattr(migration, "copy_pieces", copy_then_wait)
+    src, dst = agent_factory("--name", "src"), agent_factory("--name", "dst")
+    sizes = ((2 << 20) + 5, 3 << 20, 1 << 20, 5 * 4096 + 7)
+    async with rig(tmp_path, lane=lane) as r:
+        assert (await r.bind(src))["ok"]
+        ctx = await r.gpu.open()
+        state = await fill(ctx, seed=11, sizes=sizes)
+        if lane:
+            await lent(r, ctx)
+        task = asyncio.create_task(migrate(r, dst))
+        await until(copied.is_set, 30, "the pre-copy did not copy")
+        assert not r.device.forwarding.holding  # the guest runs meanwhile
+        hot, freed = state.handles[1], state.handles[2]
+        state.digests[1] = await write_random(ctx, hot, sizes[1], seed=99)
+        assert (await ctx.run([rec(Opcode.MEM_FREE, freed)])).status == ErrorCode.OK
+        (new,) = await alloc(ctx, 300_001)
+        new_digest = await write_random(ctx, new, 300_001, seed=98)
+        assert await agent_name(ctx) == "src"
+        go.set()
+        report = await task
+        assert report["ok"], report
+        assert await agent_name(ctx) == "dst"
+        keep = [0, 1, 3]
+        await check_contents(
+            ctx,
+            State(
+                [state.handles[i] for i in keep] + [new],
+                [state.digests[i] for i in keep] + [new_digest],
+                (*(sizes[i] for i in keep), 300_001),
+            ),
+        )
+        bo = await ctx.create_bo(16)
+        gone = await ctx.run([rec(Opcode.COPY_D2H, freed, bo.resource_id, 0, 0, 16)])
+        assert gone.status == ErrorCode.INVALID_HANDLE, gone
+        precopied = sum(sizes) - (sizes[2] if when == "before" else 0)
+        assert report["rounds"] == 1 and report["precopy_bytes"] == precopied
+        assert report["stun_bytes"] == sizes[1] + 300_001
+        assert report["state_bytes"] == sum(sizes) - sizes[2] + 300_001 > report["stun_bytes"]
+
+
 async def test_unreachable_target_changes_nothing(tmp_path: Path, agent_factory: Any) -> None:
     src = agent_factory("--name", "src")
     async with rig(tmp_path) as r:
@@ -292,6 +370,32 @@ async def test_drain_over_its_limit_aborts_and_work_goes_on(
         assert (await ctx.wait(0, queued, timeout=5)).status == ErrorCode.OK
         assert (await ctx.run([rec(Opcode.EVENT_RECORD, 77)])).status == ErrorCode.OK
         assert (await ctx.wait(1, blocked, timeout=5)).status == ErrorCode.OK
+        assert await agent_name(ctx) == "src"
+        await until(lambda: not children(dst.proc.pid), 10, "the target's sessions stay open")
+
+
+async def test_precopy_held_up_over_the_limit_aborts_and_work_goes_on(
+    tmp_path: Path, agent_factory: Any
+) -> None:
+    """The pre-copy's batches run on stream 0 in the guest's order: behind a
+    guest batch that does not end they wait, bounded by the drain limit."""
+    src, dst = agent_factory("--name", "src"), agent_factory("--name", "dst")
+    async with rig(tmp_path) as r:
+        r.device.migrate_drain_timeout = 0.5
+        assert (await r.bind(src))["ok"]
+        ctx = await r.gpu.open()
+        state = await fill(ctx)
+        blocked = await ctx.start([rec(Opcode.EVENT_WAIT, 77)])  # stream 0
+        await until(lambda: held(r.device, ctx), 5, "the batch never went to the agent")
+        refused = await migrate(r, dst)
+        assert not refused["ok"], refused
+        assert "the pre-copy did not finish in 0.5 s" in str(refused["error"])
+        assert not r.device.forwarding.holding and not r.device.lanes.paused
+        assert (await ctx.run([rec(Opcode.EVENT_RECORD, 77, stream=1)], stream=1)).status == (
+            ErrorCode.OK
+        )
+        assert (await ctx.wait(0, blocked, timeout=5)).status == ErrorCode.OK
+        await check_contents(ctx, state)
         assert await agent_name(ctx) == "src"
         await until(lambda: not children(dst.proc.pid), 10, "the target's sessions stay open")
 

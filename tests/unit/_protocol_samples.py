@@ -108,7 +108,7 @@ PAYLOAD_SAMPLES: dict[str, tuple[Any, ...]] = {
         3 << 20,  # mem_used
         b"\x09",  # events 0 and 3 recorded
         2,
-        [(0x02000001, 1 << 20), (0x02000003, 2 << 20)],
+        [(0x02000001, 1 << 20, 1 << 32), (0x02000003, 2 << 20, (2 << 32) + 7)],
         1,
         [(0x02000002, int(ModuleKind.CUDA_C), "saxpy.cu", 160)],
     ),

@@ -9,11 +9,15 @@ import pytest
 from vpcie.gpu.migration_plan import (
     ALLOCS_PER_BATCH,
     COPY_CHUNK,
+    Copied,
     MigrationReport,
     ModuleInfo,
+    RoundPlan,
     SessionState,
     copy_chunks,
+    plan_round,
     restore_batches,
+    target_batches,
 )
 from vpcie.protocol.batch import decode_batch, encode_batch
 from vpcie.protocol.codes import MAX_BATCH_BYTES, Opcode
@@ -29,7 +33,10 @@ def summary(nbuf: int, modules: list[tuple[int, int, str, int]]) -> bytes:
                 "mem_used": 4096 * nbuf,
                 "events_set": b"\x05\x80",
                 "nbuffers": nbuf,
-                "buffers": [{"handle": (3 << 24) | (i + 1), "size": 4096 + i} for i in range(nbuf)],
+                "buffers": [
+                    {"handle": (3 << 24) | (i + 1), "size": 4096 + i, "gen": (i + 1) << 32}
+                    for i in range(nbuf)
+                ],
                 "nmodules": len(modules),
                 "modules": [
                     {"handle": h, "kind": k, "name": n, "code_size": c} for h, k, n, c in modules
@@ -90,8 +97,9 @@ def test_copy_chunks_cover_every_byte_once() -> None:
 
 def test_report_json() -> None:
     r = MigrationReport(
-        "a:1 device=any auth=psk", "b:2 device=any auth=psk", 2, 10, 1.23456, 0.5, False
-    )
+        "a:1 device=any auth=psk", "b:2 device=any auth=psk", 2, 10, 1.23456, 0.5, False,
+        precopy_bytes=8, stun_bytes=2, rounds=1, precopy_ms=3.0,
+    )  # fmt: skip
     assert r.to_wire() == {
         "ok": True,
         "migrated": "b:2 device=any auth=psk",
@@ -101,4 +109,55 @@ def test_report_json() -> None:
         "stun_ms": 1.235,
         "copy_ms": 0.5,
         "state_lost": False,
+        "precopy_bytes": 8,
+        "stun_bytes": 2,
+        "rounds": 1,
+        "precopy_ms": 3.0,
     }
+
+
+E = 3 << 24  # the handles' epoch in these summaries
+
+
+def state(bufs: list[tuple[int, int, int]], mods: tuple[ModuleInfo, ...] = ()) -> SessionState:
+    """A summary of buffers (index, size, gen) and modules."""
+    return SessionState(
+        3, 50, 0, b"",
+        tuple((E | i, size) for i, size, _g in bufs), mods, tuple(g for *_r, g in bufs),
+    )  # fmt: skip
+
+
+def test_the_final_round_copies_only_what_changed_since_its_copy() -> None:
+    """Pre-copy's last round: unchanged gens stay, written ones are copied
+    again, new ones allocated and copied, freed ones freed, a handle made
+    again with another size freed and allocated, modules the same way."""
+    k1, k2 = ModuleInfo(E | 20, 1, "k1", 10), ModuleInfo(E | 21, 1, "k2", 10)
+    first = state([(1, 100, 5), (2, 200, 7), (3, 300, 0), (4, 400, 1)], (k1, k2))
+    copied = Copied()
+    plan = plan_round(first, copied)
+    assert plan.copy == first.buffers and plan.alloc == first.buffers and not plan.free
+    assert plan.module_load == (k1, k2) and plan.copy_bytes == 1000
+    copied.update(first)
+    k2b = ModuleInfo(E | 21, 1, "k2-again", 12)
+    final = state([(1, 100, 5), (2, 200, 9), (4, 64, 2 << 32), (5, 50, 3 << 32)], (k1, k2b))
+    plan = plan_round(final, copied)
+    assert plan.free == (E | 3, E | 4)  # freed; freed and made again smaller
+    assert plan.alloc == ((E | 4, 64), (E | 5, 50))
+    assert plan.copy == ((E | 2, 200), (E | 4, 64), (E | 5, 50))  # not 1: its gen held
+    assert plan.module_free == (E | 21,) and plan.module_load == (k2b,)
+    ops = [[r.opcode for r in b] for b in target_batches(plan, {E | 21: b"x" * 12})]
+    assert ops == [
+        [Opcode.MODULE_FREE, Opcode.MEM_FREE, Opcode.MEM_FREE],
+        [Opcode.MODULE_LOAD_AT],
+        [Opcode.ALLOC_AT, Opcode.ALLOC_AT],
+    ]
+    copied.update(final)
+    assert plan_round(final, copied) == RoundPlan()  # nothing left to move
+
+
+def test_a_summary_without_gens_copies_everything_again() -> None:
+    first = state([(1, 100, 5)])
+    copied = Copied()
+    copied.update(first)
+    nogen = SessionState(3, 50, 0, b"", first.buffers, ())
+    assert plan_round(nogen, copied).copy == first.buffers

@@ -156,7 +156,9 @@ def _human(cmd: str, r: dict[str, Any]) -> str:
         line = (
             f"migrated: {r['from']} -> {r['migrated']}: {r['contexts']} contexts, "
             f"{r['state_bytes'] / (1 << 20):.1f} MiB, stun {r['stun_ms']:.1f} ms "
-            f"(copy {r['copy_ms']:.1f} ms)"
+            f"(copy {r['copy_ms']:.1f} ms of {r.get('stun_bytes', 0) / (1 << 20):.1f} MiB; "
+            f"{r.get('precopy_bytes', 0) / (1 << 20):.1f} MiB pre-copied in "
+            f"{r.get('rounds', 0)} rounds while the guest ran)"
         )
         if r.get("state_lost"):
             line += "; state lost: the source was unusable, its work ended with DEVICE_LOST"

@@ -127,5 +127,5 @@ class ControlClient:
     ) -> dict[str, Any]:
         """Live migration to the agent ``req`` (or ``fields``, as for bind)
         names; the report: migrated, from, contexts, state_bytes, stun_ms,
-        copy_ms, state_lost."""
+        copy_ms, state_lost, precopy_bytes, stun_bytes, rounds, precopy_ms."""
         return await control_request(self.path, req or MigrateRequest(**fields), timeout)

@@ -1,25 +1,53 @@
 """Live migration: a bound vGPU's contexts move to another agent with their
 device state, while the guest keeps submitting (GpuDevice.migrate).
 
-1. open   one session on the target per context with a live session, with
-          that context's handle epoch and the target's lease token; a
-          failure changes nothing.
-2. hold   new batches queue in the backend (the guest still gets its virtio
-          answers); the lane gives every session back and lends none.
-3. drain  wait until the source sessions have nothing in flight (bounded:
-          over ``drain_timeout`` -> abort, work resumes on the source).
-4. move   per context: STATE_EXPORT (+ MODULE_EXPORT) on the source;
-          MODULE_LOAD_AT, ALLOC_AT, SESSION_RESTORE on the target; the
-          contents COPY_D2H source -> COPY_H2D target in pieces, a few in
-          flight (the next read overlaps the previous write).
-5. switch each context takes its new session (same handles), the binding
-          names the target, the source sessions close, the hold ends: the
-          queued batches go to the target in order.
+1. open    one session on the target per context with a live session, with
+           that context's handle epoch and the target's lease token; a
+           failure changes nothing.
+2. precopy the guest keeps running (its batches go the Python way: the lane
+           gives every session back and lends none until the end). Per
+           context: STATE_EXPORT on the source, MODULE_LOAD_AT and ALLOC_AT
+           on the target, every buffer's contents COPY_D2H source ->
+           COPY_H2D target: ordinary batches on the same sessions as the
+           guest's (stream 0). Another round recopies the buffers whose
+           write generation moved meanwhile, while that set at least halves
+           (at most ``PRECOPY_ROUNDS`` rounds; bounded by ``drain_timeout``).
+3. hold    new batches queue in the backend (the guest still gets its virtio
+           answers).
+4. drain   wait until the source sessions have nothing in flight (bounded:
+           over ``drain_timeout`` -> abort, work resumes on the source).
+5. final   per context: STATE_EXPORT again; only what changed since its copy
+           moves: buffers whose gen differs from the one recorded at the
+           export their copy followed, buffers new since (ALLOC_AT), freed
+           ones (MEM_FREE on the target), resized ones (free + ALLOC_AT),
+           modules new or gone since; then SESSION_RESTORE.
+6. switch  each context takes its new session (same handles), the binding
+           names the target, the source sessions close, the hold ends: the
+           queued batches go to the target in order.
+
+Why the final round may skip a buffer (the gens, docs/PROTOCOL.md "Session
+state"): the agent adds 1 to a buffer's gen when a command that may write it
+has run (its write done, or queued on the device), and STATE_EXPORT reads
+the gens first, then waits for all the session's device work, then answers.
+Take a buffer copied after export E, where it had gen g, and showing g again
+at the final export F. A write counted in g was done or queued before E's
+wait, so it was complete before the copy read the buffer. A write not
+counted in g, whether it was running during E on another stream or came
+later, adds to the gen when it has run, which is before F (F comes after
+the hold and the drain, when nothing runs): F would not show g. So no write
+but those in g touched the buffer, and the copy holds the bytes it has at F.
+A buffer whose gen moved, or that is new, is copied under the hold, when
+nothing runs. (Gens start at the allocation's serial << 32, so a handle
+freed and made again never repeats a gen; a buffer the guest freed between
+an export and its copy is marked unknown and settled by the next round.)
 
 A source that fails (its agent died, a session was lost) means its state is
 gone: the contexts end with DEVICE_LOST as on any loss, and the vGPU is
 bound to the target empty (``state_lost``). A target that fails aborts: the
-target sessions close and the work resumes on the source, unchanged.
+target sessions close and the work resumes on the source, unchanged. A
+workload that rewrites all its memory all the time leaves everything dirty:
+the pre-copy stops after a round that did not halve the dirty set and the
+hold copies it all (the stop-and-copy stun).
 """
 
 from __future__ import annotations
@@ -27,31 +55,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import Any, NoReturn, Protocol
 
 from vpcie.errors import ErrorCode, VgpuError
 from vpcie.gpu.binding import AgentTarget, Binding, Session, info_bytes
 from vpcie.gpu.context import Context
 from vpcie.gpu.forwarding import Forwarding
 from vpcie.gpu.lanes import Lanes
+from vpcie.gpu.migration_calls import (
+    Abort,
+    SourceLost,
+    call,
+    copy_pieces,
+    side_by_side,
+)
 from vpcie.gpu.migration_plan import (
+    Copied,
     MigrationReport,
     SessionState,
     copy_chunks,
-    restore_batches,
+    plan_round,
+    restore_record,
+    target_batches,
 )
-from vpcie.protocol.batch import Record, encode_batch, rec
+from vpcie.protocol.batch import rec
 from vpcie.protocol.codes import Opcode
-from vpcie.tunnel import commands as cmds
 
 log = logging.getLogger("vpcie.gpu.device")
-T = TypeVar("T")
 
 DRAIN_TIMEOUT_S = 30.0  # vpcie-backend --migrate-drain-timeout
-COPY_DEPTH = 8  # copy pieces in flight (each one D2H then one H2D)
+# While the guest runs, its completions come from the source behind the
+# copies' data on the same connection: fewer, smaller pieces in flight keep
+# that queue short (about 4 MiB), for a somewhat slower pre-copy.
+PRECOPY_DEPTH = 4
+PRECOPY_CHUNK = 1 << 20
 OPEN_TIMEOUT_S = 10.0  # opening the target sessions (as a bind's probe)
 DRAIN_POLL_S = 0.0005
+PRECOPY_ROUNDS = 3  # most rounds copied while the guest runs
+# A round that copied at most this much leaves too little for another.
+PRECOPY_SMALL = 4 << 20
 
 
 class MigratingDevice(Protocol):
@@ -66,20 +109,11 @@ class MigratingDevice(Protocol):
     def background(self, coro: Any) -> None: ...
 
 
-class SourceLost(Exception):
-    """The source cannot give its state: it is gone."""
-
-
-class Abort(Exception):
-    """The migration stops; the vGPU stays on the source (one-line reason)."""
-
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.DEVICE_LOST) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 async def migrate(
-    device: MigratingDevice, target: AgentTarget, drain_timeout: float = DRAIN_TIMEOUT_S
+    device: MigratingDevice,
+    target: AgentTarget,
+    drain_timeout: float = DRAIN_TIMEOUT_S,
+    precopy_rounds: int | None = None,  # None: PRECOPY_ROUNDS
 ) -> MigrationReport:
     binding, fwd = device.binding, device.forwarding
     source = binding.target
@@ -92,32 +126,50 @@ async def migrate(
     opened = await _open_targets(device, target, list(movers.values()))
     info = await _target_info(binding, target, opened)
 
-    t_hold = time.monotonic()
-    _hold(device)
-    state_bytes, copy_ms, lost_why = 0, 0.0, ""
+    moves: dict[int, _Move] = {}
+    rounds, precopy_bytes, lost_why = 0, 0, ""
+    t_pre = time.monotonic()
+    _pause_lanes(device)
     try:
-        await _drain(device, movers, t_hold + drain_timeout, drain_timeout)
-        # A context whose first session opened while the hold began moves too.
-        late = [c for c in device.contexts.values() if c.has_session and c.ctx_id not in movers]
-        if late:
-            opened.update(await _open_targets(device, target, late))
-            movers.update({c.ctx_id: c for c in late})
-        t_copy = time.monotonic()
-        live = [c for c in movers.values() if device.contexts.get(c.ctx_id) is c]
-        # Contexts move side by side: each has its own pair of sessions.
-        state_bytes = sum(await _all([_move_state(c, opened[c.ctx_id]) for c in live]))
-        copy_ms = (time.monotonic() - t_copy) * 1e3
+        rounds, precopy_bytes = await asyncio.wait_for(
+            _precopy(device, movers, opened, moves, precopy_rounds or PRECOPY_ROUNDS),
+            drain_timeout,
+        )
+    except TimeoutError:
+        # A guest batch ahead of the copies on stream 0 that does not end
+        # (a wait on an event never recorded) would hold the pre-copy.
+        why = f"the pre-copy did not finish in {drain_timeout:g} s (--migrate-drain-timeout)"
+        _abort(device, target, opened, Abort(why, ErrorCode.TIMEOUT))
     except SourceLost as exc:
         lost_why = str(exc)
-    except Abort as exc:
-        _close_all(device, opened.values())
-        _release(device)
-        log.warning("migration to %s aborted: %s", target.describe(), exc)
-        raise VgpuError(exc.code, f"migration aborted, still on the source: {exc}") from None
-    except BaseException:
-        _close_all(device, opened.values())
-        _release(device)
-        raise
+    except BaseException as exc:
+        _abort(device, target, opened, exc)
+    precopy_ms = (time.monotonic() - t_pre) * 1e3
+
+    t_hold = time.monotonic()
+    _hold(device)
+    state_bytes, stun_bytes, copy_ms = 0, 0, 0.0
+    if not lost_why:
+        try:
+            await _drain(device, movers, t_hold + drain_timeout, drain_timeout)
+            # A context whose first session opened meanwhile moves too.
+            late = [c for c in device.contexts.values() if c.has_session and c.ctx_id not in movers]
+            if late:
+                opened.update(await _open_targets(device, target, late))
+                movers.update({c.ctx_id: c for c in late})
+            t_copy = time.monotonic()
+            live = [c for c in movers.values() if device.contexts.get(c.ctx_id) is c]
+            # Contexts move side by side: each has its own pair of sessions.
+            done = await side_by_side(
+                [_final(c, opened[c.ctx_id], moves.get(c.ctx_id)) for c in live]
+            )
+            state_bytes = sum(total for total, _stun in done)
+            stun_bytes = sum(stun for _total, stun in done)
+            copy_ms = (time.monotonic() - t_copy) * 1e3
+        except SourceLost as exc:
+            lost_why = str(exc)
+        except BaseException as exc:
+            _abort(device, target, opened, exc)
     if lost_why:
         # The state is gone with the source: the vGPU goes to the target
         # empty, exactly a rebind (every context's work ends DEVICE_LOST).
@@ -127,18 +179,37 @@ async def migrate(
         _release(device)
         stun = (time.monotonic() - t_hold) * 1e3
         log.warning("migration to %s: source lost (%s), bound empty", target.describe(), lost_why)
-        return MigrationReport(source.describe(), target.describe(), 0, 0, stun, 0.0, True)
+        return MigrationReport(
+            source.describe(), target.describe(), 0, 0, stun, 0.0, True,
+            precopy_bytes, 0, rounds, precopy_ms,
+        )  # fmt: skip
     moved = _switch(device, movers, opened, target, info)
     _release(device)
     stun = (time.monotonic() - t_hold) * 1e3
     report = MigrationReport(
-        source.describe(), target.describe(), moved, state_bytes, stun, copy_ms, was_lost
-    )
+        source.describe(), target.describe(), moved, state_bytes, stun, copy_ms, was_lost,
+        precopy_bytes, stun_bytes, rounds, precopy_ms,
+    )  # fmt: skip
     log.info(
-        "migrated %s -> %s: %d contexts, %d bytes, stun %.1f ms (copy %.1f ms)",
-        report.source, report.target, moved, state_bytes, stun, copy_ms,
+        "migrated %s -> %s: %d contexts, %d bytes (%d copied before the hold in %d rounds, "
+        "%.1f ms), stun %.1f ms (%d bytes copied in %.1f ms)",
+        report.source, report.target, moved, state_bytes, precopy_bytes, rounds, precopy_ms,
+        stun, stun_bytes, copy_ms,
     )  # fmt: skip
     return report
+
+
+def _abort(
+    device: MigratingDevice, target: AgentTarget, opened: dict[int, Session], exc: BaseException
+) -> NoReturn:
+    """Back to the source as it was: the target sessions close, the hold
+    (if any) ends; an Abort becomes the one-line VgpuError."""
+    _close_all(device, opened.values())
+    _release(device)
+    if isinstance(exc, Abort):
+        log.warning("migration to %s aborted: %s", target.describe(), exc)
+        raise VgpuError(exc.code, f"migration aborted, still on the source: {exc}") from None
+    raise exc
 
 
 # -- 1. open -----------------------------------------------------------------------
@@ -193,13 +264,111 @@ async def _target_info(binding: Binding, target: AgentTarget, opened: dict[int, 
     return info
 
 
-# -- 2. hold, 3. drain ------------------------------------------------------------
+# -- 2. pre-copy ---------------------------------------------------------------------
+class _Move:
+    """One context's pre-copy: the source session it read and what the
+    target holds of it."""
+
+    def __init__(self, src: Session) -> None:
+        self.src = src
+        self.copied = Copied()
+
+
+def _pause_lanes(device: MigratingDevice) -> None:
+    """The lane gives every session back and lends none until the end: the
+    migration's batches go on the same sessions as the guest's."""
+    device.lanes.paused = True
+    device.lanes.take_back_all()  # their batches in flight become ctx.inflight
+
+
+async def _precopy(
+    device: MigratingDevice,
+    movers: dict[int, Context],
+    opened: dict[int, Session],
+    moves: dict[int, _Move],
+    max_rounds: int,
+) -> tuple[int, int]:
+    """Rounds of copies while the guest runs; (rounds, bytes copied)."""
+    rounds = copied = 0
+    last = -1
+    while rounds < max_rounds:
+        live = [c for c in movers.values() if device.contexts.get(c.ctx_id) is c]
+        if not live:
+            break
+        moved = sum(await side_by_side([_round(device, c, opened[c.ctx_id], moves) for c in live]))
+        rounds += 1
+        copied += moved
+        # Another round only while the dirty set at least halves each round
+        # and is worth it: a workload rewriting most of its memory as fast
+        # as it is copied gains nothing from more rounds.
+        if moved <= PRECOPY_SMALL or (last >= 0 and 2 * moved > last):
+            break
+        last = moved
+    return rounds, copied
+
+
+async def _round(
+    device: MigratingDevice, ctx: Context, dst: Session, moves: dict[int, _Move]
+) -> int:
+    """One pre-copy round of ``ctx``; the bytes it copied. A context
+    destroyed meanwhile (its session closed by the guest) is left out."""
+    src = ctx.session
+    if src is None or ctx.lost:
+        raise SourceLost(ctx.lost_reason or "the source session was lost")
+    move = moves.get(ctx.ctx_id)
+    if move is None:
+        move = moves[ctx.ctx_id] = _Move(src)
+    elif move.src is not src:
+        raise Abort(f"context {ctx.ctx_id} got a new session during the migration")
+    try:
+        _state, moved = await _bring(src, dst, move.copied, running=True)
+    except (SourceLost, Abort):
+        if device.contexts.get(ctx.ctx_id) is not ctx:
+            moves.pop(ctx.ctx_id, None)
+            return 0
+        raise
+    return moved
+
+
+async def _bring(
+    src: Session, dst: Session, copied: Copied, *, running: bool
+) -> tuple[SessionState, int]:
+    """Export the source, make the target match it as ``copied`` says it is
+    (frees, modules, allocations, contents) and record that in ``copied``;
+    the state and the bytes copied.
+    ``running``: the guest runs meanwhile, so a buffer may go between the
+    export and its copy; it is marked unknown (the next round frees it on
+    the target, or copies it if it is there again)."""
+    comp = await call(src, [rec(Opcode.STATE_EXPORT)], source=True)
+    try:
+        state = SessionState.parse(comp.blob)
+    except ValueError as exc:
+        raise Abort(f"source agent: {exc}") from None
+    plan = plan_round(state, copied)
+    codes: dict[int, bytes] = {}
+    for m in plan.module_load:
+        done = await call(src, [rec(Opcode.MODULE_EXPORT, m.handle)], source=True)
+        codes[m.handle] = bytes(done.blob)
+    for batch in target_batches(plan, codes):
+        await call(dst, batch, source=False)
+    gone: set[int] | None = set() if running else None
+    if running:
+        await copy_pieces(src, dst, copy_chunks(plan.copy, PRECOPY_CHUNK), gone, PRECOPY_DEPTH)
+    else:
+        await copy_pieces(src, dst, copy_chunks(plan.copy))
+    copied.update(state)
+    for h in gone or ():
+        copied.forget(h)
+    sizes = dict(state.buffers)
+    return state, plan.copy_bytes - sum(sizes[h] for h in gone or ())
+
+
+# -- 3. hold, 4. drain ------------------------------------------------------------
 def _hold(device: MigratingDevice) -> None:
     fwd = device.forwarding
     fwd.holding = True
     fwd.released.clear()
-    device.lanes.paused = True
-    device.lanes.take_back_all()  # their batches in flight become ctx.inflight
+    _pause_lanes(device)
 
 
 def _release(device: MigratingDevice) -> None:
@@ -236,98 +405,22 @@ async def _drain(
         await asyncio.sleep(DRAIN_POLL_S)
 
 
-# -- 4. move ----------------------------------------------------------------------
-async def _call(
-    session: Session,
-    records: list[Record],
-    *,
-    source: bool,
-    h2d: Sequence[Any] = (),
-    d2h: Sequence[Any] = (),
-) -> Any:
-    """One batch on a session, its Completion; a failure raises SourceLost
-    (the source is gone) or Abort (anything else)."""
-    side = "source" if source else "target"
-    try:
-        data = encode_batch(records)
-        h2d_n, d2h_n = cmds.copy_stream_sizes(records)
-        comp = await session.send_encoded(data, h2d_n, d2h_n, h2d=h2d, d2h=d2h)
-        code = ErrorCode(int(comp.status))
-        message = comp.message
-    except VgpuError as exc:
-        code, message = exc.code, exc.message
-    if code == ErrorCode.OK:
-        return comp
-    if source and code == ErrorCode.DEVICE_LOST:
-        raise SourceLost(message or "the source session was lost")
-    op = Opcode(records[0].opcode).name if records else "?"
-    raise Abort(f"{side} agent refused {op}: {code.name} {message}".rstrip(), code)
-
-
-async def _move_state(ctx: Context, dst: Session) -> int:
-    """The state of ``ctx``'s source session recreated on ``dst``; bytes moved."""
+async def _final(ctx: Context, dst: Session, move: _Move | None) -> tuple[int, int]:
+    """Under the hold: what changed since the pre-copy moves, then
+    SESSION_RESTORE; (the state's bytes, the bytes copied now)."""
     src = ctx.session
     if src is None or ctx.lost:
         raise SourceLost(ctx.lost_reason or "the source session was lost")
-    comp = await _call(src, [rec(Opcode.STATE_EXPORT)], source=True)
-    try:
-        state = SessionState.parse(comp.blob)
-    except ValueError as exc:
-        raise Abort(f"source agent: {exc}") from None
-    codes: dict[int, bytes] = {}
-    for m in state.modules:
-        done = await _call(src, [rec(Opcode.MODULE_EXPORT, m.handle)], source=True)
-        codes[m.handle] = bytes(done.blob)
-    for batch in restore_batches(state, codes):
-        await _call(dst, batch, source=False)
-    await _copy(src, dst, copy_chunks(state.buffers))
-    return state.buffer_bytes + sum(len(c) for c in codes.values())
+    if move is not None and move.src is not src:
+        raise Abort(f"context {ctx.ctx_id} got a new session during the migration")
+    copied = move.copied if move is not None else Copied()  # none yet: all of it
+    state, moved = await _bring(src, dst, copied, running=False)
+    await call(dst, [restore_record(state)], source=False)
+    modules = sum(m.code_size for m in state.modules)
+    return state.buffer_bytes + modules, moved
 
 
-async def _copy(src: Session, dst: Session, chunks: list[tuple[int, int, int]]) -> None:
-    """Every piece read from ``src`` and written to ``dst``, COPY_DEPTH in
-    flight, so reading piece n+1 overlaps writing piece n."""
-    if not chunks:
-        return
-    depth = max(1, min(COPY_DEPTH, _window(src), _window(dst)))
-    gate = asyncio.Semaphore(depth)
-    # One buffer per piece in flight, reused: no 4 MiB allocation per piece.
-    spare = [
-        bytearray(max(size for _h, _o, size in chunks)) for _ in range(min(depth, len(chunks)))
-    ]
-
-    async def one(handle: int, off: int, size: int) -> None:
-        async with gate:
-            buf = spare.pop()
-            try:
-                view = memoryview(buf)[:size]
-                await _call(src, [cmds.copy_d2h(handle, off, size)], source=True, d2h=[view])
-                await _call(dst, [cmds.copy_h2d(handle, off, size)], source=False, h2d=[view])
-            finally:
-                spare.append(buf)
-
-    await _all([one(*c) for c in chunks])
-
-
-async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run ``coros`` together; the first to fail cancels the rest and its
-    exception is raised (not an ExceptionGroup: the callers tell SourceLost
-    from Abort)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-def _window(session: Session) -> int:
-    return max(1, int(getattr(session.info, "max_inflight", 0) or 1))
-
-
-# -- 5. switch --------------------------------------------------------------------
+# -- 6. switch --------------------------------------------------------------------
 def _switch(
     device: MigratingDevice,
     movers: dict[int, Context],

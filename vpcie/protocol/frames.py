@@ -125,7 +125,9 @@ QUERY_INFO = c.Struct(
 INVENTORY_REPLY = c.Struct("json" / c.Prefixed(u32, c.GreedyBytes))
 # STATE_EXPORT's completion blob: what a session holds, without the contents
 # (those move with COPY_D2H). Events: bit i (LSB first) set = event i recorded.
-STATE_BUFFER = c.Struct("handle" / u32, "size" / u64)
+# "gen": the buffer's write generation (changes whenever a command may have
+# written it; live migration's pre-copy recopies a buffer whose gen moved).
+STATE_BUFFER = c.Struct("handle" / u32, "size" / u64, "gen" / u64)
 STATE_MODULE = c.Struct(
     "handle" / u32, "kind" / u8, "name" / c.PascalString(u16, "utf8"), "code_size" / u32
 )

@@ -83,6 +83,7 @@ class StateSummary:
     events_set: bytes  # bitmap, bit i (LSB first) = event i recorded; SESSION_RESTORE takes it
     buffers: tuple[tuple[int, int], ...]  # (handle, size), by handle
     modules: tuple[ModuleState, ...]
+    gens: tuple[int, ...] = ()  # each buffer's write generation, as ``buffers``
 
     @classmethod
     def decode(cls, blob: bytes | memoryview) -> StateSummary:
@@ -93,8 +94,9 @@ class StateSummary:
             nxt,
             used,
             bytes(events),
-            tuple((h, n) for h, n in bufs),
+            tuple((h, n) for h, n, _g in bufs),
             tuple(ModuleState(*m) for m in mods),
+            tuple(g for _h, _n, g in bufs),
         )
 
     @property
