@@ -113,6 +113,7 @@ async def test_remove_agent_refuses_with_leases(pool: Pool) -> None:
     with pytest.raises(Conflict) as err:
         await pool.remove_agent("a1")
     assert "v1" in str(err.value) and "\n" not in str(err.value)
+    assert not (await pool.agents())[0].cordoned  # the refusal undoes its cordon
     with pytest.raises(Conflict):
         await pool.remove_vgpu("v1")
     await pool.release(lease.id)

@@ -121,9 +121,15 @@ class Pool:
     async def remove_agent(self, name: str, force: bool = False) -> None:
         """Remove an agent and its devices. Refused while it holds leases,
         unless ``force`` (its leases are then dropped too)."""
-        await self._agent_item(name)
+        was = Agent.loads((await self._agent_item(name)).value)
+        # Cordon first: a reserve that placed on this agent before compares its
+        # record and fails, and none places there after; so no lease can slip
+        # in between the check below and the delete.
+        await self.cordon_agent(name, True)
         held = [ls for ls in await self.leases(agent=name) if ls.state != "released"]
         if held and not force:
+            if not was.cordoned:
+                await self.cordon_agent(name, False)
             names = ", ".join(sorted({ls.vgpu for ls in held}))
             raise Conflict(
                 f"agent {name} holds {len(held)} lease(s) (vGPU {names}): migrate them "

@@ -124,9 +124,13 @@ class SqliteKV:
         def op(db: sqlite3.Connection) -> TxnResult:
             with _Write(db) as now:
                 rev = _revision(db)
-                for c in compares:
-                    row = db.execute("SELECT version FROM kv WHERE key = ?", (c.key,)).fetchone()
-                    if (row[0] if row else 0) != c.version:
+                if compares:  # one statement for all of them: a reserve has five
+                    keys = [c.key for c in compares]
+                    marks = ",".join("?" * len(keys))
+                    got = dict(
+                        db.execute(f"SELECT key, version FROM kv WHERE key IN ({marks})", keys)
+                    )
+                    if any(got.get(c.key, 0) != c.version for c in compares):
                         return TxnResult(False, rev)
                 if not (puts or deletes or ttl_puts):
                     return TxnResult(True, rev)
