@@ -38,19 +38,18 @@ import contextlib
 import hashlib
 import itertools
 import os
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _common import emit_json, machine, median, parser, say, table
+from _procs import Procs, free_port, processes
 
 from vpcie.control.client import control_request
 from vpcie.errors import ErrorCode
@@ -60,60 +59,11 @@ from vpcie.testing.frontend import VhostUserFrontend
 from vpcie.testing.guest_driver import FrontendTransport, GuestContext, GuestGpu
 from vpcie.tunnel import TunnelClient
 
-ROOT = Path(__file__).resolve().parents[1]
-
 PSK = b"bench-migrate-0123456789abcdef"
 PIECE = 32 << 20  # device buffers of this size make up the state
 GUEST_RAM = 128 << 20
 START_TIMEOUT = 30.0
 COPY_SIZE = 64 << 20
-
-
-@dataclass
-class Procs:
-    tmp: Path
-    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        with (self.tmp / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=ROOT, start_new_session=True,
-            )  # fmt: skip
-        self.started.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")[-3000:]
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.started):
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-
-
-@contextlib.contextmanager
-def processes() -> Iterator[Procs]:
-    with tempfile.TemporaryDirectory(prefix="vpcie-migrate-") as tmp:
-        procs = Procs(Path(tmp))
-        try:
-            yield procs
-        finally:
-            procs.stop_all()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_listening(procs: Procs, name: str, proc: subprocess.Popen[bytes], port: int) -> None:
@@ -272,7 +222,7 @@ async def relay_MBps(agents: list[str], psk: bytes, reps: int) -> float:
 async def run(quick: bool, dirty_all: bool = False) -> dict[str, Any]:
     state = (32 if quick else 256) << 20
     rounds = 3
-    with processes() as procs:
+    with processes("vpcie-migrate-") as procs:
         psk_file = procs.tmp / "psk"
         psk_file.write_bytes(PSK)
         psk_file.chmod(0o600)

@@ -46,21 +46,19 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import _common as common
 import numpy as np
+from _procs import Procs, free_port, processes
 
 from vpcie.errors import ErrorCode
 from vpcie.gpu.fencepage import FENCE_PAGE_SIZE, HEADER_ST, SLOT_ST
@@ -73,7 +71,6 @@ from vpcie.testing.frontend import VhostUserFrontend
 from vpcie.testing.guest_driver import Bo, FrontendTransport, GuestContext, GuestGpu, hdr
 from vpcie.tunnel import TunnelClient
 
-ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 PAGE = 4096
 COPY_SIZE = 64 * MiB
@@ -94,59 +91,6 @@ _B8G8R8A8_UNORM = 1
 
 
 # -- processes -------------------------------------------------------------------
-@dataclass
-class Procs:
-    """Every subprocess this run started (each in its own process group)."""
-
-    tmp: Path
-    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        with (self.tmp / f"{name}.log").open("wb") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-        self.started.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.started):
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-
-
-@contextlib.contextmanager
-def processes() -> Iterator[Procs]:
-    with tempfile.TemporaryDirectory(prefix="vgpu-path-") as tmp:
-        procs = Procs(Path(tmp))
-        try:
-            yield procs
-        finally:
-            procs.stop_all()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_agent(procs: Procs) -> tuple[int, Path]:
     psk_file = procs.tmp / "psk"
     psk_file.write_bytes(PSK)
@@ -646,7 +590,7 @@ async def create_unref_samples(gpu: GuestGpu, n: int) -> list[float]:
 
 
 async def run(quick: bool) -> dict[str, Any]:
-    with processes() as procs:
+    with processes("vgpu-path-") as procs:
         try:
             res = await part_b(procs, quick)
             res.update(await part_a(procs, quick))

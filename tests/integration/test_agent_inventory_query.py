@@ -15,6 +15,7 @@ import pytest
 
 from host_agent.testclient import AgentProcess, RawClient
 from host_agent.tls import client_context
+from tests.conftest import until
 from tests.integration.agent_helpers import children, make_pki
 from tests.integration.test_agent_devices import HOST, MIG_A, MIG_B, MIG_GPU, WHOLE
 from vpcie.errors import ErrorCode, VgpuError
@@ -88,6 +89,9 @@ async def test_inventory_refused_without_authentication(
     psk_agent: tuple[AgentProcess, bytes],
 ) -> None:
     a, psk = psk_agent
+    # The module's agent served sessions in earlier tests: their workers may
+    # still be exiting. Start from none, so the last check sees only ours.
+    await until(lambda: children(a.proc.pid) == [], 10, "earlier tests' workers exit")
     with pytest.raises(VgpuError) as err:
         await query_inventory("127.0.0.1", a.port, psk=b"not-the-key-at-all")
     assert err.value.code is ErrorCode.PERMISSION_DENIED

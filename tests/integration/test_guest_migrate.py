@@ -217,3 +217,62 @@ async def test_guest_sees_device_lost_when_the_source_dies(
     assert run.exit_code == 0, "\n".join(job[-10:])
     assert any("new context works" in x for x in job)
     print(f"DEVICE_LOST seen {seen['lost'] - t_kill:.3f} s after the kill |", out.strip())
+
+
+async def test_guest_program_runs_on_across_pool_migrate(
+    tmp_path: Path, rig: tuple[Lab, list[LabAgent], Path]
+) -> None:
+    """The same program, with the vGPU bound and moved through the pool
+    (`vpcie bind`, `vpcie migrate VGPU --to AGENT`: a lease per agent, each
+    with its fencing token) rather than the low-level path."""
+    _lab, (src, dst), pki = rig
+    pool = ["--pool", f"sqlite:///{tmp_path}/pool.db"]
+    proc, sock = start_backend(tmp_path, "--name", "vm1")
+    ctl = sock + ".ctl"
+    started = asyncio.Event()
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if line.startswith("job: iter 20"):
+            started.set()
+
+    try:
+        for name, agent in (("agent0", src), ("agent1", dst)):
+            rc, out, err = await vpcie(
+                "agents", "add", name, "--address", f"{agent.host}:{agent.port}",
+                "--tls-dir", str(pki), "--tls-name", "backend1", *pool,
+            )  # fmt: skip
+            assert rc == 0, err
+        rc, out, err = await vpcie(
+            "bind", "vm1", "--backend", ctl, "--agent", "agent0", "--memory", "256MiB", *pool
+        )
+        assert rc == 0, err
+        guest = asyncio.create_task(
+            run_guest(
+                sock, f"{USER_DIR}/job.py", ["run", "40"], timeout=GUEST_TIMEOUT,
+                on_line=on_line, files={"job.py": JOB},
+            )
+        )  # fmt: skip
+        await asyncio.wait_for(started.wait(), GUEST_TIMEOUT)
+        before = sum(1 for x in lines if x.startswith("job: iter"))
+        rc, out, err = await vpcie("migrate", "vm1", "--to", "agent1", *pool)
+        run = await guest
+        lrc, leases, lerr = await vpcie("leases", "--json", *pool)
+    finally:
+        stop_backend(proc)
+    assert rc == 0, err
+    assert lrc == 0, lerr
+    import json
+
+    held = json.loads(leases)
+    held = held["leases"] if isinstance(held, dict) else held
+    assert [(x["vgpu"], x["agent"], x["state"]) for x in held] == [("vm1", "agent1", "bound")]
+    assert not run.timed_out, "\n".join(run.lines[-30:])
+    job = [x for x in run.lines if x.startswith("job:")]
+    after = sum(1 for x in job if x.startswith("job: iter")) - before
+    assert run.exit_code == 0, "\n".join(job[-10:])
+    assert after >= 10, "the program did not go on after the migration"
+    assert any("kept buffer intact" in x for x in job), job[-3:]
+    assert not any("ERROR" in x or "WRONG" in x for x in job)
+    print(out.strip(), err.strip(), "|", job[-1])
