@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from vpcie.backend.identity import learn_name, parse_peer_inode, qemu_name, safe_name
+from vpcie.backend.identity import learn_name, parse_peer_inode, qemu_name
+from vpcie.places import safe_name
 
 
 @pytest.mark.parametrize(

@@ -13,19 +13,9 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import socket
 import struct
 from collections.abc import Iterator, Sequence
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-MAX_NAME = 100
-
-
-def safe_name(name: str) -> str:
-    """A file-name-safe form (``NAME.ctl``, ``NAME.log``): no '/', no leading '.'."""
-    out = _UNSAFE.sub("_", name)[:MAX_NAME].lstrip(".")
-    return out or "_"
 
 
 def _split_opts(text: str) -> list[str]:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from vpcie.backend.identity import learn_name, safe_name
+from vpcie.backend.identity import learn_name
 from vpcie.errors import ConfigError
 from vpcie.fileerrors import current_user, os_error_line
+from vpcie.places import control_socket, safe_name
 
 LEARN_TIMEOUT_S = 60.0  # QEMU starts right after libvirt starts us; TCG boots are slow
 MAX_HELD_RECORDS = 1000
@@ -49,7 +50,7 @@ class ManagedPaths:
                 )
 
     def control(self, name: str) -> str:
-        return str(self.run_dir / f"{safe_name(name)}.ctl")
+        return control_socket(name, str(self.run_dir))
 
     def log(self, name: str) -> Path:
         return self.log_dir / f"{safe_name(name)}.log"

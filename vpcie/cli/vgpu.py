@@ -13,7 +13,7 @@ from typing import Any
 
 from vpcie.errors import ConfigError, VpcieError
 from vpcie.oneline_args import non_negative_int
-from vpcie.places import DEFAULT_RUN_DIR
+from vpcie.places import DEFAULT_RUN_DIR, control_socket
 
 
 class ControlFailed(VpcieError):
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.backend:
             if not args.name:
                 raise ConfigError("vgpu migrate needs the vGPU's NAME or --backend CTL_SOCKET")
-            args.backend = os.path.join(DEFAULT_RUN_DIR, f"{args.name}.ctl")
+            args.backend = control_socket(args.name)
     try:
         reply = asyncio.run(control_request(args.backend, req, timeout))
     except FileNotFoundError as exc:

@@ -4,13 +4,12 @@ the bind / unbind / migrate requests the fleet sends it."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from vpcie.control.client import ControlClient
 from vpcie.control.messages import BindRequest, MigrateRequest
 from vpcie.errors import VpcieError
-from vpcie.places import DEFAULT_RUN_DIR
+from vpcie.places import control_socket
 from vpcie.pool.model import Agent, Lease
 
 # A bind opens (probes) a session; a migrate's limit is the control client's
@@ -28,7 +27,7 @@ class BackendGone(BackendError):
 
 def default_socket(vgpu: str) -> str:
     """Where a managed backend (libvirt started it) keeps its control socket."""
-    return os.path.join(DEFAULT_RUN_DIR, f"{vgpu}.ctl")
+    return control_socket(vgpu)
 
 
 def target_fields(agent: Agent, lease: Lease) -> dict[str, Any]:
