@@ -166,6 +166,9 @@ def test_agents_gpus_status(pool_url: str, gpu_fleet: list[AgentProc]) -> None:
     }
     assert ok(pool_url, "agents", "refresh", "g2").startswith("agent g2: 2 devices")
     assert js(pool_url, "gpus", "--agent", "g2")["gpus"][0]["cordoned"]  # kept by a refresh
+    assert js(pool_url, "status")["agents"]["cordoned"] == 0  # the agent's uncordon held
+    ok(pool_url, "gpus", "uncordon", "g2/GPU-g2a")
+    assert not any(g["cordoned"] for g in js(pool_url, "gpus", "--agent", "g2")["gpus"])
 
 
 def test_reserve_release_leases(pool_url: str, gpu_fleet: list[AgentProc]) -> None:
