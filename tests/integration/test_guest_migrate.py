@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import time
@@ -26,7 +27,14 @@ import pytest
 from tests.conftest import ROOT
 from tests.integration.agent_helpers import make_pki
 from tests.netlab import LabAgent, unavailable
-from vpcie.testing.guestvm import USER_DIR, image_dir, run_guest, start_backend, stop_backend
+from vpcie.testing.guestvm import (
+    USER_DIR,
+    GuestRun,
+    image_dir,
+    run_guest,
+    start_backend,
+    stop_backend,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
@@ -123,6 +131,41 @@ def tls_args(agent: LabAgent, pki: Path) -> list[str]:
     ]
 
 
+async def running_job(sock: str) -> tuple[asyncio.Task[GuestRun], int]:
+    """The guest program's ``run`` loop, started and 20 iterations in; with
+    the iterations it had done by then."""
+    started = asyncio.Event()
+    lines: list[str] = []
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if line.startswith("job: iter 20"):
+            started.set()
+
+    guest = asyncio.create_task(
+        run_guest(
+            sock, f"{USER_DIR}/job.py", ["run", "40"], timeout=GUEST_TIMEOUT,
+            on_line=on_line, files={"job.py": JOB},
+        )
+    )  # fmt: skip
+    await asyncio.wait_for(started.wait(), GUEST_TIMEOUT)
+    return guest, sum(1 for x in lines if x.startswith("job: iter"))
+
+
+def ran_on_without_error(run: GuestRun, before: int) -> list[str]:
+    """The program went on after the migration (``before`` iterations were
+    done when it began), saw no error, and a buffer written before it read
+    back intact; its ``job:`` lines."""
+    assert not run.timed_out, "\n".join(run.lines[-30:])
+    job = [x for x in run.lines if x.startswith("job:")]
+    after = sum(1 for x in job if x.startswith("job: iter")) - before
+    assert run.exit_code == 0, "\n".join(job[-10:])
+    assert after >= 10, "the program did not go on after the migration"
+    assert any("kept buffer intact" in x for x in job), job[-3:]
+    assert not any("ERROR" in x or "WRONG" in x for x in job)
+    return job
+
+
 async def test_guest_program_runs_on_across_migrate(
     tmp_path: Path, rig: tuple[Lab, list[LabAgent], Path]
 ) -> None:
@@ -132,27 +175,8 @@ async def test_guest_program_runs_on_across_migrate(
         "--tls-name", "backend1",
     )  # fmt: skip
     ctl = sock + ".ctl"
-    started = asyncio.Event()
-    lines: list[str] = []
-
-    def on_line(line: str) -> None:
-        lines.append(line)
-        if line.startswith("job: iter 20"):
-            started.set()
-
     try:
-        guest = asyncio.create_task(
-            run_guest(
-                sock,
-                f"{USER_DIR}/job.py",
-                ["run", "40"],
-                timeout=GUEST_TIMEOUT,
-                on_line=on_line,
-                files={"job.py": JOB},
-            )
-        )
-        await asyncio.wait_for(started.wait(), GUEST_TIMEOUT)
-        before = sum(1 for x in lines if x.startswith("job: iter"))
+        guest, before = await running_job(sock)
         rc, out, err = await vpcie("vgpu", "migrate", "--backend", ctl, *tls_args(dst, pki))
         run = await guest
     finally:
@@ -162,13 +186,7 @@ async def test_guest_program_runs_on_across_migrate(
         f"migrated: {src.host}:{src.port} device=any auth=tls -> {dst.host}:{dst.port} "
     ), out
     assert "1 contexts" in out
-    assert not run.timed_out, "\n".join(run.lines[-30:])
-    job = [x for x in run.lines if x.startswith("job:")]
-    after = sum(1 for x in job if x.startswith("job: iter")) - before
-    assert run.exit_code == 0, "\n".join(job[-10:])
-    assert after >= 10, "the program did not go on after the migration"
-    assert any("kept buffer intact" in x for x in job), job[-3:]
-    assert not any("ERROR" in x or "WRONG" in x for x in job)
+    job = ran_on_without_error(run, before)
     print(out.strip(), "|", job[-1])  # the figures, for -s
 
 
@@ -229,14 +247,6 @@ async def test_guest_program_runs_on_across_pool_migrate(
     pool = ["--pool", f"sqlite:///{tmp_path}/pool.db"]
     proc, sock = start_backend(tmp_path, "--name", "vm1")
     ctl = sock + ".ctl"
-    started = asyncio.Event()
-    lines: list[str] = []
-
-    def on_line(line: str) -> None:
-        lines.append(line)
-        if line.startswith("job: iter 20"):
-            started.set()
-
     try:
         for name, agent in (("agent0", src), ("agent1", dst)):
             rc, out, err = await vpcie(
@@ -248,14 +258,7 @@ async def test_guest_program_runs_on_across_pool_migrate(
             "bind", "vm1", "--backend", ctl, "--agent", "agent0", "--memory", "256MiB", *pool
         )
         assert rc == 0, err
-        guest = asyncio.create_task(
-            run_guest(
-                sock, f"{USER_DIR}/job.py", ["run", "40"], timeout=GUEST_TIMEOUT,
-                on_line=on_line, files={"job.py": JOB},
-            )
-        )  # fmt: skip
-        await asyncio.wait_for(started.wait(), GUEST_TIMEOUT)
-        before = sum(1 for x in lines if x.startswith("job: iter"))
+        guest, before = await running_job(sock)
         rc, out, err = await vpcie("migrate", "vm1", "--to", "agent1", *pool)
         run = await guest
         lrc, leases, lerr = await vpcie("leases", "--json", *pool)
@@ -263,16 +266,8 @@ async def test_guest_program_runs_on_across_pool_migrate(
         stop_backend(proc)
     assert rc == 0, err
     assert lrc == 0, lerr
-    import json
-
     held = json.loads(leases)
     held = held["leases"] if isinstance(held, dict) else held
     assert [(x["vgpu"], x["agent"], x["state"]) for x in held] == [("vm1", "agent1", "bound")]
-    assert not run.timed_out, "\n".join(run.lines[-30:])
-    job = [x for x in run.lines if x.startswith("job:")]
-    after = sum(1 for x in job if x.startswith("job: iter")) - before
-    assert run.exit_code == 0, "\n".join(job[-10:])
-    assert after >= 10, "the program did not go on after the migration"
-    assert any("kept buffer intact" in x for x in job), job[-3:]
-    assert not any("ERROR" in x or "WRONG" in x for x in job)
+    job = ran_on_without_error(run, before)
     print(out.strip(), err.strip(), "|", job[-1])
